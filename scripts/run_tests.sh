@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: set up .venv if needed, check the `# Copied from` blocks, run pytest on 2 workers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 WANDB_MODE=offline
+.venv/bin/python tools/check_copies.py
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with the suite's requirements. Idempotent: a second call only checks.
+# TORCH_SPEC picks the torch build; the default is the CPU-capable release the suite is tested with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements-stamp
+want="$(cat requirements.txt requirements-dev.txt) $TORCH_SPEC"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU-only machine
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+printf '%s' "$want" > "$stamp"

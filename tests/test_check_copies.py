@@ -1,0 +1,462 @@
+"""Tests for tools/check_copies.py, the checker that keeps '# Copied from' blocks in sync.
+
+Most tests build tiny fake scripts in a temporary root so they do not depend on the real
+training scripts; one test runs the checker on the real repository, as CI does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOOL = REPO_ROOT / "tools" / "check_copies.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("check_copies", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+cc = _load_tool()
+
+
+def write(root: Path, name: str, text: str) -> Path:
+    path = root / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8", newline="")
+    return path
+
+
+def line_of(path: Path, needle: str) -> int:
+    """1-based number of the first line containing ``needle``."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
+SOURCE = """
+import torch
+
+
+def helper(x, scale=2):
+    \"\"\"Scale x.\"\"\"
+    y = x * scale
+    return y
+
+
+class Teacher:
+    def __init__(self, unet):
+        self.unet = unet
+
+    def forward(self, x):
+        out = self.unet(x)
+        return out
+
+
+def log_validation(unet, prompts):
+    # Teacher side
+    images = [unet(p) for p in prompts]
+    return images
+"""
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    write(tmp_path, "train_a.py", SOURCE)
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def test_matching_copy_passes(root: Path):
+    write(
+        root,
+        "train_b.py",
+        """
+        import torch
+
+
+        # Copied from train_a.helper
+        def helper(x, scale=2):
+            \"\"\"Scale x.\"\"\"
+            y = x * scale
+            return y
+
+
+        def own_code():
+            return 1
+        """,
+    )
+    assert cc.check_copies(str(root)) == []
+    report = cc.run(root)
+    assert (report.copies_checked, report.files_checked) == (1, 2)
+
+
+def test_edited_copy_is_reported_with_line_and_diff(root: Path):
+    copy = write(
+        root,
+        "train_b.py",
+        """
+        import torch
+
+
+        def unrelated():
+            pass
+
+
+        # Copied from train_a.helper
+        def helper(x, scale=2):
+            \"\"\"Scale x.\"\"\"
+            y = x * scale * 3
+            return y
+        """,
+    )
+    (mismatch,) = cc.check_copies(root)
+    assert mismatch.path == str(copy)
+    assert mismatch.line == line_of(copy, "# Copied from")
+    assert mismatch.reference == "train_a.helper"
+    assert not mismatch.error and not mismatch.fixed
+    assert "-    y = x * scale\n" in mismatch.diff + "\n"
+    assert "+    y = x * scale * 3" in mismatch.diff
+    assert "differs from its source" in mismatch.describe()
+
+
+def test_long_diff_is_truncated(root: Path):
+    body = "".join(f"    v{i} = {i}\n" for i in range(40))
+    (root / "train_a.py").write_text("def big():\n" + body, encoding="utf-8")
+    (root / "train_b.py").write_text(
+        "# Copied from train_a.big\ndef big():\n" + body.replace("= ", "= -"), encoding="utf-8"
+    )
+    (mismatch,) = cc.check_copies(root)
+    lines = mismatch.diff.splitlines()
+    assert len(lines) == cc.MAX_DIFF_LINES + 1
+    assert lines[-1].startswith("... (")
+
+
+def test_only_final_newline_and_line_endings_are_ignored(root: Path):
+    # Copy at end of file without a final newline and with CRLF endings: still a match.
+    (root / "train_b.py").write_bytes(
+        b"# Copied from train_a.helper\r\n"
+        b'def helper(x, scale=2):\r\n    """Scale x."""\r\n    y = x * scale\r\n    return y'
+    )
+    assert cc.check_copies(root) == []
+    # Trailing whitespace is a difference.
+    write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.helper
+        def helper(x, scale=2):
+            \"\"\"Scale x.\"\"\"
+            y = x * scale 
+            return y
+        """,
+    )
+    assert len(cc.check_copies(root)) == 1
+
+
+def test_renames_are_applied_in_order(root: Path):
+    write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.log_validation with unet->student, Teacher->Student
+        def log_validation(student, prompts):
+            # Student side
+            images = [student(p) for p in prompts]
+            return images
+
+
+        # Copied from train_a.helper with x->z, z->w
+        def helper(w, scale=2):
+            \"\"\"Scale w.\"\"\"
+            y = w * scale
+            return y
+        """,
+    )
+    assert cc.check_copies(root) == []
+
+    # Without the renames the same copy differs.
+    text = (root / "train_b.py").read_text()
+    (root / "train_b.py").write_text(text.replace(" with unet->student, Teacher->Student", ""))
+    (mismatch,) = cc.check_copies(root)
+    assert mismatch.reference == "train_a.log_validation"
+
+
+def test_renames_are_case_sensitive(root: Path):
+    write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.log_validation with unet->student, teacher->student
+        def log_validation(student, prompts):
+            # student side
+            images = [student(p) for p in prompts]
+            return images
+        """,
+    )
+    (mismatch,) = cc.check_copies(root)  # "Teacher" is not renamed by "teacher->student"
+    assert "-    # Teacher side" in mismatch.diff
+
+
+def test_method_reference_copied_to_function_and_to_method(root: Path):
+    copy = write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.Teacher.forward
+        def forward(self, x):
+            out = self.unet(x)
+            return out
+
+
+        class Student:
+            # Copied from train_a.Teacher.__init__ with unet->net
+            def __init__(self, net):
+                self.net = net
+
+            # Copied from train_a.Teacher.forward
+            def forward(self, x):
+                out = self.unet(x) + 1
+                return out
+        """,
+    )
+    (mismatch,) = cc.check_copies(root)
+    assert mismatch.reference == "train_a.Teacher.forward"
+    assert mismatch.line == line_of(copy, "    # Copied from train_a.Teacher.forward")
+    # Compared dedented: the method body sits at the same depth as a function body.
+    assert "+    out = self.unet(x) + 1" in mismatch.diff
+
+
+def test_class_copy_covers_its_methods(root: Path):
+    copy = write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.Teacher
+        class Teacher:
+            def __init__(self, unet):
+                self.unet = unet
+
+            def forward(self, x):
+                out = self.unet(x)
+                return out
+        """,
+    )
+    assert cc.check_copies(root) == []
+    copy.write_text(copy.read_text().replace("return out", "return out * 2"))
+    (mismatch,) = cc.check_copies(root)
+    assert mismatch.line == 1
+    assert "+        return out * 2" in mismatch.diff
+
+
+def test_decorators_belong_to_the_object(root: Path):
+    write(root, "train_a.py", "import functools\n\n\n@functools.cache\ndef f():\n    return 1\n")
+    write(root, "train_b.py", "import functools\n\n\n# Copied from train_a.f\n@functools.cache\ndef f():\n    return 1\n")
+    assert cc.check_copies(root) == []
+    write(root, "train_b.py", "import functools\n\n\n# Copied from train_a.f\n@functools.lru_cache\ndef f():\n    return 1\n")
+    assert len(cc.check_copies(root)) == 1
+
+
+def test_source_that_is_itself_a_copy(root: Path):
+    write(root, "train_b.py", "# Copied from train_a.helper with x->z\n" + _helper_text("z"))
+    write(root, "train_c.py", "# Copied from train_b.helper with z->q\n" + _helper_text("q"))
+    assert cc.check_copies(root) == []
+
+
+def _helper_text(name: str) -> str:
+    return f'def helper({name}, scale=2):\n    """Scale {name}."""\n    y = {name} * scale\n    return y\n'
+
+
+def test_marker_text_inside_a_string_is_not_a_marker(root: Path):
+    write(
+        root,
+        "train_b.py",
+        '''
+        HELP = """
+        # Copied from train_a.nothing_here
+        """
+        ''',
+    )
+    assert cc.run(root).copies_checked == 0
+    assert cc.check_copies(root) == []
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ("# Copied from train_missing.helper", "source module 'train_missing'"),
+        ("# Copied from train_a.no_such_function", "no function or class 'no_such_function'"),
+        ("# Copied from train_a.Teacher.no_such_method", "no function or class 'Teacher.no_such_method'"),
+        ("# Copied from train_a.helper with x=>y", "malformed rename"),
+        ("# Copied from helper", "malformed marker"),
+    ],
+)
+def test_broken_marker_is_an_error(root: Path, marker: str, message: str):
+    copy = write(root, "train_b.py", f"import os\n{marker}\n" + _helper_text("x"))
+    (problem,) = cc.check_copies(root)
+    assert problem.path == str(copy) and problem.line == 2
+    assert message in problem.error
+    assert problem.diff == ""
+    assert cc.main(["--root", str(root)]) == 1
+    assert cc.main(["--root", str(root), "--fix"]) == 1  # nothing to fix it from
+
+
+def test_marker_not_above_a_definition_is_an_error(root: Path):
+    write(root, "train_b.py", "# Copied from train_a.helper\n\nX = 1\n")
+    (problem,) = cc.check_copies(root)
+    assert "not directly above a def or class" in problem.error
+
+
+# ------------------------------------------------------------------------------ --fix
+
+
+def test_fix_restores_copies_and_keeps_the_rest_byte_identical(root: Path):
+    head = "import torch  # keep me\n\n\nCONSTANT = 3   \n\n\n"
+    middle = "\n\ndef own(a):\n    return a\t\n\n\n"
+    tail = "\n\nif __name__ == '__main__':\n    own(1)\n"
+    good_log = (
+        "# Copied from train_a.log_validation with unet->student, Teacher->Student\n"
+        "def log_validation(student, prompts):\n"
+        "    # Student side\n"
+        "    images = [student(p) for p in prompts]\n"
+        "    return images\n"
+    )
+    good_helper = "# Copied from train_a.helper\n" + _helper_text("x")
+    # The first copy is longer than its source, the second shorter, so line numbers shift.
+    bad_log = good_log.replace("    return images\n", "    images = images[:1]\n    extra = 1\n    return images\n")
+    bad_helper = good_helper.replace('    """Scale x."""\n', "")
+    copy = root / "train_b.py"
+    copy.write_text(head + bad_log + middle + bad_helper + tail, encoding="utf-8")
+
+    fixed = cc.check_copies(root, fix=True)
+    assert [(m.reference, m.fixed) for m in fixed] == [
+        ("train_a.log_validation", True),
+        ("train_a.helper", True),
+    ]
+    assert copy.read_text(encoding="utf-8") == head + good_log + middle + good_helper + tail
+    assert cc.check_copies(root) == []
+
+
+def test_fix_reindents_and_keeps_crlf(root: Path):
+    copy = root / "train_b.py"
+    copy.write_bytes(
+        b"class Student:\r\n"
+        b"    # Copied from train_a.helper\r\n"
+        b"    def helper(x, scale=2):\r\n"
+        b"        return 0\r\n"
+        b"\r\n"
+        b"    other = 1\r\n"
+    )
+    cc.check_copies(root, fix=True)
+    assert copy.read_bytes() == (
+        b"class Student:\r\n"
+        b"    # Copied from train_a.helper\r\n"
+        b"    def helper(x, scale=2):\r\n"
+        b'        """Scale x."""\r\n'
+        b"        y = x * scale\r\n"
+        b"        return y\r\n"
+        b"\r\n"
+        b"    other = 1\r\n"
+    )
+
+
+def test_fix_settles_chains_of_copies(root: Path):
+    write(root, "train_b.py", "# Copied from train_a.helper\ndef helper(x):\n    pass\n")
+    write(root, "train_c.py", "# Copied from train_b.helper\ndef helper(x):\n    pass\n")
+    # Only b differs at first; c differs once b is fixed.
+    assert [m.path for m in cc.check_copies(root)] == [str(root / "train_b.py")]
+    fixed = cc.check_copies(root, fix=True)
+    assert sorted(Path(m.path).name for m in fixed) == ["train_b.py", "train_c.py"]
+    assert (root / "train_c.py").read_text() == "# Copied from train_b.helper\n" + _helper_text("x")
+
+
+def test_fix_of_a_class_with_marked_methods(root: Path):
+    write(
+        root,
+        "train_b.py",
+        """
+        # Copied from train_a.Teacher
+        class Teacher:
+            def __init__(self, unet):
+                self.unet = None
+
+            # Copied from train_a.Teacher.forward
+            def forward(self, x):
+                return None
+        """,
+    )
+    assert len(cc.check_copies(root)) == 2
+    cc.check_copies(root, fix=True)
+    # The class rewrite drops the inner marker (the source has none); no problems remain.
+    assert cc.check_copies(root) == []
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+SUMMARY = re.compile(r"^checked (\d+) copies in (\d+) files: (\d+) differ", re.M)
+
+
+def test_cli_exit_codes_and_summary(root: Path):
+    copy = write(root, "train_b.py", "# Copied from train_a.helper\n" + _helper_text("x"))
+    clean = run_cli("--root", str(root))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "checked 1 copies in 2 files: 0 differ" in clean.stdout
+
+    copy.write_text(copy.read_text().replace("* scale", "* scale * 2"))
+    drift = run_cli("--root", str(root), cwd=root)
+    assert drift.returncode == 1
+    assert "train_b.py:1: copy of train_a.helper differs from its source" in drift.stdout
+    assert "+    y = x * scale * 2" in drift.stdout
+    assert SUMMARY.search(drift.stdout).groups() == ("1", "2", "1")
+
+    fixed = run_cli("--root", str(root), "--fix")
+    assert fixed.returncode == 0
+    assert "fixed copy of train_a.helper" in fixed.stdout
+    assert run_cli("--root", str(root)).returncode == 0
+
+
+def test_cli_scans_extra_paths(root: Path):
+    extra_dir = root / "examples"
+    extra_dir.mkdir()
+    write(extra_dir, "demo.py", "# Copied from train_a.helper\ndef helper(x):\n    pass\n")
+    assert cc.main(["--root", str(root)]) == 0
+    assert cc.main(["--root", str(root), str(extra_dir)]) == 1
+    assert cc.main(["--root", str(root), str(extra_dir / "demo.py")]) == 1
+
+
+def test_import_has_no_side_effects(capsys):
+    _load_tool()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_real_repository_is_clean():
+    """What CI runs: the real training scripts' copies must match their sources."""
+    result = run_cli(cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert SUMMARY.search(result.stdout), result.stdout

@@ -1,0 +1,224 @@
+"""The LCD math of train_lcm_distill_sd_wds against formulas written out independently (SPEC section 4)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_lcm_distill_sd_wds as lcd
+
+
+def sd_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """SD's scaled_linear schedule, written out with numpy."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def test_ddim_timesteps_and_previous_alphas():
+    abar = sd_alphas_cumprod()
+    solver = lcd.DDIMSolver(abar, timesteps=1000, ddim_timesteps=50)
+    expected = [20 * (i + 1) - 1 for i in range(50)]  # k - 1, 2k - 1, ..., T - 1 with k = 20
+    assert solver.ddim_timesteps.tolist() == expected
+    assert solver.step_ratio == 20
+    assert solver.ddim_timesteps.dtype == torch.int64
+    prev = solver.ddim_alpha_cumprods_prev.double().numpy()
+    assert prev[0] == pytest.approx(abar[0], rel=1e-6)
+    for i in range(1, 50):
+        assert prev[i] == pytest.approx(abar[expected[i - 1]], rel=1e-6)
+
+
+def test_ddim_timesteps_uneven_grid():
+    solver = lcd.DDIMSolver(sd_alphas_cumprod(), timesteps=1000, ddim_timesteps=3)
+    assert solver.ddim_timesteps.tolist() == [332, 665, 998]
+
+
+def test_ddim_step_matches_formula():
+    abar = sd_alphas_cumprod()
+    solver = lcd.DDIMSolver(abar, 1000, 50)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=generator)
+    eps = torch.randn(3, 4, 8, 8, generator=generator)
+    index = torch.tensor([0, 7, 49])
+    out = solver.ddim_step(x0, eps, index)
+    for b, i in enumerate(index.tolist()):
+        a_prev = abar[0] if i == 0 else abar[20 * i - 1]
+        expected = math.sqrt(a_prev) * x0[b] + math.sqrt(1 - a_prev) * eps[b]
+        torch.testing.assert_close(out[b], expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_boundary_scalings():
+    t = torch.tensor([0.0, 1.0, 19.0, 999.0])
+    c_skip, c_out = lcd.scalings_for_boundary_conditions(t, timestep_scaling=10.0)
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0  # f(x, 0) = x
+    for j, tj in enumerate(t.tolist()):
+        st = 10.0 * tj
+        assert c_skip[j].item() == pytest.approx(0.25 / (st * st + 0.25))
+        assert c_out[j].item() == pytest.approx(st / math.sqrt(st * st + 0.25))
+    # c_skip^2 * sigma_d^2-ish identity: c_skip + c_out^2 = 1 for sigma_data = 0.5 with this parameterisation
+    torch.testing.assert_close(c_skip + c_out**2, torch.ones(4))
+
+
+@pytest.mark.parametrize("dim", [256, 7])
+def test_guidance_scale_embedding(dim):
+    w = torch.tensor([0.0, 3.5, 14.0])
+    emb = lcd.guidance_scale_embedding(w, embedding_dim=dim)
+    assert emb.shape == (3, dim)
+    half = dim // 2
+    for b, wb in enumerate(w.tolist()):
+        for j in range(half):
+            freq = math.exp(-math.log(10000.0) * j / (half - 1))
+            assert emb[b, j].item() == pytest.approx(math.sin(1000.0 * wb * freq), abs=2e-3)
+            assert emb[b, half + j].item() == pytest.approx(math.cos(1000.0 * wb * freq), abs=2e-3)
+    if dim % 2:
+        assert torch.all(emb[:, -1] == 0)
+
+
+def test_guidance_embedding_matches_pipeline_helper():
+    """The student is trained with the same embedding the diffusers pipeline computes at inference."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([2.0, 7.5])
+    ours = lcd.guidance_scale_embedding(w, 64)
+    theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=64)
+    torch.testing.assert_close(ours, theirs)
+
+
+def schedules():
+    abar = torch.tensor(sd_alphas_cumprod(), dtype=torch.float32)
+    return abar, abar.sqrt(), (1 - abar).sqrt()
+
+
+def test_x0_and_eps_for_epsilon_prediction():
+    abar, alphas, sigmas = schedules()
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4, 8, 8, generator=generator)
+    eps = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 900])
+    a = abar[t].view(2, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    pred_x0 = lcd.get_predicted_original_sample(eps, t, x_t, "epsilon", alphas, sigmas)
+    pred_eps = lcd.get_predicted_noise(eps, t, x_t, "epsilon", alphas, sigmas)
+    torch.testing.assert_close(pred_x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred_eps, eps)
+
+
+def test_x0_and_eps_for_v_prediction():
+    abar, alphas, sigmas = schedules()
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 4, 8, 8, generator=generator)
+    eps = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([0, 500])
+    a = abar[t].view(2, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # Salimans & Ho's velocity
+    pred_x0 = lcd.get_predicted_original_sample(v, t, x_t, "v_prediction", alphas, sigmas)
+    pred_eps = lcd.get_predicted_noise(v, t, x_t, "v_prediction", alphas, sigmas)
+    torch.testing.assert_close(pred_x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred_eps, eps, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_prediction_and_unknown_type():
+    abar, alphas, sigmas = schedules()
+    x0 = torch.randn(1, 4, 2, 2)
+    t = torch.tensor([100])
+    x_t = abar[100].sqrt() * x0 + (1 - abar[100]).sqrt() * torch.ones_like(x0)
+    torch.testing.assert_close(lcd.get_predicted_original_sample(x0, t, x_t, "sample", alphas, sigmas), x0)
+    torch.testing.assert_close(lcd.get_predicted_noise(x0, t, x_t, "sample", alphas, sigmas), torch.ones_like(x0),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not supported"):
+        lcd.get_predicted_original_sample(x0, t, x_t, "flow", alphas, sigmas)
+
+
+def test_losses():
+    pred = torch.tensor([0.0, 1.0, -2.0])
+    target = torch.tensor([0.5, 1.0, 1.0])
+    assert lcd.consistency_loss(pred, target, "l2").item() == pytest.approx((0.25 + 0 + 9) / 3)
+    c = 0.001
+    expected = sum(math.sqrt(d * d + c * c) - c for d in (0.5, 0.0, 3.0)) / 3
+    assert lcd.consistency_loss(pred, target, "huber", c).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        lcd.consistency_loss(pred, target, "l1")
+
+
+def test_append_dims_and_ema():
+    assert lcd.append_dims(torch.ones(3), 4).shape == (3, 1, 1, 1)
+    target = [torch.zeros(2), torch.ones(3)]
+    source = [torch.ones(2), torch.zeros(3)]
+    lcd.update_ema(target, source, decay=0.95)
+    torch.testing.assert_close(target[0], torch.full((2,), 0.05))
+    torch.testing.assert_close(target[1], torch.full((3,), 0.95))
+
+
+def test_batches_already_read_round_robin():
+    for num_workers in (1, 2, 3):
+        for total in range(10):
+            served = [b % num_workers for b in range(total)]  # DataLoader round robin
+            for worker in range(num_workers):
+                assert lcd.batches_already_read(total, worker, num_workers) == served.count(worker)
+
+
+class _TwoTimesUnet(torch.nn.Module):
+    """Stand-in UNet whose output depends on the text embedding, to check the batched CFG pass."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        scale = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return type("Out", (), {"sample": sample * scale + timestep.view(-1, 1, 1, 1) * 1e-3})()
+
+
+def test_teacher_cfg_batched_equals_two_passes():
+    abar, alphas, sigmas = schedules()
+    solver = lcd.DDIMSolver(abar, 1000, 50)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    index = torch.tensor([3, 40])
+    t = solver.ddim_timesteps[index]
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 8, generator=generator)}
+    uncond = {"encoder_hidden_states": torch.randn(2, 5, 8, generator=generator)}
+    w = torch.tensor([5.0, 12.0])
+    unet = _TwoTimesUnet()
+    args = (unet, x, t, index, w, cond, uncond, solver, alphas, sigmas, "epsilon")
+    batched = lcd.teacher_guided_ddim_step(*args, batched=True)
+    separate = lcd.teacher_guided_ddim_step(*args, batched=False)
+    torch.testing.assert_close(batched, separate)
+    # and against the CFG + DDIM formula written out
+    eps_c = unet(x, t, cond["encoder_hidden_states"]).sample
+    eps_u = unet(x, t, uncond["encoder_hidden_states"]).sample
+    a = abar[t].view(2, 1, 1, 1)
+    x0_c, x0_u = (x - (1 - a).sqrt() * eps_c) / a.sqrt(), (x - (1 - a).sqrt() * eps_u) / a.sqrt()
+    wv = w.view(2, 1, 1, 1)
+    x0 = x0_c + wv * (x0_c - x0_u)
+    eps = eps_c + wv * (eps_c - eps_u)
+    a_prev = abar[t - 20].view(2, 1, 1, 1)
+    torch.testing.assert_close(batched, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, rtol=1e-4, atol=1e-4)
+
+
+def test_image_transform_crop_and_flip():
+    import random
+
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 150, 200))  # left half blue
+    transform = lcd.ImageTransform(64, "bilinear", center_crop=True, random_flip=False)
+    pixels, original_size, crop = transform(image, random.Random(0))
+    assert pixels.shape == (3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
+    assert original_size == (200, 300)  # (height, width)
+    assert crop == (0, (96 - 64) // 2)
+    random_crop = lcd.ImageTransform(64, "bicubic", center_crop=False, random_flip=True)
+    seen = set()
+    for seed in range(20):
+        pixels, _, (top, left) = random_crop(image, random.Random(seed))
+        assert top == 0 and 0 <= left <= 96 - 64
+        seen.add(bool(pixels[2, 32, 0] > 0))  # blue at the left edge unless flipped
+    assert seen == {True, False}
+
+
+def test_sample_filter():
+    f = lcd.SampleFilter(min_image_size=256, max_watermark_probability=0.5, min_aesthetic_score=5.0)
+    assert f.reject_by_metadata({}) is None
+    assert f.reject_by_metadata({"width": 300, "height": 200}) == "too small"
+    assert f.reject_by_metadata({"original_width": 1024, "original_height": 512, "width": 10, "height": 10}) is None
+    assert f.reject_by_metadata({"pwatermark": 0.9}) == "watermark"
+    assert f.reject_by_metadata({"aesthetic": 4.0}) == "aesthetic"
+    assert f.reject_by_metadata({"width": 512, "height": 512, "pwatermark": 0.1, "aesthetic": 6.0}) is None

@@ -1,0 +1,466 @@
+#!/usr/bin/env python
+"""Check (and optionally repair) code that training scripts copy from each other.
+
+Why this exists: every ``train_*.py`` script in this suite is standalone (SPEC section 2), so
+code shared between scripts is repeated instead of imported.  Repetition only stays honest if
+something notices when the copies drift apart, so each repeat carries a marker comment on the
+line directly above its ``def`` or ``class`` (or above its first decorator)::
+
+    # Copied from train_lcm_distill_sd_wds.guidance_scale_embedding
+    def guidance_scale_embedding(w, embedding_dim=512, dtype=torch.float32):
+        ...
+
+    # Copied from train_lcm_distill_sd_wds.log_validation with unet->student, Teacher->Student
+    def log_validation(...):
+        ...
+
+The reference is ``<module>.<qualified name>``: ``<module>`` is the file ``<root>/<module>.py``
+and the qualified name is a top-level function or class, or a member of a class
+(``train_x.ClassName.method_name``).  A marker above a class covers the whole class.  The
+optional ``with old->new, ...`` pairs are plain, case-sensitive string replacements applied to
+the source text in the order given.  The source may itself be a marked copy; the comparison is
+always against the source file's current text.
+
+What is compared: the object's lines from its first decorator (or its ``def``/``class`` line)
+to its last line, as given by the AST.  The marker comment itself is not part of it.  Each side
+is dedented by the indentation of its own first line, so a method may be copied into a
+top-level function and vice versa.  Apart from that the text must match exactly (trailing
+whitespace included); only line endings and the presence of a final newline are ignored.
+
+Usage (CI runs the first form from the repository root)::
+
+    python tools/check_copies.py                 # check; exit 1 on drift or a broken marker
+    python tools/check_copies.py --fix           # rewrite drifted copies from their sources
+    python tools/check_copies.py --root DIR [PATH ...]   # other root, extra files/dirs to scan
+
+The module is standard-library only and importing it has no side effects; tests call
+``check_copies(root, fix=False)`` and ``main(argv)`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import io
+import os
+import re
+import sys
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER_PREFIX = "# Copied from"
+# A reference is a dotted name with at least two parts: module and object.
+_REFERENCE_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+# Lines of a diff shown per mismatch; the full diff is what `--fix` would apply anyway.
+MAX_DIFF_LINES = 20
+# `--fix` repeats check-and-fix so that chains (c copies b, b copies a) settle in one run.
+# A cycle of copies with conflicting renames could never settle, hence the cap.
+MAX_FIX_PASSES = 10
+# The default root is the repository this file lives in, so the command works from any cwd.
+DEFAULT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mismatch:
+    """One marked copy that does not match its source, or a marker that cannot be checked.
+
+    ``line`` is the 1-based line of the ``# Copied from`` comment.  ``diff`` is a unified
+    diff from the expected text (source with renames applied) to the copy, cut to
+    ``MAX_DIFF_LINES`` lines.  ``error`` is non-empty when the marker is broken (unknown
+    module or object, malformed renames, not above a def/class, unparsable file); such
+    entries have no diff and cannot be fixed.  ``fixed`` is set by ``--fix``.
+    """
+
+    path: str
+    line: int
+    reference: str
+    diff: str = ""
+    error: str = ""
+    fixed: bool = False
+
+    def describe(self) -> str:
+        """The one-line message printed for this entry (path shown as stored)."""
+        return _describe(self, self.path)
+
+
+@dataclass
+class Report:
+    """Result of one run: what went wrong plus the counts for the summary line."""
+
+    mismatches: list[Mismatch] = field(default_factory=list)
+    copies_checked: int = 0
+    files_checked: int = 0
+
+    def summary(self) -> str:
+        drift = [m for m in self.mismatches if not m.error]
+        errors = [m for m in self.mismatches if m.error]
+        text = (
+            f"checked {self.copies_checked} copies in {self.files_checked} files: "
+            f"{len(drift)} differ"
+        )
+        fixed = sum(m.fixed for m in drift)
+        if fixed:
+            text += f", {fixed} fixed"
+        if errors:
+            text += f", {len(errors)} broken markers"
+        return text
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Object:
+    """A def or class in a file: 1-based first/last line and the indentation of its first line."""
+
+    start: int
+    end: int
+    indent: str
+
+
+@dataclass
+class _ParsedFile:
+    path: str
+    lines: list[str]  # physical lines with their original line endings
+    by_qualname: dict[str, _Object]  # top-level defs/classes and class members
+    by_start: dict[int, _Object]  # every def/class, keyed by its first line
+    markers: list[tuple[int, str]]  # (line, comment text) of each "# Copied from" comment
+
+
+def _read_lines(text: str) -> list[str]:
+    """Split into physical lines the way the tokenizer/AST count them (\\n, \\r\\n, \\r only).
+
+    ``str.splitlines`` would also split on form feeds and other exotic separators, which
+    would put our line numbers out of step with ``ast``'s.
+    """
+    return io.StringIO(text, newline="").readlines()
+
+
+def _parse_file(path: str) -> _ParsedFile:
+    """Parse ``path``; raises ``OSError`` or ``SyntaxError`` for the caller to report."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        text = handle.read()
+    tree = ast.parse(text, filename=path)
+    lines = _read_lines(text)
+
+    def locate(node: ast.AST) -> _Object:
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        first = lines[start - 1]
+        indent = first[: len(first) - len(first.lstrip(" \t"))]
+        return _Object(start=start, end=node.end_lineno, indent=indent)
+
+    definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+    by_qualname: dict[str, _Object] = {}
+
+    def collect(body: list[ast.stmt], prefix: str) -> None:
+        # Only names reachable as module.Name or module.Class.member are referable; a later
+        # definition of the same name wins, as it does at run time.
+        for node in body:
+            if isinstance(node, definitions):
+                by_qualname[prefix + node.name] = locate(node)
+                if isinstance(node, ast.ClassDef):
+                    collect(node.body, prefix + node.name + ".")
+
+    collect(tree.body, "")
+    by_start = {
+        obj.start: obj
+        for obj in (locate(node) for node in ast.walk(tree) if isinstance(node, definitions))
+    }
+
+    # Markers are real comments on a line of their own; using the tokenizer means text that
+    # merely looks like a marker inside a string (e.g. a help message) is not picked up.
+    markers = []
+    for token in tokenize.generate_tokens(io.StringIO(text, newline="").readline):
+        if (
+            token.type == tokenize.COMMENT
+            and token.string.startswith(MARKER_PREFIX)
+            and token.line.strip() == token.string.strip()
+        ):
+            markers.append((token.start[0], token.string.rstrip()))
+    return _ParsedFile(path, lines, by_qualname, by_start, markers)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing
+# --------------------------------------------------------------------------------------------
+
+
+class _BadMarker(Exception):
+    """A marker that cannot be checked; the message is shown to the user."""
+
+
+def _parse_marker(comment: str) -> tuple[str, list[tuple[str, str]]]:
+    """``# Copied from mod.name with a->b, c->d`` -> ``("mod.name", [("a", "b"), ("c", "d")])``."""
+    rest = comment[len(MARKER_PREFIX) :].strip()
+    reference, has_with, rename_text = rest.partition(" with ")
+    reference = reference.strip()
+    if not _REFERENCE_RE.fullmatch(reference):
+        raise _BadMarker(
+            f"malformed marker {comment!r}: expected '{MARKER_PREFIX} module.name [with old->new, ...]'"
+        )
+    renames = []
+    if has_with:
+        for item in rename_text.split(","):
+            old, arrow, new = item.partition("->")
+            old, new = old.strip(), new.strip()
+            if not arrow or not old:
+                raise _BadMarker(f"malformed rename {item.strip()!r} in {comment!r}: expected 'old->new'")
+            renames.append((old, new))
+    return reference, renames
+
+
+def _normalise(line: str, indent: str) -> tuple[bool, str]:
+    """Drop the line ending and the object's own indentation.
+
+    Returns ``(had_indent, text)``.  Lines without the indentation (blank lines, or the
+    inside of a multi-line string that starts at column 0) are kept as they are, and
+    ``had_indent`` tells ``--fix`` not to re-indent them.  A whitespace-only line no longer
+    than the indentation counts as empty, since it is just leftover indentation.
+    """
+    line = line.rstrip("\r\n")
+    if line.startswith(indent):
+        return True, line[len(indent) :]
+    if indent.startswith(line):
+        return False, ""
+    return False, line
+
+
+@dataclass
+class _Fix:
+    path: str
+    start: int
+    end: int
+    new_lines: list[str]
+
+
+def _diff(expected: list[str], actual: list[str], source_label: str, copy_label: str) -> str:
+    lines = list(difflib.unified_diff(expected, actual, source_label, copy_label, lineterm=""))
+    if len(lines) > MAX_DIFF_LINES:
+        hidden = len(lines) - MAX_DIFF_LINES
+        lines = lines[:MAX_DIFF_LINES] + [f"... ({hidden} more diff lines)"]
+    return "\n".join(lines)
+
+
+def _check_marker(
+    root: str,
+    copy_file: _ParsedFile,
+    marker_line: int,
+    comment: str,
+    load,
+) -> tuple[Mismatch | None, _Fix | None]:
+    """Compare one marked copy with its source; raises ``_BadMarker`` if it cannot be checked."""
+    reference, renames = _parse_marker(comment)
+    target = copy_file.by_start.get(marker_line + 1)
+    if target is None:
+        raise _BadMarker(f"marker {comment!r} is not directly above a def or class")
+
+    module, qualname = reference.split(".", 1)
+    source_path = os.path.normpath(os.path.join(root, module + ".py"))
+    if not os.path.isfile(source_path):
+        raise _BadMarker(f"source module {module!r} of {reference} not found (no file {source_path})")
+    try:
+        source_file = load(source_path)
+    except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+        raise _BadMarker(f"cannot read source module {source_path} of {reference}: {exc}") from exc
+    source = source_file.by_qualname.get(qualname)
+    if source is None:
+        raise _BadMarker(f"{source_path} has no function or class {qualname!r} (from {reference})")
+    if os.path.samefile(source_path, copy_file.path) and source.start == target.start:
+        raise _BadMarker(f"marker {comment!r} refers to the object it marks")
+
+    expected = []  # (had_indent, text) of the source, renames applied
+    for raw in source_file.lines[source.start - 1 : source.end]:
+        had_indent, text = _normalise(raw, source.indent)
+        for old, new in renames:  # renames never contain a newline, so per line == whole text
+            text = text.replace(old, new)
+        expected.append((had_indent, text))
+    copy_raw = copy_file.lines[target.start - 1 : target.end]
+    actual = [_normalise(raw, target.indent)[1] for raw in copy_raw]
+    if [text for _, text in expected] == actual:
+        return None, None
+
+    mismatch = Mismatch(
+        path=copy_file.path,
+        line=marker_line,
+        reference=reference,
+        diff=_diff(
+            [text for _, text in expected],
+            actual,
+            f"{reference} (source{', renames applied' if renames else ''})",
+            f"{copy_file.path}:{marker_line} (copy)",
+        ),
+    )
+    # The rewrite keeps the copy's indentation and line-ending style, and whatever the copy's
+    # last line ended with (possibly nothing, at end of file).
+    first = copy_raw[0]
+    newline = first[len(first.rstrip("\r\n")) :] or "\n"
+    last = copy_raw[-1]
+    new_lines = [(target.indent + text if had_indent else text) + newline for had_indent, text in expected]
+    new_lines[-1] = new_lines[-1].rstrip("\r\n") + last[len(last.rstrip("\r\n")) :]
+    return mismatch, _Fix(copy_file.path, target.start, target.end, new_lines)
+
+
+def _files_to_scan(root: str, paths: list[str] | None) -> list[str]:
+    """Every ``train_*.py`` in ``root`` plus the given files (directories: all ``*.py`` below)."""
+    found = sorted(str(p) for p in Path(root).glob("train_*.py") if p.is_file())
+    for extra in paths or []:
+        if os.path.isdir(extra):
+            found.extend(sorted(str(p) for p in Path(extra).rglob("*.py") if p.is_file()))
+        else:
+            found.append(extra)
+    unique, seen = [], set()
+    for path in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(os.path.normpath(path))
+    return unique
+
+
+def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatch, _Fix]]]:
+    """One pass over ``files``; reads every file afresh so earlier fixes are seen."""
+    cache: dict[str, _ParsedFile] = {}
+
+    def load(path: str) -> _ParsedFile:
+        key = os.path.realpath(path)
+        if key not in cache:
+            cache[key] = _parse_file(path)
+        return cache[key]
+
+    report = Report(files_checked=len(files))
+    fixes = []
+    for path in files:
+        try:
+            copy_file = load(path)
+        except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+            line = getattr(exc, "lineno", None) or 1
+            report.mismatches.append(Mismatch(path, line, "", error=f"cannot read file: {exc}"))
+            continue
+        for marker_line, comment in copy_file.markers:
+            report.copies_checked += 1
+            try:
+                mismatch, fix = _check_marker(root, copy_file, marker_line, comment, load)
+            except _BadMarker as exc:
+                reference = comment[len(MARKER_PREFIX) :].strip().partition(" with ")[0]
+                report.mismatches.append(Mismatch(path, marker_line, reference, error=str(exc)))
+                continue
+            if mismatch is not None:
+                report.mismatches.append(mismatch)
+                fixes.append((mismatch, fix))
+    return report, fixes
+
+
+def _apply_fixes(fixes: list[_Fix]) -> None:
+    """Splice the new text into each file, bottom-up so earlier line numbers stay valid.
+
+    A fix nested inside another one (a marked method of a marked class) is dropped: the
+    outer rewrite already replaces it, and the next pass re-checks the result.
+    """
+    by_path: dict[str, list[_Fix]] = {}
+    for fix in fixes:
+        by_path.setdefault(fix.path, []).append(fix)
+    for path, file_fixes in by_path.items():
+        outer = [
+            f
+            for f in file_fixes
+            if not any(o is not f and o.start <= f.start and f.end <= o.end for o in file_fixes)
+        ]
+        with open(path, encoding="utf-8", newline="") as handle:
+            lines = _read_lines(handle.read())
+        for fix in sorted(outer, key=lambda f: f.start, reverse=True):
+            lines[fix.start - 1 : fix.end] = fix.new_lines
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            handle.write("".join(lines))
+
+
+def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = None) -> Report:
+    """Check every marked copy under ``root`` (see module docstring); with ``fix``, repair drift.
+
+    With ``fix`` the returned report lists each repaired copy with ``fixed=True`` (at the
+    line it had when it was found), plus anything still wrong afterwards: broken markers,
+    or drift that did not settle within ``MAX_FIX_PASSES``.
+    """
+    root = os.path.normpath(str(root))
+    files = _files_to_scan(root, paths)
+    result: Report | None = None
+    repaired: list[Mismatch] = []
+    for attempt in range(MAX_FIX_PASSES + 1):
+        report, fixes = _check_once(root, files)
+        if result is None:
+            result = Report(copies_checked=report.copies_checked, files_checked=report.files_checked)
+        if not fix or not fixes or attempt == MAX_FIX_PASSES:
+            result.mismatches = repaired + report.mismatches
+            return result
+        _apply_fixes([f for _, f in fixes])
+        for mismatch, _ in fixes:
+            mismatch.fixed = True
+            repaired.append(mismatch)
+    raise AssertionError("unreachable")
+
+
+def check_copies(root: str | os.PathLike, fix: bool = False) -> list[Mismatch]:
+    """Return the drifted copies and broken markers under ``root`` (empty list: all good)."""
+    return run(root, fix=fix).mismatches
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _display(path: str) -> str:
+    """Path relative to the cwd when it is below it, so editors can jump to it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def _describe(mismatch: Mismatch, shown_path: str) -> str:
+    where = f"{shown_path}:{mismatch.line}"
+    if mismatch.error:
+        return f"{where}: error: {mismatch.error}"
+    if mismatch.fixed:
+        return f"{where}: fixed copy of {mismatch.reference} (rewritten from its source)"
+    return f"{where}: copy of {mismatch.reference} differs from its source"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0: all copies match or were fixed)."""
+    parser = argparse.ArgumentParser(
+        description="Check that '# Copied from module.name' blocks match their source.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        help="extra files or directories to scan besides ROOT/train_*.py",
+    )
+    parser.add_argument(
+        "--root",
+        default=str(DEFAULT_ROOT),
+        help="directory holding the scripts; 'module' in a marker is ROOT/module.py "
+        "(default: the repository containing this tool)",
+    )
+    parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their sources")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.root):
+        parser.error(f"--root {args.root!r} is not a directory")
+
+    report = run(args.root, fix=args.fix, paths=args.paths)
+    for mismatch in report.mismatches:
+        print(_describe(mismatch, _display(mismatch.path)))
+        if mismatch.diff and not mismatch.fixed:
+            print(mismatch.diff)
+    print(report.summary())
+    failed = any(m.error or not m.fixed for m in report.mismatches)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
