@@ -1,0 +1,89 @@
+"""Session fixtures: tiny random pipelines and WebDataset shards built locally (no network), and a helper
+that runs a training script the way a user does, through `accelerate launch`."""
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_random_pipeline import build_pipeline  # noqa: E402
+from make_toy_dataset import make_toy_dataset  # noqa: E402
+from make_wds_shards import make_shards  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",  # two pytest workers on two cores: one thread each runs fastest
+        ACCELERATE_CONFIG_FILE=str(REPO / "tests" / "no_such_accelerate_config.yaml"),  # ignore ~/.cache config
+    )
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def run_script(script, args, *, launch=True, num_processes=1, timeout=900, check=True):
+    """Run a training script as a user would; return the CompletedProcess (stdout+stderr in .stdout)."""
+    if launch:
+        command = [sys.executable, "-m", "accelerate.commands.launch"]
+        if num_processes > 1:
+            command += ["--multi_gpu", "--num_processes", str(num_processes)]
+        else:
+            command += ["--cpu", "--num_processes", "1"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        command = [sys.executable]
+    command += [str(REPO / script), *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    result.stdout = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def write_corrupt_shard(path, num_good_from=None):
+    """A shard with one image whose bytes are not an image, next to a readable one copied from another shard."""
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("broken.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg")
+        add("broken.txt", b"a broken image")
+        if num_good_from is not None:
+            with tarfile.open(num_good_from) as source:
+                for member in source.getmembers()[:3]:
+                    add("good_" + member.name, source.extractfile(member).read())
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Paths of the tiny pipelines and shards shared by the whole session."""
+    root = tmp_path_factory.mktemp("assets")
+    pipelines = {name: build_pipeline(name, str(root / name), seed=0) for name in ("tiny-sd", "tiny-sd2")}
+    images = root / "images"
+    make_toy_dataset(str(images), num_images=12, seed=0, captions="jsonl")
+    shards = make_shards(str(images), str(root / "shards"), samples_per_shard=6)
+    corrupt = root / "shards" / "corrupt-00000.tar"
+    write_corrupt_shard(corrupt, num_good_from=shards["shards"][0])
+    return {
+        "root": root,
+        "tiny-sd": pipelines["tiny-sd"],
+        "tiny-sd2": pipelines["tiny-sd2"],
+        "images": str(images),
+        "shards": shards["url_pattern"],
+        "shard_paths": shards["shards"],
+        "corrupt_shard": str(corrupt),
+    }
