@@ -85,8 +85,6 @@ def parse_args(input_args=None):
     group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                        help="A VAE to use instead of the teacher's (hub id or local dir); it is cast to the mixed-precision dtype.")
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
-    group.add_argument("--revision", type=str, default=None,
-                       help="Revision of the student initialisation (the student is initialised from the teacher UNet).")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     # ---- data
@@ -532,14 +530,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def data_error_message(error):
-    """One line for a DataError, also when it was raised in a DataLoader worker (then it arrives re-wrapped
-    as the worker's traceback text); any other error is re-raised untouched."""
-    if isinstance(error, DataError):
-        return f"error: {error}"
-    lines = str(error).strip().splitlines()
-    if "DataError" not in str(error) or not lines:
+    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
+    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
         raise error
-    return f"error: {lines[-1].split('DataError: ', 1)[-1]}"
+    last_line = text.splitlines()[-1] if text else "data error"
+    return f"error: {last_line.split('DataError: ', 1)[-1]}"
 
 
 def collate_samples(samples, counts):
