@@ -1062,6 +1062,18 @@ def tracker_config(args):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -1124,14 +1136,7 @@ def main(args):
     # ---- optimiser and schedule
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(unet.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, unet.parameters(), learning_rate)
     if args.max_train_steps is None:
         steps_per_epoch = math.ceil(args.max_train_samples / total_batch_size)
         args.max_train_steps = args.num_train_epochs * steps_per_epoch

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+unset PYTHONDONTWRITEBYTECODE  # cache bytecode: setup_env.sh installs without it
 PY=.venv/bin/python
 OUT=demo_output
 mkdir -p "$OUT"

@@ -13,7 +13,10 @@ want="$(cat requirements.txt requirements-dev.txt) $TORCH_SPEC"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU-only machine
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU-only machine.
+# --no-compile: byte-compiling every module of torch and transformers costs minutes on a small machine;
+# Python caches the few hundred modules the suite imports on first use (run_tests.sh allows that).
+pip_install=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+"${pip_install[@]}" "$TORCH_SPEC"
+"${pip_install[@]}" -r requirements-dev.txt
 printf '%s' "$want" > "$stamp"

@@ -1,7 +1,8 @@
 """train_lcm_distill_sd_wds.py end to end, as a user runs it: `accelerate launch` on a tiny random pipeline
 and local shards, then the saved UNet loaded into the real diffusers pipeline.
 
-Each launch costs ~10 s of imports (more on a loaded machine), so each run asserts several things."""
+The main run goes through `accelerate launch`; its resume runs in process (see conftest), and is compared
+bit for bit with the launched run."""
 
 import json
 import shutil
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 SCRIPT = "train_lcm_distill_sd_wds.py"
 pytestmark = pytest.mark.slow
@@ -124,7 +125,7 @@ def test_resume_from_latest_equals_uninterrupted_run(main_run, tmp_path):
     flags = [str(resumed) if str(f) == str(original) else str(f) for f in main_run["flags"]]
     assert str(resumed) in flags
     flags += ["--resume_from_checkpoint", "latest"]
-    result = run_script(SCRIPT, flags)
+    result = run_in_process(SCRIPT, flags)
     assert "resuming from" in result.stdout and "checkpoint-3" in result.stdout
     for name in ("unet", "unet_target"):
         expected = unet_weights(main_run["output_dir"] / name)

@@ -1,32 +1,32 @@
-"""train_lcm_distill_sd_wds.py with a v-prediction (SD 2.x-style) teacher and 8-bit Adam, and what a user sees
-for bad input: one clear line on stderr and a non-zero exit."""
+"""train_lcm_distill_sd_wds.py with a v-prediction (SD 2.x-style) teacher, the 8-bit Adam wiring, and what a
+user sees for bad input: one clear line on stderr and a non-zero exit. Runs are in process (see conftest)."""
 
 import json
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import train_lcm_distill_sd_wds as lcd
-from conftest import run_script
+from conftest import run_in_process
 from test_lcm_sd_e2e import SCRIPT, common_flags, lcm_image, unet_weights
 
 
 @pytest.mark.slow
-def test_v_prediction_teacher_8bit_adam_huber_empty_prompts(assets, tmp_path):
+def test_v_prediction_teacher_huber_empty_prompts(assets, tmp_path):
     out = tmp_path / "vpred"
     flags = common_flags(assets["tiny-sd2"], assets["shards"], out) + [
         "--max_train_steps", "2",
         "--dataloader_num_workers", "0",
-        "--use_8bit_adam",
         "--loss_type", "huber",
         "--proportion_empty_prompts", "1.0",
         "--validation_prompts",  # no prompt: validation disabled
         "--report_to", "none",
     ]
-    result = run_script(SCRIPT, flags)
-    assert "AdamW8bit" not in result.stdout or "error" not in result.stdout.lower()
+    run_in_process(SCRIPT, flags)
     scheduler = json.loads((Path(assets["tiny-sd2"]) / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     assert not (out / "validation").exists()
@@ -43,12 +43,12 @@ def test_filter_rejecting_every_sample_is_one_clear_error(assets, tmp_path):
     flags = common_flags(assets["tiny-sd"], assets["shards"], tmp_path / "out") + [
         "--max_train_steps", "2", "--dataloader_num_workers", "2", "--min_image_size", "100000",
     ]
-    result = run_script(SCRIPT, flags, launch=False, check=False)
+    result = run_in_process(SCRIPT, flags, check=False)
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("error: no usable sample") or last.startswith("error: a whole pass"), last
     assert "--min_image_size" in last or "filtered out" in last
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
     assert not (tmp_path / "out" / "unet").exists()
 
 
@@ -142,3 +142,31 @@ def test_model_card_text(good_flags):
     assert "LCMScheduler" in card and "num_inference_steps=4" in card
     assert "between 4.0 and 10.0" in card and "| loss | huber" in card
     assert "![validation grid" in card
+
+
+def test_8bit_adam_is_bitsandbytes_adamw8bit_with_the_flags(good_flags, monkeypatch):
+    """The wiring of --use_8bit_adam, with a stand-in bitsandbytes: the real one needs CUDA to step."""
+    created = {}
+
+    class FakeAdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            created.update(kwargs)
+            super().__init__(params, **kwargs)
+
+    fake = ModuleType("bitsandbytes")
+    fake.optim = SimpleNamespace(AdamW8bit=FakeAdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    args = lcd.parse_args(good_flags + ["--adam_beta2", "0.99", "--adam_weight_decay", "0.01"])
+    args.use_8bit_adam = True
+    optimizer = lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 3e-5)
+    assert type(optimizer) is FakeAdamW8bit
+    assert created == {"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 0.01, "eps": 1e-08}
+    args.use_8bit_adam = False
+    assert type(lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 3e-5)) is torch.optim.AdamW
+
+
+def test_8bit_adam_requested_but_bitsandbytes_absent(capsys, good_flags, monkeypatch):
+    real_find_spec = lcd.importlib.util.find_spec
+    monkeypatch.setattr(lcd.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    assert "--use_8bit_adam needs bitsandbytes" in parse_error(capsys, good_flags + ["--use_8bit_adam"])

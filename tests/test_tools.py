@@ -1,11 +1,10 @@
 """Tests for the offline fixtures tools: tools/make_random_pipeline.py, tools/make_toy_dataset.py,
 tools/make_wds_shards.py.
 
-Each tool runs once through its CLI in a subprocess, as a user would; everything else calls the
-functions directly. A fresh Python process re-imports torch/diffusers, which takes a minute or
-more on a busy 2-core machine, so the CLI build of tiny-sd starts in the background as soon as the
-first pipeline test runs, and the tests that need its output sit at the end of this file: the
-dataset and shard tests run meanwhile. Pipelines are built once per module and shared.
+The dataset and shard tools run once through their CLI in a subprocess, as a user would (they
+import only Pillow); the pipeline tool's CLI entry point runs in this process, because a fresh
+Python process re-imports torch/diffusers, minutes on a busy 2-core machine. Everything else
+calls the functions directly. Pipelines are built once per module and shared.
 """
 
 import csv
@@ -29,25 +28,10 @@ import make_toy_dataset  # noqa: E402
 import make_wds_shards  # noqa: E402
 
 # Offline by construction; these make any accidental hub access fail instead of hanging.
-# One OpenMP thread: see single_threaded_torch.
+# One OpenMP thread: see conftest.single_threaded_torch.
 OFFLINE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    OMP_NUM_THREADS="1")
 CAPTION = "a photo of a red circle"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """Run torch single-threaded in this module, restoring the setting afterwards.
-
-    The tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spin-waiting made a 2-step tiny generation take 20-40 s instead of well under a second.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run_tool(script, *args):
@@ -78,36 +62,31 @@ def load_weights(pipeline_dir):
 def pipeline_dirs(tmp_path_factory):
     """``get(preset) -> Path``: each tiny preset built once (seed 0) per module.
 
-    tiny-sd comes from the CLI, run in a background process started here (see the module
-    docstring); the others from ``build_pipeline`` in this process, on demand.
+    tiny-sd goes through the CLI's ``main(argv)`` (argument parsing, message), in this process: a
+    fresh Python process would re-import torch and diffusers, minutes on a busy 2-core machine.
     """
     root = tmp_path_factory.mktemp("pipelines")
-    log_path = root / "cli.log"  # a file, not a pipe: a full pipe would block the child
-    with open(log_path, "w") as log:
-        cli = subprocess.Popen(
-            [sys.executable, str(TOOLS_DIR / "make_random_pipeline.py"), "--preset", "tiny-sd",
-             "--output_dir", str(root / "tiny-sd"), "--seed", "0"],
-            stdout=log, stderr=subprocess.STDOUT, env=OFFLINE_ENV,
-        )
     cache = {}
 
     def get(preset):
         if preset not in cache:
             output_dir = root / preset
             if preset == "tiny-sd":
-                returncode = cli.wait(timeout=900)
-                output = log_path.read_text()
-                assert returncode == 0, output[-3000:]
-                assert "wrote tiny-sd (seed 0, float32)" in output
+                import contextlib
+                import io
+
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    returncode = make_random_pipeline.main(
+                        ["--preset", "tiny-sd", "--output_dir", str(output_dir), "--seed", "0"])
+                assert returncode == 0
+                assert "wrote tiny-sd (seed 0, float32)" in printed.getvalue()
             else:
                 assert make_random_pipeline.build_pipeline(preset, str(output_dir), seed=0) == str(output_dir)
             cache[preset] = output_dir
         return cache[preset]
 
-    yield get
-    if cli.poll() is None:  # only when the tiny-sd tests were deselected
-        cli.kill()
-        cli.wait()
+    return get
 
 
 def check_pipeline_loads_and_generates(output_dir, preset):
@@ -421,7 +400,7 @@ def test_empty_input_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# make_random_pipeline through its CLI (last: the background build has had time to finish)
+# make_random_pipeline through its CLI entry point
 # ----------------------------------------------------------------------------------------------
 
 
