@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -240,14 +238,14 @@ def check_common_args(parser, args):
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
-    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if tracker in trackers and importlib.util.find_spec(module) is None:
-            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
     if args.hub_token is not None and "wandb" in trackers:
         parser.error(
             "--hub_token together with --report_to wandb would leak the token into the wandb config; "
             "log in with `huggingface-cli login` instead"
         )
+    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = args.resume_from_checkpoint
         if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
