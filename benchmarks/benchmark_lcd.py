@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Time Latent Consistency Distillation training steps of train_lcm_distill_sd_wds.py on a random-weight
-pipeline of a preset, and report samples/s and peak memory.
+"""Time Latent Consistency Distillation training steps on a random-weight pipeline of a preset, and report
+samples/s, peak memory and the bytes of model weights held.
 
-Each configuration runs in its own process (so peak memory is its own): the script's own model set-up
-(`load_models`, `make_student_unet`) and training step (`lcd_loss` + backward + AdamW + EMA update), on random
-images and fixed captions, so data loading is not measured. The modes compare the teacher's classifier-free
-guidance as ONE batched forward (what the script does) against two separate forwards (the reference scripts).
+Each configuration runs in its own process (so peak memory is its own), with the scripts' own model set-up and
+training step, on random images and fixed captions, so data loading is not measured. Modes:
+  batched   train_lcm_distill_sd_wds.py: `lcd_loss` + backward + AdamW + EMA; teacher CFG as ONE 2B forward
+  separate  the same with two teacher forwards (B + B), as the reference scripts do
+  lora      train_lcm_distill_lora_sd_wds.py: `lcd_lora_loss` + backward + AdamW on the LoRA weights; one UNet
 
     python benchmarks/benchmark_lcd.py --preset tiny-sd --resolution 64 --batch_size 4 --steps 10
     python benchmarks/benchmark_lcd.py --preset sd15 --resolution 512 --batch_size 12 --mixed_precision fp16 \
@@ -14,7 +15,6 @@ guidance as ONE batched forward (what the script does) against two separate forw
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--use_8bit_adam", action="store_true")
-    parser.add_argument("--modes", default="batched,separate", help="teacher CFG modes to compare")
+    parser.add_argument("--modes", default="batched,separate,lora", help="configurations to compare (see above)")
+    parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--work_dir", default=str(REPO / "benchmarks" / "work"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -68,7 +69,99 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def weight_bytes(*models):
+    """Bytes of parameters and buffers held by these models (each tensor counted once)."""
+    seen, total = set(), 0
+    for model in models:
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def time_steps(args, step, device):
+    import torch
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def run_child_lora(args):
+    import torch
+
+    import train_lcm_distill_lora_sd_wds as lora
+
+    pipeline_dir, shard = prepare_assets(args)
+    script_args = lora.parse_args([
+        "--pretrained_teacher_model", str(pipeline_dir), "--train_shards_path_or_url", str(shard),
+        "--max_train_steps", str(args.steps), "--resolution", str(args.resolution), "--lora_rank", str(args.lora_rank),
+        "--train_batch_size", str(args.batch_size), "--output_dir", str(Path(args.work_dir) / "out"),
+    ] + (["--use_8bit_adam"] if args.use_8bit_adam else []))
+    device = torch.device(args.device)
+    weight_dtype = lora.weight_dtype_for(args.mixed_precision)
+    torch.manual_seed(0)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = lora.load_models(script_args, weight_dtype)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    solver = lora.DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                             script_args.num_ddim_timesteps).to(device)
+    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+
+    ctx = lora.LCDLoraContext(
+        unet=unet, base_unet=unet, noise_scheduler=noise_scheduler, solver=solver,
+        alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1 - alphas_cumprod).sqrt().to(device),
+        prediction_type=noise_scheduler.config.prediction_type, args=script_args, autocast=autocast,
+    )
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = lora.make_optimizer(script_args, lora_params, 1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    captions = [f"a photo of object number {i}" for i in range(args.batch_size)]
+    uncond = lora.encode_prompts(text_encoder, tokenizer, [""])
+
+    def step():
+        latents = lora.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
+        prompt_embeds = lora.encode_prompts(text_encoder, tokenizer, captions)
+        loss = lora.lcd_lora_loss(ctx, latents, prompt_embeds, uncond.expand(args.batch_size, -1, -1))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    elapsed = time_steps(args, step, device)
+    print(json.dumps({
+        "mode": args.child,
+        "samples_per_s": args.batch_size * args.steps / elapsed,
+        "s_per_step": elapsed / args.steps,
+        "peak_memory_gb": peak_memory_gb(args.device),
+        "unet_weights_gb": weight_bytes(unet) / 2**30,
+        "trainable_m": sum(p.numel() for p in lora_params) / 1e6,
+        "unet_params_m": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6,
+    }))
+
+
 def run_child(args):
+    if args.child == "lora":
+        return run_child_lora(args)
     import torch
 
     import train_lcm_distill_sd_wds as lcd
@@ -110,7 +203,7 @@ def run_child(args):
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-6)
+        optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-6)  # the script's make_optimizer: same class
     else:
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
@@ -129,22 +222,15 @@ def run_child(args):
         lcd.update_ema(target_unet.parameters(), unet.parameters(), script_args.ema_decay)
         return loss.item()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
+    elapsed = time_steps(args, step, device)
     print(json.dumps({
         "mode": args.child,
         "samples_per_s": args.batch_size * args.steps / elapsed,
         "s_per_step": elapsed / args.steps,
         "peak_memory_gb": peak_memory_gb(args.device),
-        "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "unet_weights_gb": weight_bytes(unet, teacher_unet, target_unet) / 2**30,
+        "trainable_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "unet_params_m": sum(p.numel() for p in teacher_unet.parameters()) / 1e6,
     }))
 
 
@@ -166,13 +252,17 @@ def main(argv=None):
           f"device {args.device} ({platform.processor() or platform.machine()}), grad ckpt "
           f"{args.gradient_checkpointing}, {args.steps} timed steps after {args.warmup}, "
           f"UNet {rows[0]['unet_params_m']:.1f}M params\n")
-    print(f"| teacher CFG | samples/s | s/step | {memory} (GB) |")
-    print("|---|---|---|---|")
+    labels = {"batched": "full LCD, teacher CFG in one 2B pass", "separate": "full LCD, teacher CFG in two passes",
+              "lora": f"LCM-LoRA rank {args.lora_rank}, one UNet"}
+    print(f"| configuration | samples/s | s/step | {memory} (GB) | UNet weights held (GB) | trainable (M) |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        label = "one batched pass (2B)" if row["mode"] == "batched" else "two passes (B + B)"
-        print(f"| {label} | {row['samples_per_s']:.3f} | {row['s_per_step']:.3f} | {row['peak_memory_gb']:.2f} |")
-    if len(rows) == 2:
-        print(f"\nbatched / separate throughput: {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.2f}x")
+        print(f"| {labels[row['mode']]} | {row['samples_per_s']:.3f} | {row['s_per_step']:.3f} | "
+              f"{row['peak_memory_gb']:.2f} | {row['unet_weights_gb']:.3f} | {row['trainable_m']:.2f} |")
+    by_mode = {row["mode"]: row for row in rows}
+    if "batched" in by_mode and "separate" in by_mode:
+        ratio = by_mode["batched"]["samples_per_s"] / by_mode["separate"]["samples_per_s"]
+        print(f"\nbatched / separate throughput: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
