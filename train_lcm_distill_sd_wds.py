@@ -364,6 +364,17 @@ class SampleFilter:
         return None
 
 
+def original_size_from_metadata(meta):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None."""
+    width = meta.get("original_width", meta.get("width"))
+    height = meta.get("original_height", meta.get("height"))
+    try:
+        size = (int(height), int(width))
+    except (TypeError, ValueError):
+        return None
+    return size if min(size) > 0 else None
+
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -523,6 +534,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
             caption = ""
         pixels, original_size, crop_top_left = self.transform(image, rng)
+        # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
+        original_size = original_size_from_metadata(meta) or original_size
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
                 "crop_top_left": crop_top_left}
 

@@ -7,10 +7,14 @@ training step, on random images and fixed captions, so data loading is not measu
   batched   train_lcm_distill_sd_wds.py: `lcd_loss` + backward + AdamW + EMA; teacher CFG as ONE 2B forward
   separate  the same with two teacher forwards (B + B), as the reference scripts do
   lora      train_lcm_distill_lora_sd_wds.py: `lcd_lora_loss` + backward + AdamW on the LoRA weights; one UNet
+  xl-full   train_lcm_distill_sdxl_wds.py, full mode (an SDXL preset: tiny-sdxl, sdxl)
+  xl-lora   train_lcm_distill_sdxl_wds.py --use_lora
 
     python benchmarks/benchmark_lcd.py --preset tiny-sd --resolution 64 --batch_size 4 --steps 10
     python benchmarks/benchmark_lcd.py --preset sd15 --resolution 512 --batch_size 12 --mixed_precision fp16 \
         --device cuda --gradient_checkpointing
+    python benchmarks/benchmark_lcd.py --preset sdxl --modes xl-full,xl-lora --resolution 1024 --batch_size 1 \
+        --mixed_precision fp16 --device cuda --gradient_checkpointing --use_8bit_adam
 """
 
 import argparse
@@ -159,9 +163,88 @@ def run_child_lora(args):
     }))
 
 
+def run_child_xl(args):
+    import torch
+
+    import train_lcm_distill_sdxl_wds as xl
+
+    use_lora = args.child == "xl-lora"
+    pipeline_dir, shard = prepare_assets(args)
+    script_args = xl.parse_args([
+        "--pretrained_teacher_model", str(pipeline_dir), "--train_shards_path_or_url", str(shard),
+        "--max_train_steps", str(args.steps), "--resolution", str(args.resolution),
+        "--train_batch_size", str(args.batch_size), "--output_dir", str(Path(args.work_dir) / "out"),
+    ] + (["--use_lora", "--lora_rank", str(args.lora_rank)] if use_lora else [])
+      + (["--use_8bit_adam"] if args.use_8bit_adam else []))
+    device = torch.device(args.device)
+    weight_dtype = xl.weight_dtype_for(args.mixed_precision)
+    torch.manual_seed(0)
+    noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet, target_unet = xl.load_models(
+        script_args, weight_dtype)
+    for frozen in (vae, *text_encoders, teacher_unet, target_unet):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    vae.to(device)  # fp32, as the script does without an fp16-safe VAE
+    for text_encoder in text_encoders:
+        text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device).train()
+    if teacher_unet is not None:
+        teacher_unet.to(device)
+        target_unet.to(device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    solver = xl.DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                           script_args.num_ddim_timesteps).to(device)
+    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+
+    ctx = xl.LCDXLContext(
+        unet=unet, teacher_unet=unet if use_lora else teacher_unet, target_unet=unet if use_lora else target_unet,
+        noise_scheduler=noise_scheduler, solver=solver, alpha_schedule=alphas_cumprod.sqrt().to(device),
+        sigma_schedule=(1 - alphas_cumprod).sqrt().to(device), prediction_type=noise_scheduler.config.prediction_type,
+        w_embedding_dim=0 if use_lora else unet.config.time_cond_proj_dim, args=script_args, autocast=autocast,
+    )
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = xl.make_optimizer(script_args, trainable, script_args.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    captions = [f"a photo of object number {i}" for i in range(args.batch_size)]
+    sizes = torch.full((args.batch_size, 2), args.resolution)
+    time_ids = xl.compute_time_ids(sizes, torch.zeros_like(sizes), args.resolution).to(device)
+
+    def step():
+        latents = xl.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
+        cond = xl.unet_conditioning(*xl.encode_prompts_sdxl(text_encoders, tokenizers, captions), time_ids)
+        loss = xl.lcd_loss_sdxl(ctx, latents, cond, xl.unconditional_conditioning(cond))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if not use_lora:
+            xl.update_ema(target_unet.parameters(), unet.parameters(), script_args.ema_decay)
+        return loss.item()
+
+    elapsed = time_steps(args, step, device)
+    held = (unet,) if use_lora else (unet, teacher_unet, target_unet)
+    print(json.dumps({
+        "mode": args.child,
+        "samples_per_s": args.batch_size * args.steps / elapsed,
+        "s_per_step": elapsed / args.steps,
+        "peak_memory_gb": peak_memory_gb(args.device),
+        "unet_weights_gb": weight_bytes(*held) / 2**30,
+        "trainable_m": sum(p.numel() for p in trainable) / 1e6,
+        "unet_params_m": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6,
+    }))
+
+
 def run_child(args):
     if args.child == "lora":
         return run_child_lora(args)
+    if args.child.startswith("xl-"):
+        return run_child_xl(args)
     import torch
 
     import train_lcm_distill_sd_wds as lcd
@@ -253,7 +336,8 @@ def main(argv=None):
           f"{args.gradient_checkpointing}, {args.steps} timed steps after {args.warmup}, "
           f"UNet {rows[0]['unet_params_m']:.1f}M params\n")
     labels = {"batched": "full LCD, teacher CFG in one 2B pass", "separate": "full LCD, teacher CFG in two passes",
-              "lora": f"LCM-LoRA rank {args.lora_rank}, one UNet"}
+              "lora": f"LCM-LoRA rank {args.lora_rank}, one UNet",
+              "xl-full": "SDXL full LCD (teacher + student + EMA)", "xl-lora": f"SDXL LCM-LoRA rank {args.lora_rank}"}
     print(f"| configuration | samples/s | s/step | {memory} (GB) | UNet weights held (GB) | trainable (M) |")
     print("|---|---|---|---|---|---|")
     for row in rows:

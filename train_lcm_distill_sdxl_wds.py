@@ -1,0 +1,1573 @@
+#!/usr/bin/env python
+# Copyright 2026 The SD Distillation Suite authors. Apache License 2.0.
+"""Latent Consistency Distillation for SDXL: a full LCM-SDXL UNet, or with `--use_lora` an LCM-LoRA-SDXL.
+
+Papers: Luo et al., "Latent Consistency Models" (arXiv:2310.04378), Algorithm 1; Luo et al., "LCM-LoRA"
+(arXiv:2311.05556). Full mode: the student is the teacher's UNet plus a guidance-scale (omega) embedding and an
+EMA target, as train_lcm_distill_sd_wds.py. LoRA mode: one UNet, the teacher is that UNet with its adapters
+disabled and the target is the online student, as train_lcm_distill_lora_sd_wds.py.
+
+SDXL specifics: two text encoders (prompt embeds = both penultimate hidden states concatenated, pooled = the
+second encoder's projection); micro-conditioning time_ids = [orig_h, orig_w, crop_top, crop_left, target_h,
+target_w], height first; the unconditional input is zeros shaped like the conditional one; the SDXL VAE
+overflows in fp16, so it stays fp32 unless `--pretrained_vae_model_name_or_path` names an fp16-safe VAE.
+
+Launch:
+    accelerate launch train_lcm_distill_sdxl_wds.py \
+        --pretrained_teacher_model=stabilityai/stable-diffusion-xl-base-1.0 \
+        --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix \
+        --train_shards_path_or_url="pipe:curl -L -s https://host/laion/{00000..01099}.tar" \
+        --output_dir=lcm-sdxl --mixed_precision=fp16 --resolution=1024 --train_batch_size=12 --max_train_steps=1000
+
+The training step is `lcd_loss_sdxl` (one screen, mirrors the paper); everything else is set-up and bookkeeping.
+"""
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from webdataset.tariterators import tarfile_samples
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from braceexpand import braceexpand
+from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from huggingface_hub import create_repo, upload_folder
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+logger = get_logger(__name__)
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
+# LoRA target kinds: module-name suffixes in diffusers' UNet2DConditionModel (attention, feed-forward, resnet convs,
+# time-embedding projections, down/upsampler convs): the layers the LCM-LoRA paper adapts.
+LORA_TARGET_KINDS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv",
+)
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+FULL_ONLY_FLAGS = ("unet_time_cond_proj_dim", "ema_decay", "cast_teacher_unet")
+LORA_ONLY_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "save_precision")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.OneLineErrorParser
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        prog="train_lcm_distill_sdxl_wds.py",
+        description="Latent Consistency Distillation of an SDXL teacher: a full LCM UNet, or LCM-LoRA with --use_lora.",
+    )
+    # ---- model
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_teacher_model", type=str, required=True,
+                       help="Hub id or local directory of the teacher pipeline (any SDXL-architecture model).")
+    group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to use instead of the teacher's, e.g. madebyollin/sdxl-vae-fp16-fix; it runs in the "
+                            "mixed-precision dtype (the teacher's SDXL VAE stays fp32: it overflows in fp16).")
+    group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    # ---- data
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_shards_path_or_url", type=str, required=True,
+                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
+                            "'pipe:' command, or several of those joined by '::'.")
+    group.add_argument("--resolution", type=int, default=1024, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--interpolation_type", type=str, default="bilinear",
+                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
+                       help="Resampling filter used to resize the shorter side to --resolution.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="Samples per epoch: each pass over the shards is truncated to this many samples. Also "
+                            "gives the epoch length used by --num_train_epochs.")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                       help="Fraction of captions replaced by the empty prompt.")
+    group.add_argument("--min_image_size", type=int, default=0,
+                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
+    group.add_argument("--max_watermark_probability", type=float, default=None,
+                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
+    group.add_argument("--min_aesthetic_score", type=float, default=None,
+                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group.add_argument("--use_fix_crop_and_size", action="store_true",
+                       help="Micro-condition every sample on original size (resolution, resolution) and crop (0, 0) "
+                            "instead of its real size (json, else image) and real crop.")
+    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
+    group.add_argument("--dataloader_num_workers", type=int, default=4,
+                       help="Data loading processes per GPU (0 reads in the main process).")
+    # ---- latent consistency distillation
+    group = parser.add_argument_group("latent consistency distillation")
+    group.add_argument("--w_min", type=float, default=3.0, help="Lowest guidance scale omega sampled per example.")
+    group.add_argument("--w_max", type=float, default=15.0, help="Highest guidance scale omega sampled per example.")
+    group.add_argument("--num_ddim_timesteps", type=int, default=50, help="N: DDIM solver steps of the teacher ODE.")
+    group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
+    group.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss.")
+    group.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group.add_argument("--unet_time_cond_proj_dim", type=int, default=None,
+                       help="Full mode: size of the omega embedding when the teacher UNet has none (default 256).")
+    group.add_argument("--ema_decay", type=float, default=None, help="Full mode: mu, EMA decay of the target (0.95).")
+    group.add_argument("--vae_encode_batch_size", type=int, default=32,
+                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
+    group.add_argument("--cast_teacher_unet", action="store_true",
+                       help="Full mode: store the teacher UNet in the mixed-precision dtype (saves memory; default "
+                            "fp32 weights under autocast).")
+    # ---- LoRA
+    group = parser.add_argument_group("LoRA (--use_lora)")
+    group.add_argument("--use_lora", action="store_true",
+                       help="Distil into LoRA adapters (LCM-LoRA): one UNet, the teacher is it with adapters disabled.")
+    group.add_argument("--lora_rank", type=int, default=None, help="Rank r of every LoRA adapter (64).")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="LoRA alpha (the update is scaled by alpha / r); default: equal to --lora_rank.")
+    group.add_argument("--lora_dropout", type=float, default=None, help="Dropout on the LoRA branch input (0).")
+    group.add_argument("--lora_target_modules", type=str, default=None,
+                       help="Comma-separated layer kinds that get an adapter (module-name suffixes of the UNet); "
+                            f"default: all of {', '.join(LORA_TARGET_KINDS)}.")
+    group.add_argument("--save_precision", type=str, default=None, choices=["fp16", "bf16", "fp32"],
+                       help="dtype of the final LoRA files (fp16; checkpoints always keep fp32).")
+    # ---- optimiser
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=float, default=None, help="Default 1e-6 (full) or 1e-4 (--use_lora).")
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up length in optimiser steps.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    # ---- precision and speed
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+    # ---- run control
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=int, default=1,
+                       help="Epochs of --max_train_samples samples each (used when --max_train_steps is not set).")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=int, default=200,
+                       help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
+    group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
+                       help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
+    group.add_argument("--validation_guidance_scale", type=float, default=None,
+                       help="Pipeline guidance_scale of validation images: default 8.0 (full: the student sees "
+                            "omega = scale - 1) or 1.0 (--use_lora: no CFG pass).")
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    # ---- output and logging
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default="lcm-sdxl-model")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
+    # ---- hub
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+    args = parser.parse_args(input_args)
+    validate_args(parser, args)
+    return args
+
+
+# Copied from train_lcm_distill_sd_wds.looks_like_local_path
+def looks_like_local_path(name):
+    """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+# Copied from train_lcm_distill_sd_wds.expand_shard_urls
+def expand_shard_urls(spec):
+    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
+    urls = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand(part))
+    return urls
+
+
+# Copied from train_lcm_distill_sd_wds.is_remote_url
+def is_remote_url(url):
+    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
+
+
+# Copied from train_lcm_distill_sd_wds.check_common_args
+def check_common_args(parser, args):
+    """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
+    if args.resolution % 8 != 0 or args.resolution <= 0:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0")
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be >= 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.validation_steps < 0:
+        parser.error("--validation_steps must be >= 0")
+    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
+        parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
+        os.path.expanduser(args.pretrained_teacher_model)
+    ):
+        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
+        parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (CUDA only)")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
+    if args.hub_token is not None and "wandb" in trackers:
+        parser.error(
+            "--hub_token together with --report_to wandb would leak the token into the wandb config; "
+            "log in with `huggingface-cli login` instead"
+        )
+    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
+            parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
+
+
+# Copied from train_lcm_distill_sd_wds.check_shard_args
+def check_shard_args(parser, args):
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    if not urls:
+        parser.error("--train_shards_path_or_url names no shard")
+    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
+    if args.max_train_steps is None and args.max_train_samples is None:
+        parser.error(
+            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
+            "(samples per epoch) with --num_train_epochs"
+        )
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1")
+    if args.min_image_size < 0:
+        parser.error("--min_image_size must be >= 0")
+    if args.shuffle_buffer_size < 0:
+        parser.error("--shuffle_buffer_size must be >= 0")
+
+
+def validate_args(parser, args):
+    check_common_args(parser, args)
+    check_shard_args(parser, args)
+    if args.w_min > args.w_max:
+        parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+    if not 1 <= args.num_ddim_timesteps <= 1000:
+        parser.error("--num_ddim_timesteps must be in [1, 1000]")
+    if args.huber_c <= 0:
+        parser.error("--huber_c must be > 0")
+    if args.vae_encode_batch_size < 1:
+        parser.error("--vae_encode_batch_size must be >= 1")
+    # a flag of the other mode would silently do nothing: refuse it
+    wrong_mode = FULL_ONLY_FLAGS if args.use_lora else LORA_ONLY_FLAGS
+    for name in wrong_mode:
+        if getattr(args, name) not in (None, False):
+            parser.error(f"--{name} applies only {'without' if args.use_lora else 'with'} --use_lora")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.use_lora else 1e-6
+    if args.validation_guidance_scale is None:
+        args.validation_guidance_scale = 1.0 if args.use_lora else 8.0
+    if args.use_lora:
+        args.lora_rank = 64 if args.lora_rank is None else args.lora_rank
+        if args.lora_rank < 1:
+            parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
+        args.lora_alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
+        if args.lora_alpha <= 0:
+            parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+        args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
+        if not 0.0 <= args.lora_dropout < 1.0:
+            parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        try:
+            args.lora_target_modules = parse_lora_target_modules(args.lora_target_modules or ",".join(LORA_TARGET_KINDS))
+        except ValueError as error:
+            parser.error(f"--lora_target_modules: {error}")
+        args.save_precision = args.save_precision or "fp16"
+    else:
+        args.ema_decay = 0.95 if args.ema_decay is None else args.ema_decay
+        if not 0.0 <= args.ema_decay < 1.0:
+            parser.error("--ema_decay must be in [0, 1)")
+        args.unet_time_cond_proj_dim = args.unet_time_cond_proj_dim or 256
+        if args.unet_time_cond_proj_dim < 1:
+            parser.error("--unet_time_cond_proj_dim must be >= 1")
+
+
+# Copied from train_lcm_distill_lora_sd_wds.parse_lora_target_modules
+def parse_lora_target_modules(spec):
+    """'to_q,to_k,conv1' -> ['to_q', 'to_k', 'conv1'], every entry one of LORA_TARGET_KINDS."""
+    kinds = [kind.strip() for kind in spec.split(",") if kind.strip()]
+    if not kinds:
+        raise ValueError("names no module kind")
+    unknown = [kind for kind in kinds if kind not in LORA_TARGET_KINDS]
+    if unknown:
+        raise ValueError(f"unknown module kind {unknown[0]!r}; valid kinds: {', '.join(LORA_TARGET_KINDS)}")
+    return list(dict.fromkeys(kinds))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: an endless, deterministic stream of batches from WebDataset shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.DataError
+class DataError(RuntimeError):
+    """The data source cannot feed training (nothing readable, or every sample filtered out)."""
+
+
+# Copied from train_lcm_distill_sd_wds.ImageTransform
+class ImageTransform:
+    """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
+
+    Returns the CHW float tensor plus what SDXL's micro-conditioning needs: the original (height, width)
+    and the (top, left) of the crop in the resized image.
+    """
+
+    FILTERS = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+        "lanczos": Image.Resampling.LANCZOS,
+        "box": Image.Resampling.BOX,
+        "hamming": Image.Resampling.HAMMING,
+    }
+
+    def __init__(self, resolution, interpolation="bilinear", center_crop=False, random_flip=False):
+        self.resolution = resolution
+        self.interpolation = self.FILTERS[interpolation]
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image, rng):
+        original_size = (image.height, image.width)
+        scale = self.resolution / min(image.width, image.height)
+        width = max(self.resolution, round(image.width * scale))
+        height = max(self.resolution, round(image.height * scale))
+        image = image.resize((width, height), resample=self.interpolation)
+        if self.center_crop:
+            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+        else:
+            top, left = rng.randint(0, height - self.resolution), rng.randint(0, width - self.resolution)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
+
+
+# Copied from train_lcm_distill_sd_wds.SampleFilter
+@dataclass
+class SampleFilter:
+    """Metadata filters; LAION-style json keys. A sample without a key is kept (nothing to judge it by)."""
+
+    min_image_size: int = 0
+    max_watermark_probability: float = None
+    min_aesthetic_score: float = None
+
+    def reject_by_metadata(self, meta):
+        """Reason string when the json alone rejects the sample (checked before the image is decoded)."""
+        width = meta.get("original_width", meta.get("width"))
+        height = meta.get("original_height", meta.get("height"))
+        if self.min_image_size and width is not None and height is not None:
+            if min(float(width), float(height)) < self.min_image_size:
+                return "too small"
+        pwatermark = meta.get("pwatermark")
+        if self.max_watermark_probability is not None and pwatermark is not None:
+            if float(pwatermark) > self.max_watermark_probability:
+                return "watermark"
+        aesthetic = meta.get("aesthetic", meta.get("aesthetic_score"))
+        if self.min_aesthetic_score is not None and aesthetic is not None:
+            if float(aesthetic) < self.min_aesthetic_score:
+                return "aesthetic"
+        return None
+
+
+# Copied from train_lcm_distill_sd_wds.original_size_from_metadata
+def original_size_from_metadata(meta):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None."""
+    width = meta.get("original_width", meta.get("width"))
+    height = meta.get("original_height", meta.get("height"))
+    try:
+        size = (int(height), int(width))
+    except (TypeError, ValueError):
+        return None
+    return size if min(size) > 0 else None
+
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+# Copied from train_lcm_distill_sd_wds.batches_already_read
+def batches_already_read(total_batches, worker_id, num_workers):
+    """How many of a rank's first `total_batches` batches came from this worker.
+
+    A DataLoader over an endless IterableDataset takes batches from its workers in strict round robin, so
+    batch b came from worker b % num_workers. This is what lets a resumed run skip exactly what was read.
+    """
+    if total_batches <= worker_id:
+        return 0
+    return (total_batches - worker_id + num_workers - 1) // num_workers
+
+
+# Copied from train_lcm_distill_sd_wds.ShardStream
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
+
+    * Deterministic: every random choice (shard order, shuffle buffer, crop, flip, empty prompt) comes from
+      generators seeded by (seed, rank, worker), so a resumed run skips `skip_batches` and then sees exactly
+      the batches an uninterrupted run would have seen.
+    * Each (rank, worker) reader takes every S-th shard (S = readers); with fewer shards than readers, each
+      reads all shards and keeps every S-th sample, so tiny datasets work with any number of GPUs/workers.
+    * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
+      the counts ride along with each batch (`n_corrupt`, `n_filtered`) so the main process can log them.
+    * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
+      in a whole pass over its data, raises DataError.
+    """
+
+    def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
+                 proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
+                 skip_batches=0, max_rejects_before_first=500):
+        super().__init__()
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.transform = transform
+        self.sample_filter = sample_filter or SampleFilter()
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.max_samples_per_pass = max_samples_per_pass
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.skip_batches = skip_batches
+        self.max_rejects_before_first = max_rejects_before_first
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = self.rank * num_workers + worker_id
+        num_readers = self.world_size * num_workers
+        rng = random.Random(f"{self.seed}-{reader}-{num_readers}")
+        counts = {"n_corrupt": 0, "n_filtered": 0}
+        to_skip = batches_already_read(self.skip_batches, worker_id, num_workers)
+        batch = []
+        for sample in self._samples(reader, num_readers, rng, counts):
+            batch.append(sample)
+            if len(batch) < self.batch_size:
+                continue
+            if to_skip > 0:  # replaying what a resumed run already trained on; its counts were logged then
+                to_skip -= 1
+                counts = {k: 0 for k in counts}
+            else:
+                yield collate_samples(batch, counts)
+                counts = {k: 0 for k in counts}
+            batch = []
+
+    def _samples(self, reader, num_readers, rng, counts):
+        per_pass = None
+        if self.max_samples_per_pass is not None:
+            per_pass = max(1, math.ceil(self.max_samples_per_pass / num_readers))
+        delivered = 0
+        rejects_in_a_row = 0
+        for pass_index in itertools.count():
+            shards = list(self.urls)
+            random.Random(f"{self.seed}-pass-{pass_index}").shuffle(shards)  # same order on every reader
+            if len(shards) >= num_readers:
+                shards, keep_every, keep_offset = shards[reader::num_readers], 1, 0
+            else:
+                keep_every, keep_offset = num_readers, reader
+            produced = 0
+            raw = self._raw_samples(shards, counts)
+            raw = (s for i, s in enumerate(raw) if i % keep_every == keep_offset)
+            for sample in self._shuffled(raw, rng):
+                decoded = self._decode(sample, rng, counts)
+                if decoded is None:
+                    rejects_in_a_row += 1
+                    if delivered == 0 and rejects_in_a_row >= self.max_rejects_before_first:
+                        raise DataError(
+                            f"no usable sample in the first {rejects_in_a_row} read from {len(shards)} shard(s) "
+                            f"({counts['n_corrupt']} unreadable, {counts['n_filtered']} filtered out): check the "
+                            "shards and the filters (--min_image_size, --max_watermark_probability, "
+                            "--min_aesthetic_score)"
+                        )
+                    continue
+                rejects_in_a_row = 0
+                delivered += 1
+                produced += 1
+                yield decoded
+                if per_pass is not None and produced >= per_pass:
+                    break
+            if produced == 0:
+                raise DataError(
+                    f"a whole pass over {len(shards)} shard(s) gave no usable sample ({counts['n_corrupt']} "
+                    f"unreadable, {counts['n_filtered']} filtered out): {', '.join(shards[:3])}"
+                )
+
+    @staticmethod
+    def _raw_samples(shards, counts):
+        def count_and_continue(exn):
+            counts["n_corrupt"] += 1
+            logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
+            return True
+
+        return tarfile_samples([{"url": url} for url in shards], handler=count_and_continue)
+
+    def _shuffled(self, samples, rng):
+        if self.shuffle_buffer_size <= 1:
+            yield from samples
+            return
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer_size:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, sample, rng, counts):
+        meta = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError):
+                meta = {}
+        if self.sample_filter.reject_by_metadata(meta) is not None:
+            counts["n_filtered"] += 1
+            return None
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            counts["n_corrupt"] += 1
+            return None
+        try:
+            image = Image.open(io.BytesIO(sample[image_key]))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+        except Exception:  # PIL raises many types for truncated or non-image bytes
+            counts["n_corrupt"] += 1
+            return None
+        if self.sample_filter.min_image_size and min(image.size) < self.sample_filter.min_image_size:
+            counts["n_filtered"] += 1
+            return None
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8", errors="replace").strip()
+        else:
+            caption = str(meta.get("caption", meta.get("text", "")))
+        if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        pixels, original_size, crop_top_left = self.transform(image, rng)
+        # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
+        original_size = original_size_from_metadata(meta) or original_size
+        return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
+                "crop_top_left": crop_top_left}
+
+
+# Copied from train_lcm_distill_sd_wds.data_error_message
+def data_error_message(error):
+    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
+    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
+        raise error
+    last_line = text.splitlines()[-1] if text else "data error"
+    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+
+
+# Copied from train_lcm_distill_sd_wds.collate_samples
+def collate_samples(samples, counts):
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "original_sizes": torch.tensor([s["original_size"] for s in samples]),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
+        **counts,
+    }
+
+
+# Copied from train_lcm_distill_sd_wds.make_train_dataloader
+def make_train_dataloader(args, accelerator, skip_batches=0):
+    stream = ShardStream(
+        expand_shard_urls(args.train_shards_path_or_url),
+        batch_size=args.train_batch_size,
+        transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
+        sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
+        seed=args.seed if args.seed is not None else 0,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
+        max_samples_per_pass=args.max_train_samples,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        skip_batches=skip_batches,
+    )
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LCD math (names follow the diffusers LCD scripts; formulas follow SPEC section 4 / the LCM paper)
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.append_dims
+def append_dims(x, target_dims):
+    """Append trailing singleton dimensions so a per-sample vector broadcasts against a batch of latents."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+# Copied from train_lcm_distill_sd_wds.extract_into_tensor
+def extract_into_tensor(schedule, timesteps, x_shape):
+    """schedule[timesteps] reshaped to (B, 1, 1, 1) for broadcasting against x."""
+    out = schedule.gather(-1, timesteps)
+    return out.reshape(timesteps.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+# Copied from train_lcm_distill_sd_wds.guidance_scale_embedding
+def guidance_scale_embedding(w, embedding_dim=512, dtype=torch.float32):
+    """Sinusoidal embedding of 1000*w (VDM-style), the student's extra input for the guidance scale omega."""
+    assert w.ndim == 1
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    # float32 log and this op order on purpose: w is scaled by 1000, so rounding differences become visible,
+    # and the diffusers pipelines compute the inference-time embedding exactly this way
+    log_step = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    freqs = torch.exp(torch.arange(half_dim, dtype=dtype) * -log_step).to(w.device)
+    angles = w.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+# Copied from train_lcm_distill_sd_wds.scalings_for_boundary_conditions
+def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=10.0):
+    """c_skip(t), c_out(t) of the consistency parameterisation: c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x."""
+    scaled_timestep = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled_timestep**2 + sigma_data**2)
+    c_out = scaled_timestep / (scaled_timestep**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+# Copied from train_lcm_distill_sd_wds.get_predicted_original_sample
+def get_predicted_original_sample(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    """x0 predicted from a model output at (sample, t); alphas/sigmas are sqrt(abar) and sqrt(1 - abar)."""
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return (sample - sigmas * model_output) / alphas
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alphas * sample - sigmas * model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
+
+
+# Copied from train_lcm_distill_sd_wds.get_predicted_noise
+def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    """epsilon predicted from a model output at (sample, t)."""
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alphas * model_output) / sigmas
+    if prediction_type == "v_prediction":
+        return alphas * model_output + sigmas * sample
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
+
+
+# Copied from train_lcm_distill_sd_wds.DDIMSolver
+class DDIMSolver:
+    """The teacher's ODE solver on the N-point DDIM grid t = k-1, 2k-1, ..., T-1 (k = T // N)."""
+
+    def __init__(self, alpha_cumprods, timesteps=1000, ddim_timesteps=50):
+        alpha_cumprods = torch.as_tensor(alpha_cumprods, dtype=torch.float32)
+        step_ratio = timesteps // ddim_timesteps
+        self.step_ratio = step_ratio
+        self.ddim_timesteps = (torch.arange(1, ddim_timesteps + 1) * step_ratio).round().long() - 1
+        self.ddim_alpha_cumprods = alpha_cumprods[self.ddim_timesteps]
+        # abar at the previous grid point; abar[0] for the first one
+        self.ddim_alpha_cumprods_prev = torch.cat([alpha_cumprods[:1], alpha_cumprods[self.ddim_timesteps[:-1]]])
+
+    def to(self, device):
+        self.ddim_timesteps = self.ddim_timesteps.to(device)
+        self.ddim_alpha_cumprods = self.ddim_alpha_cumprods.to(device)
+        self.ddim_alpha_cumprods_prev = self.ddim_alpha_cumprods_prev.to(device)
+        return self
+
+    def ddim_step(self, pred_x0, pred_noise, timestep_index):
+        """One deterministic DDIM step from grid point `timestep_index` to the previous one."""
+        alpha_cumprod_prev = extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.shape)
+        return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
+
+
+# Copied from train_lcm_distill_sd_wds.consistency_loss
+def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
+    """d(f_theta, f_theta-): mean squared error, or the pseudo-Huber mean(sqrt(diff^2 + c^2) - c). fp32."""
+    model_pred, target = model_pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(model_pred, target, reduction="mean")
+    if loss_type == "huber":
+        return torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+# Copied from train_lcm_distill_sd_wds.update_ema
+@torch.no_grad()
+def update_ema(target_params, source_params, decay):
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    target_params, source_params = list(target_params), list(source_params)
+    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
+
+
+# Copied from train_lcm_distill_sd_wds.concat_unet_kwargs
+def concat_unet_kwargs(first, second):
+    """Concatenate two sets of UNet keyword inputs on the batch dim (nested dicts such as added_cond_kwargs too)."""
+    if isinstance(first, dict):
+        return {key: concat_unet_kwargs(first[key], second[key]) for key in first}
+    return torch.cat([first, second])
+
+
+# Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
+@torch.no_grad()
+def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
+                             solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
+    """x_{t_n} from x_{t_{n+k}}: classifier-free-guided teacher (scale omega) + one DDIM step.
+
+    Conditional and unconditional passes run as ONE forward of batch 2B (`batched=True`, the default): the
+    same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
+    """
+    if batched:
+        both = teacher_unet(
+            torch.cat([noisy_latents, noisy_latents]),
+            torch.cat([timesteps, timesteps]),
+            **concat_unet_kwargs(cond_kwargs, uncond_kwargs),
+        ).sample
+        cond_output, uncond_output = both.chunk(2)
+    else:
+        cond_output = teacher_unet(noisy_latents, timesteps, **cond_kwargs).sample
+        uncond_output = teacher_unet(noisy_latents, timesteps, **uncond_kwargs).sample
+    schedules = (prediction_type, alpha_schedule, sigma_schedule)
+    cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
+    uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
+    cond_eps = get_predicted_noise(cond_output, timesteps, noisy_latents, *schedules)
+    uncond_eps = get_predicted_noise(uncond_output, timesteps, noisy_latents, *schedules)
+    w = append_dims(w, noisy_latents.ndim)
+    pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+    pred_eps = cond_eps + w * (cond_eps - uncond_eps)
+    return solver.ddim_step(pred_x0, pred_eps, timestep_index)
+
+
+# Copied from train_lcm_distill_lora_sd_wds.adapters_disabled
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def compute_time_ids(original_sizes, crop_top_lefts, resolution, use_fix_crop_and_size=False):
+    """SDXL micro-conditioning per sample: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (height first).
+
+    original_sizes and crop_top_lefts are (B, 2) tensors of (height, width) and (top, left).
+    """
+    bsz = original_sizes.shape[0]
+    if use_fix_crop_and_size:
+        original_sizes = torch.full((bsz, 2), resolution)
+        crop_top_lefts = torch.zeros((bsz, 2), dtype=torch.long)
+    target_sizes = torch.full((bsz, 2), resolution)
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
+
+
+@dataclass
+class LCDXLContext:
+    """Everything the training step needs besides the batch: models, schedules and hyper-parameters."""
+
+    unet: torch.nn.Module  # online student theta (possibly DDP-wrapped)
+    teacher_unet: torch.nn.Module  # full mode: the frozen teacher; LoRA mode: the unwrapped student itself
+    target_unet: torch.nn.Module  # full mode: EMA target theta-; LoRA mode: the unwrapped student itself
+    noise_scheduler: DDPMScheduler
+    solver: DDIMSolver
+    alpha_schedule: torch.Tensor
+    sigma_schedule: torch.Tensor
+    prediction_type: str
+    w_embedding_dim: int  # 0 in LoRA mode: no omega input
+    args: argparse.Namespace
+    autocast: object = field(default=None)
+    batched_teacher: bool = True
+
+
+def lcd_loss_sdxl(ctx, latents, cond, uncond):
+    """One LCD loss (LCM paper, Algorithm 1) for latents z0; cond/uncond are the UNet's text + micro-conditioning
+    inputs ({"encoder_hidden_states", "added_cond_kwargs": {"text_embeds", "time_ids"}})."""
+    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
+    schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+    use_lora = args.use_lora
+
+    # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
+    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+
+    # 2. Boundary scalings, so that f(x, 0) = x exactly.
+    c_skip_start, c_out_start = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
+        start_timesteps, timestep_scaling=args.timestep_scaling_factor))
+    c_skip, c_out = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
+        timesteps, timestep_scaling=args.timestep_scaling_factor))
+
+    # 3. x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule.
+    noise = torch.randn_like(latents)
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
+
+    # 4. omega ~ U[w_min, w_max]; the full student also takes it as an embedding (LoRA students do not).
+    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
+    w_input = {} if use_lora else {
+        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
+
+    # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
+    with ctx.autocast():
+        student_output = ctx.unet(noisy_latents, start_timesteps, **w_input, **cond).sample
+    pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
+    model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
+
+    # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
+    #    LoRA mode: the teacher is the student's own UNet with the adapters switched off.
+    teacher_context = adapters_disabled(ctx.teacher_unet) if use_lora else contextlib.nullcontext(ctx.teacher_unet)
+    with ctx.autocast(), teacher_context as teacher_unet:
+        x_prev = teacher_guided_ddim_step(
+            teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
+            solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
+        ).float()
+
+    # 7. Target at t_n, no grad: the EMA network (full) or the online student itself (LoRA).
+    with torch.no_grad(), ctx.autocast():
+        target_output = ctx.target_unet(x_prev, timesteps, **w_input, **cond).sample
+    target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
+    target = c_skip * x_prev + c_out * target_x0
+
+    # 8. Consistency distance d(f_theta, f_theta-).
+    return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and LoRA files
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.weight_dtype_for
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+# Copied from train_lcm_distill_sd_wds.encode_latents
+@torch.no_grad()
+def encode_latents(vae, pixel_values, batch_size):
+    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts_sdxl(text_encoders, tokenizers, prompts):
+    """SDXL text conditioning: both encoders' penultimate hidden states concatenated on the last dim, and the
+    second encoder's pooled projection."""
+    hidden_states = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), pooled
+
+
+def unet_conditioning(prompt_embeds, pooled_embeds, time_ids):
+    return {"encoder_hidden_states": prompt_embeds,
+            "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids}}
+
+
+def unconditional_conditioning(cond):
+    """Zeros shaped like the conditional text inputs (as SDXL's zeroed empty prompt), same micro-conditioning."""
+    return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+            "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"]),
+                                  "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
+
+
+# Copied from train_lcm_distill_sd_wds.make_student_unet
+def make_student_unet(teacher_unet, time_cond_proj_dim):
+    """The teacher's UNet with a guidance-scale input; it starts as an exact copy of the teacher.
+
+    When the teacher has no `time_cond_proj_dim`, the new `time_embedding.cond_proj` layer is zero, so the
+    omega embedding adds nothing until training moves it.
+    """
+    config = dict(teacher_unet.config)
+    adds_cond_proj = config.get("time_cond_proj_dim") is None
+    if adds_cond_proj:
+        config["time_cond_proj_dim"] = time_cond_proj_dim
+    student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    expected_missing = {"time_embedding.cond_proj.weight"} if adds_cond_proj else set()
+    if set(missing) != expected_missing or unexpected:
+        raise RuntimeError(f"student/teacher weight mismatch: missing {missing}, unexpected {unexpected}")
+    if adds_cond_proj:
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+# Copied from train_lcm_distill_lora_sd_wds.lora_config
+def lora_config(args):
+    # gaussian init of A with B = 0: the adapter starts as the identity, so the student starts at the teacher
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      init_lora_weights="gaussian", target_modules=list(args.lora_target_modules))
+
+
+# Copied from train_lcm_distill_lora_sd_wds.LoraTargetError
+class LoraTargetError(ValueError):
+    """A requested LoRA target kind that this UNet does not have."""
+
+
+# Copied from train_lcm_distill_lora_sd_wds.check_lora_targets
+def check_lora_targets(unet, target_kinds):
+    """Fail in one line when a requested kind matches no Linear/Conv2d of this UNet (PEFT would ignore it)."""
+    names = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    for kind in target_kinds:
+        if not any(name == kind or name.endswith("." + kind) for name in names):
+            raise LoraTargetError(f"--lora_target_modules: {kind!r} matches no layer of this UNet; "
+                             f"valid kinds: {', '.join(LORA_TARGET_KINDS)}")
+
+
+# Copied from train_lcm_distill_lora_sd_wds.add_lora
+def add_lora(unet, args, weight_dtype):
+    """Freeze the base UNet in `weight_dtype` and add trainable fp32 LoRA adapters to it."""
+    check_lora_targets(unet, args.lora_target_modules)
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(lora_config(args))
+    cast_lora_params_to_fp32(unet)
+    return unet
+
+
+# Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32
+def cast_lora_params_to_fp32(unet):
+    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def load_models(args, weight_dtype):
+    """Teacher components; full mode adds the omega student and its EMA target (fp32), LoRA mode adapters."""
+    teacher = args.pretrained_teacher_model
+    common = {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", **common)
+    tokenizers = [CLIPTokenizer.from_pretrained(teacher, subfolder=name, **common)
+                  for name in ("tokenizer", "tokenizer_2")]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", variant=args.variant, **common),
+        CLIPTextModelWithProjection.from_pretrained(teacher, subfolder="text_encoder_2", variant=args.variant, **common),
+    ]
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", variant=args.variant, **common)
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", variant=args.variant, **common)
+    if args.use_lora:
+        return noise_scheduler, tokenizers, text_encoders, vae, None, add_lora(teacher_unet, args, weight_dtype), None
+    unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
+    target_unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
+    target_unet.load_state_dict(unet.state_dict())
+    return noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet, target_unet
+
+
+# Copied from train_lcm_distill_lora_sd_wds.lora_state_dict
+def lora_state_dict(unet, dtype=None):
+    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast."""
+    state = get_peft_model_state_dict(unet)
+    return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
+
+
+# Copied from train_lcm_distill_lora_sd_wds.lora_adapter_metadata
+def lora_adapter_metadata(unet):
+    """The adapter's LoraConfig as a dict: stored in the file so that loading keeps alpha (the scale alpha/r)."""
+    return unet.peft_config["default"].to_dict()
+
+
+# Copied from train_lcm_distill_lora_sd_wds.peft_to_kohya_state_dict
+def peft_to_kohya_state_dict(peft_state_dict, alpha):
+    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
+    kohya = {}
+    for key, tensor in peft_state_dict.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            kohya[f"{name}.lora_down.weight"] = tensor
+            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
+        elif kind == "B.weight":
+            kohya[f"{name}.lora_up.weight"] = tensor
+        else:
+            raise ValueError(f"unexpected LoRA tensor {key}")
+    return kohya
+
+
+# Copied from train_lcm_distill_lora_sd_wds.save_lora_files with StableDiffusionPipeline->StableDiffusionXLPipeline
+def save_lora_files(unet, output_dir, dtype=None, kohya=True):
+    """Write the adapter in diffusers format (alpha in the metadata) and, optionally, in kohya format."""
+    state = lora_state_dict(unet, dtype)
+    StableDiffusionXLPipeline.save_lora_weights(output_dir, unet_lora_layers=state,
+                                              unet_lora_adapter_metadata=lora_adapter_metadata(unet),
+                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    if kohya:
+        alpha = unet.peft_config["default"].lora_alpha
+        save_file(peft_to_kohya_state_dict(state, alpha), os.path.join(output_dir, KOHYA_WEIGHT_NAME),
+                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(unet.peft_config["default"].r),
+                            "ss_network_alpha": str(alpha)})
+
+
+# Copied from train_lcm_distill_lora_sd_wds.load_lora_checkpoint
+def load_lora_checkpoint(unet, checkpoint_dir):
+    """Load the adapter saved by `save_lora_files` into `unet` (same LoRA config), keeping LoRA params fp32."""
+    state = load_file(os.path.join(checkpoint_dir, LORA_WEIGHT_NAME))
+    state = {key.removeprefix("unet."): tensor for key, tensor in state.items()}
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the LoRA config: unexpected {unexpected[:3]}")
+    cast_lora_params_to_fp32(unet)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.list_checkpoints
+def list_checkpoints(output_dir):
+    """checkpoint-<step> directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+# Copied from train_lcm_distill_sd_wds.rotate_checkpoints
+def rotate_checkpoints(output_dir, total_limit):
+    """Delete the oldest checkpoints so that, after one more is saved, at most `total_limit` remain."""
+    if total_limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+# Copied from train_lcm_distill_sd_wds.resolve_resume_checkpoint
+def resolve_resume_checkpoint(args):
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+            return None
+        return os.path.join(args.output_dir, checkpoints[-1])
+    path = args.resume_from_checkpoint
+    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+
+
+# Copied from train_lcm_distill_sd_wds.read_training_state
+def read_training_state(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
+        return json.load(f)
+
+
+# Copied from train_lcm_distill_sd_wds.save_checkpoint
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state)."""
+    if accelerator.is_main_process:
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(save_path)
+    if accelerator.is_main_process:
+        with open(os.path.join(save_path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, **training_state}, f, indent=2)
+        logger.info(f"saved checkpoint {save_path}")
+    accelerator.wait_for_everyone()
+    return save_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation, model card, hub
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.make_image_grid
+def make_image_grid(rows):
+    """rows: list of lists of PIL images of one size -> one PIL image."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+# Copied from train_lcm_distill_sd_wds.log_grid_to_trackers
+def log_grid_to_trackers(accelerator, name, grid, step):
+    """Log one image to every tracker (not only the first, as the reference scripts did)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(grid)]}, step=step)
+
+
+def log_validation(args, accelerator, vae, text_encoders, tokenizers, unet, name, step, weight_dtype):
+    """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    if not prompts:
+        return None
+    scheduler = LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                             revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                             original_inference_steps=args.num_ddim_timesteps)
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+                                         unet=accelerator.unwrap_model(unet), scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                         enabled=weight_dtype != torch.float32):
+        for prompt in prompts:
+            row = []
+            for num_steps in VALIDATION_STEP_COUNTS:
+                generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+                row.append(pipeline(prompt, num_inference_steps=num_steps, guidance_scale=args.validation_guidance_scale,
+                                    height=args.resolution, width=args.resolution, generator=generator).images[0])
+            rows.append(row)
+    grid = make_image_grid(rows)
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
+    grid.save(path)
+    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path
+
+
+def model_card_text(args, repo_id, validation_image=None):
+    """The README.md of the output directory (and of the Hub repo)."""
+    image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    vae_line = (f'vae = AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}", torch_dtype=torch.float16)\n'
+                if args.pretrained_vae_model_name_or_path else "")
+    vae_kwarg = ", vae=vae" if vae_line else ""
+    if args.use_lora:
+        what = "an LCM-LoRA adapter"
+        load = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_teacher_model}"{vae_kwarg}, '
+                f'torch_dtype=torch.float16)\npipe.load_lora_weights("{repo_id}")')
+        imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline"
+        guidance, tags = 1.0, "- lora\n- lcm-lora\n"
+        details = (f"| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |\n"
+                   f"| LoRA targets | {', '.join(args.lora_target_modules)} |\n")
+        advice = (f"Use `guidance_scale` between 1.0 and 2.0. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya "
+                  "format for AUTOMATIC1111 and ComfyUI.")
+    else:
+        what = "a Latent Consistency Model UNet"
+        load = (f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet_target", '
+                f'torch_dtype=torch.float16)\npipe = StableDiffusionXLPipeline.from_pretrained('
+                f'"{args.pretrained_teacher_model}", unet=unet{vae_kwarg}, torch_dtype=torch.float16)')
+        imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel"
+        guidance, tags = args.validation_guidance_scale, ""
+        details = f"| EMA decay | {args.ema_decay} |\n"
+        advice = (f"The guidance scale is a model input (omega in [{args.w_min}, {args.w_max}]; the pipeline feeds "
+                  f"`guidance_scale - 1`). `unet_target` is the EMA network, `unet` the online student.")
+    return f"""---
+base_model: {args.pretrained_teacher_model}
+library_name: diffusers
+license: openrail++
+tags:
+- stable-diffusion-xl
+- text-to-image
+- diffusers
+{tags}- lcm
+- latent-consistency-distillation
+inference: true
+---
+
+# {repo_id}: {what} distilled from {args.pretrained_teacher_model}
+
+Trained with Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378 and arXiv:2311.05556) from
+`{args.pretrained_teacher_model}` by `train_lcm_distill_sdxl_wds.py`. It samples in 1-8 steps with `LCMScheduler`.
+{image_line}
+## Inference
+
+```python
+import torch
+from diffusers import {imports}
+
+{vae_line}{load}
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.to("cuda")
+image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale={guidance}).images[0]
+```
+
+{advice}
+
+## Training
+
+| setting | value |
+|---|---|
+| teacher | `{args.pretrained_teacher_model}` |
+| VAE | `{args.pretrained_vae_model_name_or_path or args.pretrained_teacher_model}` |
+| data | `{args.train_shards_path_or_url}` |
+| resolution | {args.resolution} |
+| steps | {args.max_train_steps} |
+| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+{details}| loss | {args.loss_type} (huber c = {args.huber_c}) |
+| DDIM steps N | {args.num_ddim_timesteps} |
+| guidance range omega | [{args.w_min}, {args.w_max}] |
+| mixed precision | {args.mixed_precision} |
+"""
+
+
+# Copied from train_lcm_distill_sd_wds.push_output_to_hub
+def push_output_to_hub(args, commit_message="End of training"):
+    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp"],
+                  token=args.hub_token)
+    return repo_id
+
+
+# Copied from train_lcm_distill_sd_wds.tracker_names
+def tracker_names(report_to):
+    """--report_to value -> what Accelerator(log_with=...) takes."""
+    if report_to in ("", "none"):
+        return None
+    return "all" if report_to == "all" else report_to.split(",")
+
+
+# Copied from train_lcm_distill_sd_wds.tracker_config
+def tracker_config(args):
+    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.make_optimizer
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data first: a source that yields nothing fails now, not after minutes of model loading
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    data_counts = {"n_corrupt": 0, "n_filtered": 0}
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        global_step = state["global_step"]
+        data_counts = {k: state.get(k, 0) for k in data_counts}
+    # a resumed stream skips the batches the checkpointed run already trained on
+    train_dataloader = make_train_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
+    batches = iter(train_dataloader)
+    try:
+        batches = itertools.chain([next(batches)], batches)
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+
+    # ---- models. Full: frozen teacher (fp32 under autocast unless --cast_teacher_unet), fp32 student and EMA
+    # target. LoRA: one UNet, frozen base in the mixed-precision dtype + fp32 adapters. The SDXL VAE overflows in
+    # fp16, so it stays fp32 unless another (fp16-safe) VAE is given.
+    try:
+        noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet, target_unet = load_models(args, weight_dtype)
+    except LoraTargetError as error:
+        raise SystemExit(f"error: {error}") from None
+    for frozen in (vae, *text_encoders, teacher_unet, target_unet):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            frozen.eval()
+    unet.train()
+    device = accelerator.device
+    vae.to(device, dtype=weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
+    for text_encoder in text_encoders:
+        text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device)
+    if teacher_unet is not None:
+        teacher_unet.to(device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
+        target_unet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        for model in (unet, teacher_unet, target_unet):
+            if model is not None:
+                model.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    alpha_schedule = alphas_cumprod.sqrt().to(device)
+    sigma_schedule = (1.0 - alphas_cumprod).sqrt().to(device)
+    solver = DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps).to(device)
+    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
+
+    # ---- optimiser (the student, or only its LoRA parameters) and schedule
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    trainable_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, trainable_params, learning_rate)
+    if args.max_train_steps is None:
+        steps_per_epoch = math.ceil(args.max_train_samples / total_batch_size)
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    student = accelerator.unwrap_model(unet)
+
+    # Checkpoints: loadable diffusers folders unet/ + unet_target/ (full), or the adapter file (LoRA).
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(models[0])
+            if args.use_lora:
+                save_lora_files(model, output_dir, kohya=False)
+            else:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+                target_unet.save_pretrained(os.path.join(output_dir, "unet_target"))
+        weights.pop()
+
+    def load_model_hook(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        if args.use_lora:
+            load_lora_checkpoint(model, input_dir)
+            return
+        model.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+        target_unet.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet_target").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    if resume_dir is not None:
+        accelerator.print(f"resuming from {resume_dir} at step {global_step}")
+        accelerator.load_state(resume_dir)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    ctx = LCDXLContext(
+        unet=unet, teacher_unet=student if args.use_lora else teacher_unet,
+        target_unet=student if args.use_lora else target_unet, noise_scheduler=noise_scheduler, solver=solver,
+        alpha_schedule=alpha_schedule, sigma_schedule=sigma_schedule,
+        prediction_type=noise_scheduler.config.prediction_type,
+        w_embedding_dim=0 if args.use_lora else student.config.time_cond_proj_dim, args=args,
+        autocast=accelerator.autocast,
+    )
+    networks = [("lora", unet)] if args.use_lora else [("unet", unet), ("unet_target", target_unet)]
+
+    logger.info(f"***** Running LCD for SDXL ({'LoRA' if args.use_lora else 'full UNet'}): {args.max_train_steps} "
+                f"steps, {total_batch_size} samples per step ({args.train_batch_size} per process x "
+                f"{accelerator.num_processes} x {args.gradient_accumulation_steps} accumulation); "
+                f"{sum(p.numel() for p in trainable_params):,} trainable parameters *****")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    step_started = time.perf_counter()
+    try:
+        while global_step < args.max_train_steps:
+            running_loss = torch.zeros((), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                data_counts = {k: v + batch[k] for k, v in data_counts.items()}
+                with accelerator.accumulate(unet):
+                    latents = encode_latents(vae, batch["pixel_values"], args.vae_encode_batch_size)
+                    prompt_embeds, pooled_embeds = encode_prompts_sdxl(text_encoders, tokenizers, batch["captions"])
+                    time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution,
+                                                args.use_fix_crop_and_size).to(device)
+                    cond = unet_conditioning(prompt_embeds, pooled_embeds, time_ids)
+                    loss = lcd_loss_sdxl(ctx, latents, cond, unconditional_conditioning(cond))
+                    running_loss += loss.detach()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: stop before a non-finite update touches the weights
+                        mean_loss = accelerator.reduce(running_loss / args.gradient_accumulation_steps, "mean").item()
+                        if not math.isfinite(mean_loss):
+                            raise FloatingPointError(
+                                f"non-finite loss ({mean_loss}) at step {global_step + 1}; weights not updated, "
+                                f"last checkpoint: {(list_checkpoints(args.output_dir) or ['none'])[-1]}"
+                            )
+                        if args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if not args.use_lora:
+                update_ema(target_unet.parameters(), student.parameters(), args.ema_decay)
+            global_step += 1
+
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/samples_per_sec": samples_per_sec,
+                    "data/skipped_unreadable": data_counts["n_corrupt"], "data/filtered": data_counts["n_filtered"]}
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}",
+                                 skipped=data_counts["n_corrupt"])
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, data_counts)
+            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+                for name, model in networks:
+                    log_validation(args, accelerator, vae, text_encoders, tokenizers, model, name, global_step,
+                                   weight_dtype)
+                step_started = time.perf_counter()  # validation time is not training throughput
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+    finally:
+        progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if data_counts["n_corrupt"] or data_counts["n_filtered"]:
+            logger.info(f"data: {data_counts['n_corrupt']} unreadable samples skipped, "
+                        f"{data_counts['n_filtered']} filtered out")
+        if args.use_lora:
+            save_lora_files(student, args.output_dir, dtype=weight_dtype_for(args.save_precision))
+        else:
+            student.save_pretrained(os.path.join(args.output_dir, "unet"))
+            target_unet.save_pretrained(os.path.join(args.output_dir, "unet_target"))
+        validation_image = None
+        for name, model in networks:
+            path = log_validation(args, accelerator, vae, text_encoders, tokenizers, model, name, global_step,
+                                  weight_dtype)
+            if path:
+                validation_image = os.path.relpath(path, args.output_dir)  # the last: unet_target or lora
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(model_card_text(args, repo_id, validation_image))
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
