@@ -46,6 +46,9 @@ def run_script(script, args, *, launch=True, num_processes=1, timeout=900, check
     if launch:
         command = [sys.executable, "-m", "accelerate.commands.launch"]
         if num_processes > 1:
+            # accelerate 1.15 without CUDA: --multi_gpu alone starts N processes that each believe they are
+            # alone (DistributedType.NO); ACCELERATE_USE_CPU makes them one gloo group (MULTI_CPU).
+            # (--cpu --num_processes N starts a single process.) Tests assert the process count they got.
             command += ["--multi_gpu", "--num_processes", str(num_processes)]
         else:
             command += ["--cpu", "--num_processes", "1"]
@@ -53,7 +56,10 @@ def run_script(script, args, *, launch=True, num_processes=1, timeout=900, check
     else:
         command = [sys.executable]
     command += [str(REPO / script), *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = _env()
+    if launch and num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-6000:]}")

@@ -1,0 +1,1452 @@
+#!/usr/bin/env python
+# Copyright 2026 The SD Distillation Suite authors. Apache License 2.0.
+"""BK-SDM: block-removal knowledge distillation of a Stable Diffusion 1.x / 2.x UNet.
+
+Paper: Kim et al., "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion" (arXiv:2305.15798,
+"On Architectural Compression of Text-to-Image Diffusion Models"). The student is the teacher's UNet with
+blocks removed (`--unet_config_name`):
+
+    bk_base   one resnet/attention pair per down block, two per up block (-33% UNet parameters)
+    bk_small  bk_base without the mid block                                      (-44%)
+    bk_tiny   bk_small without the innermost level (down block 3, up block 0)    (-62%)
+
+It starts from the teacher's weights (the kept layers are copied) and learns from three signals: the usual
+denoising task loss, the teacher's output (output KD) and the teacher's block outputs (feature KD).
+
+Launch:
+    accelerate launch train_bk_sdm_kd.py \
+        --pretrained_teacher_model=CompVis/stable-diffusion-v1-4 --unet_config_name=bk_small \
+        --train_data_dir=laion_aes_212k --output_dir=bk-sdm-small --mixed_precision=fp16 --resolution=512 \
+        --train_batch_size=64 --gradient_accumulation_steps=4 --learning_rate=5e-5 --max_train_steps=50000
+
+The training step is `bk_sdm_loss` (one screen, mirrors the paper's Eq. 1-3); everything else is set-up.
+"""
+
+import argparse
+import copy
+import csv
+import gc
+import importlib.util
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from webdataset.tariterators import tarfile_samples
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from braceexpand import braceexpand
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from huggingface_hub import create_repo, upload_folder
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = get_logger(__name__)
+
+UNET_CONFIG_NAMES = ("bk_base", "bk_small", "bk_tiny")
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.OneLineErrorParser
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        prog="train_bk_sdm_kd.py",
+        description="BK-SDM block-removal knowledge distillation of a Stable Diffusion 1.x/2.x UNet.",
+    )
+    # ---- model
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="pretrained_teacher_model",
+                       type=str, required=True,
+                       help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
+    group.add_argument("--unet_config_name", type=str, default="bk_small", choices=UNET_CONFIG_NAMES,
+                       help="Student architecture, derived from the teacher's UNet config by removing blocks.")
+    group.add_argument("--no_copy_weight_from_teacher", dest="copy_weight_from_teacher", action="store_false",
+                       help="Start the student from random weights instead of the teacher's kept layers.")
+    group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    # ---- data
+    group = parser.add_argument_group("data (one of --train_shards_path_or_url and --train_data_dir)")
+    group.add_argument("--train_shards_path_or_url", type=str, default=None,
+                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
+                            "'pipe:' command, or several of those joined by '::'.")
+    group.add_argument("--train_data_dir", type=str, default=None,
+                       help="An image folder with metadata.jsonl or metadata.csv: one row per image, its path "
+                            "(relative to the folder) in --image_column and its caption in --caption_column.")
+    group.add_argument("--image_column", type=str, default=None,
+                       help="Metadata column holding the image path (--train_data_dir only; default 'file_name').")
+    group.add_argument("--caption_column", type=str, default=None,
+                       help="Metadata column holding the caption (--train_data_dir only; default 'text').")
+    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--interpolation_type", type=str, default="bilinear",
+                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
+                       help="Resampling filter used to resize the shorter side to --resolution.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="Samples per epoch (default for an image folder: all of its images). Each pass over the "
+                            "data is truncated to this many samples.")
+    group.add_argument("--min_image_size", type=int, default=0,
+                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
+    group.add_argument("--max_watermark_probability", type=float, default=None,
+                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
+    group.add_argument("--min_aesthetic_score", type=float, default=None,
+                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
+    group.add_argument("--dataloader_num_workers", type=int, default=4,
+                       help="Data loading processes per GPU (0 reads in the main process).")
+    # ---- knowledge distillation
+    group = parser.add_argument_group("knowledge distillation")
+    group.add_argument("--lambda_sd", type=float, default=1.0, help="Weight of the denoising task loss.")
+    group.add_argument("--lambda_kd_output", type=float, default=1.0,
+                       help="Weight of the output-KD loss (student vs teacher noise prediction).")
+    group.add_argument("--lambda_kd_feat", type=float, default=1.0,
+                       help="Weight of the feature-KD loss (student vs teacher block outputs, summed over blocks).")
+    group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
+    group.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
+    group.add_argument("--vae_encode_batch_size", type=int, default=32,
+                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
+    # ---- optimiser
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=float, default=5e-5)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up length in optimiser steps.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    # ---- precision and speed
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for the student's activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+    # ---- run control
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=int, default=1,
+                       help="Epochs (used when --max_train_steps is not set).")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=int, default=500,
+                       help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
+    group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
+                       help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
+    group.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    group.add_argument("--num_validation_inference_steps", type=int, default=25,
+                       help="DPM-Solver++ steps of validation images.")
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    # ---- output and logging
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default="bk-sdm-model")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default="bk-sdm-kd")
+    # ---- hub
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+    args = parser.parse_args(input_args)
+    validate_args(parser, args)
+    return args
+
+
+# Copied from train_lcm_distill_sd_wds.looks_like_local_path
+def looks_like_local_path(name):
+    """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+# Copied from train_lcm_distill_sd_wds.expand_shard_urls
+def expand_shard_urls(spec):
+    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
+    urls = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand(part))
+    return urls
+
+
+# Copied from train_lcm_distill_sd_wds.is_remote_url
+def is_remote_url(url):
+    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
+
+
+# Copied from train_lcm_distill_sd_wds.check_common_args
+def check_common_args(parser, args):
+    """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
+    if args.resolution % 8 != 0 or args.resolution <= 0:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0")
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be >= 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.validation_steps < 0:
+        parser.error("--validation_steps must be >= 0")
+    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
+        parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
+        os.path.expanduser(args.pretrained_teacher_model)
+    ):
+        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
+        parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (CUDA only)")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
+    if args.hub_token is not None and "wandb" in trackers:
+        parser.error(
+            "--hub_token together with --report_to wandb would leak the token into the wandb config; "
+            "log in with `huggingface-cli login` instead"
+        )
+    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
+            parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
+
+
+# Copied from train_lcm_distill_sd_wds.check_shard_args
+def check_shard_args(parser, args):
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    if not urls:
+        parser.error("--train_shards_path_or_url names no shard")
+    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
+    if args.max_train_steps is None and args.max_train_samples is None:
+        parser.error(
+            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
+            "(samples per epoch) with --num_train_epochs"
+        )
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1")
+    if args.min_image_size < 0:
+        parser.error("--min_image_size must be >= 0")
+    if args.shuffle_buffer_size < 0:
+        parser.error("--shuffle_buffer_size must be >= 0")
+
+
+def check_image_folder_args(parser, args):
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1")
+    if args.min_image_size < 0:
+        parser.error("--min_image_size must be >= 0")
+    if args.shuffle_buffer_size < 0:
+        parser.error("--shuffle_buffer_size must be >= 0")
+    try:
+        read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
+    except DataError as error:
+        parser.error(f"--train_data_dir: {error}")
+
+
+def validate_args(parser, args):
+    check_common_args(parser, args)
+    if (args.train_shards_path_or_url is None) == (args.train_data_dir is None):
+        parser.error("give exactly one data source: --train_shards_path_or_url or --train_data_dir")
+    if args.train_shards_path_or_url is not None:
+        if args.image_column is not None or args.caption_column is not None:
+            parser.error("--image_column and --caption_column apply to --train_data_dir only (shards hold the "
+                         "image in .jpg/.png/.webp and the caption in .txt or the json)")
+        check_shard_args(parser, args)
+    else:
+        args.image_column = args.image_column or "file_name"
+        args.caption_column = args.caption_column or "text"
+        check_image_folder_args(parser, args)
+    for name in ("lambda_sd", "lambda_kd_output", "lambda_kd_feat"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
+        parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error("--ema_decay must be in [0, 1)")
+    if args.vae_encode_batch_size < 1:
+        parser.error("--vae_encode_batch_size must be >= 1")
+    if args.num_validation_inference_steps < 1:
+        parser.error("--num_validation_inference_steps must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: WebDataset shards, or an image folder read as one-image shards by the same deterministic stream
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.DataError
+class DataError(RuntimeError):
+    """The data source cannot feed training (nothing readable, or every sample filtered out)."""
+
+
+# Copied from train_lcm_distill_sd_wds.ImageTransform
+class ImageTransform:
+    """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
+
+    Returns the CHW float tensor plus what SDXL's micro-conditioning needs: the original (height, width)
+    and the (top, left) of the crop in the resized image.
+    """
+
+    FILTERS = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+        "lanczos": Image.Resampling.LANCZOS,
+        "box": Image.Resampling.BOX,
+        "hamming": Image.Resampling.HAMMING,
+    }
+
+    def __init__(self, resolution, interpolation="bilinear", center_crop=False, random_flip=False):
+        self.resolution = resolution
+        self.interpolation = self.FILTERS[interpolation]
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image, rng):
+        original_size = (image.height, image.width)
+        scale = self.resolution / min(image.width, image.height)
+        width = max(self.resolution, round(image.width * scale))
+        height = max(self.resolution, round(image.height * scale))
+        image = image.resize((width, height), resample=self.interpolation)
+        if self.center_crop:
+            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+        else:
+            top, left = rng.randint(0, height - self.resolution), rng.randint(0, width - self.resolution)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
+
+
+# Copied from train_lcm_distill_sd_wds.SampleFilter
+@dataclass
+class SampleFilter:
+    """Metadata filters; LAION-style json keys. A sample without a key is kept (nothing to judge it by)."""
+
+    min_image_size: int = 0
+    max_watermark_probability: float = None
+    min_aesthetic_score: float = None
+
+    def reject_by_metadata(self, meta):
+        """Reason string when the json alone rejects the sample (checked before the image is decoded)."""
+        width = meta.get("original_width", meta.get("width"))
+        height = meta.get("original_height", meta.get("height"))
+        if self.min_image_size and width is not None and height is not None:
+            if min(float(width), float(height)) < self.min_image_size:
+                return "too small"
+        pwatermark = meta.get("pwatermark")
+        if self.max_watermark_probability is not None and pwatermark is not None:
+            if float(pwatermark) > self.max_watermark_probability:
+                return "watermark"
+        aesthetic = meta.get("aesthetic", meta.get("aesthetic_score"))
+        if self.min_aesthetic_score is not None and aesthetic is not None:
+            if float(aesthetic) < self.min_aesthetic_score:
+                return "aesthetic"
+        return None
+
+
+# Copied from train_lcm_distill_sd_wds.original_size_from_metadata
+def original_size_from_metadata(meta):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None."""
+    width = meta.get("original_width", meta.get("width"))
+    height = meta.get("original_height", meta.get("height"))
+    try:
+        size = (int(height), int(width))
+    except (TypeError, ValueError):
+        return None
+    return size if min(size) > 0 else None
+
+
+# Copied from train_lcm_distill_sd_wds.batches_already_read
+def batches_already_read(total_batches, worker_id, num_workers):
+    """How many of a rank's first `total_batches` batches came from this worker.
+
+    A DataLoader over an endless IterableDataset takes batches from its workers in strict round robin, so
+    batch b came from worker b % num_workers. This is what lets a resumed run skip exactly what was read.
+    """
+    if total_batches <= worker_id:
+        return 0
+    return (total_batches - worker_id + num_workers - 1) // num_workers
+
+
+# Copied from train_lcm_distill_sd_wds.ShardStream
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
+
+    * Deterministic: every random choice (shard order, shuffle buffer, crop, flip, empty prompt) comes from
+      generators seeded by (seed, rank, worker), so a resumed run skips `skip_batches` and then sees exactly
+      the batches an uninterrupted run would have seen.
+    * Each (rank, worker) reader takes every S-th shard (S = readers); with fewer shards than readers, each
+      reads all shards and keeps every S-th sample, so tiny datasets work with any number of GPUs/workers.
+    * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
+      the counts ride along with each batch (`n_corrupt`, `n_filtered`) so the main process can log them.
+    * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
+      in a whole pass over its data, raises DataError.
+    """
+
+    def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
+                 proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
+                 skip_batches=0, max_rejects_before_first=500):
+        super().__init__()
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.transform = transform
+        self.sample_filter = sample_filter or SampleFilter()
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.max_samples_per_pass = max_samples_per_pass
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.skip_batches = skip_batches
+        self.max_rejects_before_first = max_rejects_before_first
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = self.rank * num_workers + worker_id
+        num_readers = self.world_size * num_workers
+        rng = random.Random(f"{self.seed}-{reader}-{num_readers}")
+        counts = {"n_corrupt": 0, "n_filtered": 0}
+        to_skip = batches_already_read(self.skip_batches, worker_id, num_workers)
+        batch = []
+        for sample in self._samples(reader, num_readers, rng, counts):
+            batch.append(sample)
+            if len(batch) < self.batch_size:
+                continue
+            if to_skip > 0:  # replaying what a resumed run already trained on; its counts were logged then
+                to_skip -= 1
+                counts = {k: 0 for k in counts}
+            else:
+                yield collate_samples(batch, counts)
+                counts = {k: 0 for k in counts}
+            batch = []
+
+    def _samples(self, reader, num_readers, rng, counts):
+        per_pass = None
+        if self.max_samples_per_pass is not None:
+            per_pass = max(1, math.ceil(self.max_samples_per_pass / num_readers))
+        delivered = 0
+        rejects_in_a_row = 0
+        for pass_index in itertools.count():
+            shards = list(self.urls)
+            random.Random(f"{self.seed}-pass-{pass_index}").shuffle(shards)  # same order on every reader
+            if len(shards) >= num_readers:
+                shards, keep_every, keep_offset = shards[reader::num_readers], 1, 0
+            else:
+                keep_every, keep_offset = num_readers, reader
+            produced = 0
+            raw = self._raw_samples(shards, counts)
+            raw = (s for i, s in enumerate(raw) if i % keep_every == keep_offset)
+            for sample in self._shuffled(raw, rng):
+                decoded = self._decode(sample, rng, counts)
+                if decoded is None:
+                    rejects_in_a_row += 1
+                    if delivered == 0 and rejects_in_a_row >= self.max_rejects_before_first:
+                        raise DataError(
+                            f"no usable sample in the first {rejects_in_a_row} read from {len(shards)} shard(s) "
+                            f"({counts['n_corrupt']} unreadable, {counts['n_filtered']} filtered out): check the "
+                            "shards and the filters (--min_image_size, --max_watermark_probability, "
+                            "--min_aesthetic_score)"
+                        )
+                    continue
+                rejects_in_a_row = 0
+                delivered += 1
+                produced += 1
+                yield decoded
+                if per_pass is not None and produced >= per_pass:
+                    break
+            if produced == 0:
+                raise DataError(
+                    f"a whole pass over {len(shards)} shard(s) gave no usable sample ({counts['n_corrupt']} "
+                    f"unreadable, {counts['n_filtered']} filtered out): {', '.join(shards[:3])}"
+                )
+
+    @staticmethod
+    def _raw_samples(shards, counts):
+        def count_and_continue(exn):
+            counts["n_corrupt"] += 1
+            logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
+            return True
+
+        return tarfile_samples([{"url": url} for url in shards], handler=count_and_continue)
+
+    def _shuffled(self, samples, rng):
+        if self.shuffle_buffer_size <= 1:
+            yield from samples
+            return
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer_size:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, sample, rng, counts):
+        meta = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError):
+                meta = {}
+        if self.sample_filter.reject_by_metadata(meta) is not None:
+            counts["n_filtered"] += 1
+            return None
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            counts["n_corrupt"] += 1
+            return None
+        try:
+            image = Image.open(io.BytesIO(sample[image_key]))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+        except Exception:  # PIL raises many types for truncated or non-image bytes
+            counts["n_corrupt"] += 1
+            return None
+        if self.sample_filter.min_image_size and min(image.size) < self.sample_filter.min_image_size:
+            counts["n_filtered"] += 1
+            return None
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8", errors="replace").strip()
+        else:
+            caption = str(meta.get("caption", meta.get("text", "")))
+        if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        pixels, original_size, crop_top_left = self.transform(image, rng)
+        # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
+        original_size = original_size_from_metadata(meta) or original_size
+        return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
+                "crop_top_left": crop_top_left}
+
+
+def read_metadata_rows(data_dir):
+    """(metadata file name, list of row dicts) of an image folder: metadata.jsonl, else metadata.csv."""
+    for name in METADATA_FILES:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            if name.endswith(".csv"):
+                return name, list(csv.DictReader(f))
+            rows = []
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise DataError(f"{path} line {line_number} is not valid JSON") from None
+            return name, rows
+    raise DataError(f"{data_dir} has no metadata.jsonl or metadata.csv (one row per image: file name and caption)")
+
+
+def read_image_folder(data_dir, image_column, caption_column):
+    """[(image path, caption, metadata row)] of an image folder, as listed by its metadata file (the layout of
+    the 🤗 datasets 'imagefolder' loader). Rows whose image file is missing are skipped with a warning."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"no such directory: {data_dir}")
+    metadata_name, rows = read_metadata_rows(data_dir)
+    if not rows:
+        raise DataError(f"{metadata_name} in {data_dir} lists no image")
+    columns = list(rows[0])
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise DataError(f"{metadata_name} has no column {column!r} (columns: {', '.join(columns)}); "
+                            f"choose one with {flag}")
+    entries, missing = [], 0
+    for row in rows:
+        path = os.path.join(data_dir, str(row[image_column]))
+        if os.path.isfile(path):
+            entries.append((path, "" if row.get(caption_column) is None else str(row[caption_column]), row))
+        else:
+            missing += 1
+    if not entries:
+        raise DataError(f"none of the {len(rows)} images listed in {metadata_name} exists under {data_dir}")
+    if missing:
+        logging.getLogger(__name__).warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing "
+                                            "and will be skipped")
+    return entries
+
+
+class ImageFolderStream(ShardStream):
+    """The shard stream over an image folder: each image is read as a one-sample shard, so the per-pass
+    shuffle, the split over ranks and workers, bad-sample skipping, the metadata filters (the row is the
+    sample's json) and exact resume all work as for shards."""
+
+    def __init__(self, entries, *args, **kwargs):
+        self.samples = {path: (caption, row) for path, caption, row in entries}
+        super().__init__(list(self.samples), *args, **kwargs)
+
+    def _raw_samples(self, paths, counts):
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as error:
+                counts["n_corrupt"] += 1
+                logging.getLogger(__name__).warning(f"skipping unreadable image: {error!r}"[:300])
+                continue
+            extension = os.path.splitext(path)[1].lower().lstrip(".")
+            caption, row = self.samples[path]
+            yield {"__key__": path, extension if extension in IMAGE_KEYS else "png": data,
+                   "txt": caption.encode("utf-8"), "json": json.dumps(row).encode("utf-8")}
+
+
+# Copied from train_lcm_distill_sd_wds.data_error_message
+def data_error_message(error):
+    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
+    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
+        raise error
+    last_line = text.splitlines()[-1] if text else "data error"
+    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+
+
+# Copied from train_lcm_distill_sd_wds.collate_samples
+def collate_samples(samples, counts):
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "original_sizes": torch.tensor([s["original_size"] for s in samples]),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
+        **counts,
+    }
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0):
+    """The batch stream of either data source; returns (dataloader, samples per epoch or None)."""
+    common = dict(
+        batch_size=args.train_batch_size,
+        transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
+        sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
+        seed=args.seed if args.seed is not None else 0,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        skip_batches=skip_batches,
+    )
+    if args.train_data_dir is not None:
+        entries = read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
+        samples_per_epoch = min(len(entries), args.max_train_samples or len(entries))
+        stream = ImageFolderStream(entries, max_samples_per_pass=samples_per_epoch, **common)
+    else:
+        samples_per_epoch = args.max_train_samples
+        stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
+                             max_samples_per_pass=samples_per_epoch, **common)
+    dataloader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
+    )
+    return dataloader, samples_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Students: block removal and weight copy (SPEC section 7; BK-SDM paper, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------
+
+SD_DOWN_BLOCKS = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+SD_UP_BLOCKS = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+# config entries that hold one value per resolution level, in down-block order (up blocks read them reversed)
+PER_LEVEL_KEYS = ("block_out_channels", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+                  "transformer_layers_per_block", "only_cross_attention", "layers_per_block")
+
+
+def check_sd_teacher_config(config):
+    """The block removal assumes the SD 1.x / 2.x UNet layout; say so in one line for anything else."""
+    layout = (list(config["down_block_types"]), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+              list(config["up_block_types"]), config["layers_per_block"])
+    expected = (SD_DOWN_BLOCKS, "UNetMidBlock2DCrossAttn", SD_UP_BLOCKS, 2)
+    if layout != expected:
+        raise ValueError(
+            f"BK-SDM students are defined for the SD 1.x/2.x UNet (down {SD_DOWN_BLOCKS}, a cross-attention mid "
+            f"block, up {SD_UP_BLOCKS}, 2 layers per block); this teacher has down {layout[0]}, mid {layout[1]}, "
+            f"up {layout[2]}, {layout[3]} layers per block"
+        )
+
+
+def student_unet_config(teacher_config, unet_config_name):
+    """The student's UNet config, derived from the teacher's by removing blocks.
+
+    bk_base: one resnet (+ attention) per down block; up blocks keep two of their three.
+    bk_small: bk_base without the mid block.
+    bk_tiny: bk_small without the innermost level (down block 3, up block 0); down block 2 becomes the last
+    one and so loses its downsampler.
+    """
+    if unet_config_name not in UNET_CONFIG_NAMES:
+        raise ValueError(f"unknown --unet_config_name {unet_config_name!r}; choose one of {', '.join(UNET_CONFIG_NAMES)}")
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    check_sd_teacher_config(config)
+    config["layers_per_block"] = 1
+    if unet_config_name in ("bk_small", "bk_tiny"):
+        config["mid_block_type"] = None
+    if unet_config_name == "bk_tiny":
+        num_levels = len(config["down_block_types"]) - 1
+        config["down_block_types"] = list(config["down_block_types"])[:num_levels]
+        config["up_block_types"] = list(config["up_block_types"])[1:]
+        for key in PER_LEVEL_KEYS:
+            if isinstance(config.get(key), (list, tuple)):
+                config[key] = list(config[key])[:num_levels]
+        if isinstance(config.get("reverse_transformer_layers_per_block"), (list, tuple)):
+            config["reverse_transformer_layers_per_block"] = list(config["reverse_transformer_layers_per_block"])[1:]
+    return config
+
+
+def teacher_key_for(student_key, student_config, teacher_config):
+    """The teacher tensor a student tensor is initialised from (SPEC section 7).
+
+    Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
+    layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
+    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name.
+    """
+    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    match = re.fullmatch(r"up_blocks\.(\d+)\.(.+)", student_key)
+    if match is None:
+        return student_key
+    block, rest = int(match.group(1)) + up_shift, match.group(2)
+    layer = re.fullmatch(r"(resnets|attentions)\.(\d+)\.(.+)", rest)
+    if layer is not None:
+        index = int(layer.group(2))
+        student_last, teacher_last = student_config["layers_per_block"], teacher_config["layers_per_block"]
+        if index == student_last:
+            index = teacher_last
+        rest = f"{layer.group(1)}.{index}.{layer.group(3)}"
+    return f"up_blocks.{block}.{rest}"
+
+
+def copy_weights_from_teacher(student, teacher):
+    """Load every student tensor from its teacher tensor; one-line ValueError if any is missing or misshaped.
+    Returns {student key: teacher key}."""
+    teacher_state = teacher.state_dict()
+    mapping, problems, state = {}, [], {}
+    for key, tensor in student.state_dict().items():
+        source = teacher_key_for(key, student.config, teacher.config)
+        if source not in teacher_state:
+            problems.append(f"{key} (teacher has no {source})")
+        elif teacher_state[source].shape != tensor.shape:
+            problems.append(f"{key} {tuple(tensor.shape)} vs teacher {source} {tuple(teacher_state[source].shape)}")
+        else:
+            mapping[key], state[key] = source, teacher_state[source]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"weight copy from the teacher left {len(problems)} student tensor(s) uncovered: "
+                         f"{problems[0]}{more}")
+    student.load_state_dict(state, strict=True)
+    return mapping
+
+
+def feature_pairs(student_config, teacher_config):
+    """(student module, teacher module) whose outputs feature KD matches, paired by position.
+
+    Every down block and up block. bk_tiny: its last down block has no downsampler, so its output is
+    compared through attention 0's proj_out with the teacher's down block 2 attention 1 proj_out (the same
+    point before the teacher's downsampler); its up block i pairs with the teacher's up block i + 1.
+    """
+    num_down = len(student_config["down_block_types"])
+    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(num_down)]
+    if up_shift:
+        last = num_down - 1
+        pairs[last] = (f"down_blocks.{last}.attentions.0.proj_out",
+                       f"down_blocks.{last}.attentions.{teacher_config['layers_per_block'] - 1}.proj_out")
+    pairs += [(f"up_blocks.{i}", f"up_blocks.{i + up_shift}") for i in range(len(student_config["up_block_types"]))]
+    return pairs
+
+
+class FeatureRecorder:
+    """Forward hooks keeping the output of named submodules, registered on the unwrapped model so that a
+    DDP (or other) wrapper's name prefix never matters. A block returning a tuple gives its [0]."""
+
+    def __init__(self, model, names):
+        modules = dict(model.named_modules())
+        missing = [name for name in names if name not in modules]
+        if missing:
+            raise ValueError(f"no module {missing[0]} in {type(model).__name__} to take features from")
+        self.features = {}
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.features[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def pop(self):
+        features, self.features = self.features, {}
+        return features
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BK-SDM loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KDContext:
+    """What a BK-SDM step needs besides the batch."""
+
+    unet: torch.nn.Module  # the student, possibly wrapped (DDP)
+    teacher_unet: torch.nn.Module  # frozen, eval, in the mixed-precision dtype
+    noise_scheduler: DDPMScheduler
+    student_features: FeatureRecorder
+    teacher_features: FeatureRecorder
+    pairs: list
+    lambda_sd: float
+    lambda_kd_output: float
+    lambda_kd_feat: float
+    autocast: callable
+
+
+def bk_sdm_loss(ctx, latents, prompt_embeds):
+    """One BK-SDM step (Kim et al., Eq. 1-3). Returns the total loss and its three terms (all fp32).
+
+    L = lambda_sd * ||eps_s - target||^2 + lambda_out * ||eps_s - eps_t||^2 + lambda_feat * sum_l ||f_s^l - f_t^l||^2
+    """
+    # 1. Noise latents at a uniform timestep, as in ordinary SD training.
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
+    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
+        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
+    with torch.no_grad():
+        teacher_dtype = ctx.teacher_unet.dtype
+        teacher_pred = ctx.teacher_unet(noisy_latents.to(teacher_dtype), timesteps,
+                                        encoder_hidden_states=prompt_embeds.to(teacher_dtype)).sample
+    teacher_features = ctx.teacher_features.pop()
+
+    # 3. Student under autocast; its hooks record the matching block outputs, which must carry grad.
+    with ctx.autocast():
+        student_pred = ctx.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+    student_features = ctx.student_features.pop()
+    no_grad = [name for name, feature in student_features.items() if not feature.requires_grad]
+    if torch.is_grad_enabled() and no_grad:
+        raise RuntimeError(f"student feature {no_grad[0]} carries no gradient: feature KD would not train it")
+
+    # 4. The three terms, in fp32: task loss, output KD, feature KD summed over the paired blocks.
+    loss_sd = F.mse_loss(student_pred.float(), target.float())
+    loss_kd_output = F.mse_loss(student_pred.float(), teacher_pred.float())
+    loss_kd_feat = sum(F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t in ctx.pairs)
+    loss = ctx.lambda_sd * loss_sd + ctx.lambda_kd_output * loss_kd_output + ctx.lambda_kd_feat * loss_kd_feat
+    return loss, {"loss_sd": loss_sd.detach(), "loss_kd_output": loss_kd_output.detach(),
+                  "loss_kd_feat": loss_kd_feat.detach()}
+
+
+def ema_decay_at(step, max_decay):
+    """EMA decay of optimiser step `step` (1-based): warms up as (1 + t) / (10 + t), capped at `max_decay`."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+# Copied from train_lcm_distill_sd_wds.update_ema
+@torch.no_grad()
+def update_ema(target_params, source_params, decay):
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    target_params, source_params = list(target_params), list(source_params)
+    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.weight_dtype_for
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+# Copied from train_lcm_distill_sd_wds.encode_latents
+@torch.no_grad()
+def encode_latents(vae, pixel_values, batch_size):
+    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+# Copied from train_lcm_distill_sd_wds.encode_prompts
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts):
+    input_ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):
+    """The BK-SDM student (fp32), initialised from the teacher's kept layers unless told otherwise."""
+    student = UNet2DConditionModel.from_config(student_unet_config(teacher_unet.config, unet_config_name))
+    if copy_weight_from_teacher:
+        copy_weights_from_teacher(student, teacher_unet)
+    return student
+
+
+def load_models(args):
+    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
+    teacher = args.pretrained_teacher_model
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
+                                                    cache_dir=args.cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
+                                              cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
+                                                 variant=args.variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
+                                        variant=args.variant, cache_dir=args.cache_dir)
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
+                                                        variant=args.variant, cache_dir=args.cache_dir)
+    try:
+        unet = make_student_unet(teacher_unet, args.unet_config_name, args.copy_weight_from_teacher)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.list_checkpoints
+def list_checkpoints(output_dir):
+    """checkpoint-<step> directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+# Copied from train_lcm_distill_sd_wds.rotate_checkpoints
+def rotate_checkpoints(output_dir, total_limit):
+    """Delete the oldest checkpoints so that, after one more is saved, at most `total_limit` remain."""
+    if total_limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+# Copied from train_lcm_distill_sd_wds.resolve_resume_checkpoint
+def resolve_resume_checkpoint(args):
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+            return None
+        return os.path.join(args.output_dir, checkpoints[-1])
+    path = args.resume_from_checkpoint
+    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+
+
+# Copied from train_lcm_distill_sd_wds.read_training_state
+def read_training_state(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
+        return json.load(f)
+
+
+# Copied from train_lcm_distill_sd_wds.save_checkpoint
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state)."""
+    if accelerator.is_main_process:
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(save_path)
+    if accelerator.is_main_process:
+        with open(os.path.join(save_path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, **training_state}, f, indent=2)
+        logger.info(f"saved checkpoint {save_path}")
+    accelerator.wait_for_everyone()
+    return save_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation, model card, hub
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.make_image_grid
+def make_image_grid(rows):
+    """rows: list of lists of PIL images of one size -> one PIL image."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+# Copied from train_lcm_distill_sd_wds.log_grid_to_trackers
+def log_grid_to_trackers(accelerator, name, grid, step):
+    """Log one image to every tracker (not only the first, as the reference scripts did)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(grid)]}, step=step)
+
+
+def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet, weight_dtype):
+    """One image per validation prompt from `unet` in the teacher's pipeline (DPM-Solver++, fixed seed)."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                                            revision=args.teacher_revision, cache_dir=args.cache_dir)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                         enabled=weight_dtype != torch.float32):
+        for prompt in prompts:
+            generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
+                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                   width=args.resolution, generator=generator).images[0])
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return images
+
+
+def log_validation(args, accelerator, models, step, weight_dtype, teacher_images):
+    """A grid of validation prompts (rows) x models (columns: teacher, student, student EMA), saved as PNG and
+    logged. `models` maps column name -> UNet; the teacher's images are made once and kept in `teacher_images`."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    if not prompts:
+        return None
+    vae, text_encoder, tokenizer = models.pop("vae"), models.pop("text_encoder"), models.pop("tokenizer")
+    if not teacher_images:
+        teacher_images.extend(generate_validation_images(args, accelerator, vae, text_encoder, tokenizer,
+                                                         models.pop("teacher"), weight_dtype))
+    models.pop("teacher", None)
+    columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet,
+                                                             weight_dtype) for unet in models.values()]
+    grid = make_image_grid([list(row) for row in zip(*columns)])
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
+    grid.save(path)
+    log_grid_to_trackers(accelerator, "validation/" + "_".join(["teacher", *models]), grid, step)
+    return path
+
+
+def model_card_text(args, repo_id, parameter_counts, validation_image=None):
+    """The README.md of the output directory (and of the Hub repo)."""
+    teacher_params, student_params = parameter_counts["teacher"], parameter_counts["student"]
+    removed = {
+        "bk_base": "the second resnet/attention pair of every down block and one of three in every up block",
+        "bk_small": "as bk_base, and the mid block",
+        "bk_tiny": "as bk_small, and the innermost level (down block 3 and up block 0)",
+    }[args.unet_config_name]
+    image_line = (f"\n![validation grid: prompts x (teacher, student{', EMA' if args.use_ema else ''})]"
+                  f"({validation_image})\n" if validation_image else "")
+    ema_note = "`unet_ema/` holds the EMA of the student's weights; " if args.use_ema else ""
+    return f"""---
+base_model: {args.pretrained_teacher_model}
+library_name: diffusers
+license: creativeml-openrail-m
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- bk-sdm
+- knowledge-distillation
+inference: true
+---
+
+# {repo_id}: a block-removed ({args.unet_config_name}) student of {args.pretrained_teacher_model}
+
+This pipeline's UNet was compressed by block removal and knowledge distillation (BK-SDM; Kim et al., 2023,
+arXiv:2305.15798) from the teacher `{args.pretrained_teacher_model}` by `train_bk_sdm_kd.py`. The VAE, text
+encoder, tokenizer and scheduler are the teacher's.
+{image_line}
+## Architecture
+
+| UNet | parameters |
+|---|---|
+| teacher | {teacher_params:,} |
+| student ({args.unet_config_name}) | {student_params:,} ({100 * (1 - student_params / teacher_params):.1f}% fewer) |
+
+Removed from the teacher's UNet: {removed}. The student started from
+{"the teacher's weights for every kept layer" if args.copy_weight_from_teacher else "random weights"}.
+
+## Inference
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[0]
+```
+
+{ema_note}`unet/` (what the pipeline loads) holds the trained student.
+
+## Training
+
+| setting | value |
+|---|---|
+| teacher | `{args.pretrained_teacher_model}` |
+| data | `{args.train_shards_path_or_url or args.train_data_dir}` |
+| resolution | {args.resolution} |
+| steps | {args.max_train_steps} |
+| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| loss | {args.lambda_sd} x task + {args.lambda_kd_output} x output KD + {args.lambda_kd_feat} x feature KD |
+| EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
+| mixed precision | {args.mixed_precision} |
+"""
+
+
+# Copied from train_lcm_distill_sd_wds.push_output_to_hub
+def push_output_to_hub(args, commit_message="End of training"):
+    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp"],
+                  token=args.hub_token)
+    return repo_id
+
+
+# Copied from train_lcm_distill_sd_wds.tracker_names
+def tracker_names(report_to):
+    """--report_to value -> what Accelerator(log_with=...) takes."""
+    if report_to in ("", "none"):
+        return None
+    return "all" if report_to == "all" else report_to.split(",")
+
+
+# Copied from train_lcm_distill_sd_wds.tracker_config
+def tracker_config(args):
+    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.make_optimizer
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def save_output_pipeline(args, unet, ema_unet):
+    """The teacher's pipeline with the student UNet, saved to --output_dir (plus unet_ema/ with --use_ema).
+
+    VAE and text encoder are re-read from the teacher in their stored precision (training held them in the
+    mixed-precision dtype)."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
+        cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(args.output_dir)
+    if ema_unet is not None:
+        ema_unet.save_pretrained(os.path.join(args.output_dir, "unet_ema"))
+    del pipeline
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data first: a source that yields nothing fails now, not after minutes of model loading
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    data_counts = {"n_corrupt": 0, "n_filtered": 0}
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        global_step = state["global_step"]
+        data_counts = {k: state.get(k, 0) for k in data_counts}
+    # a resumed stream skips the batches the checkpointed run already trained on
+    train_dataloader, samples_per_epoch = make_train_dataloader(
+        args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
+    batches = iter(train_dataloader)
+    try:
+        batches = itertools.chain([next(batches)], batches)
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+
+    # ---- models: frozen teacher parts in the mixed-precision dtype; the student (and its EMA) fp32
+    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet = load_models(args)
+    ema_unet = copy.deepcopy(unet) if args.use_ema else None  # after the weight copy, so it starts there too
+    parameter_counts = {"teacher": count_parameters(teacher_unet), "student": count_parameters(unet)}
+    logger.info(f"{args.unet_config_name} student: {parameter_counts['student']:,} UNet parameters, teacher "
+                f"{parameter_counts['teacher']:,} ({100 * (1 - parameter_counts['student'] / parameter_counts['teacher']):.1f}% fewer)")
+    for frozen in (vae, text_encoder, teacher_unet, ema_unet):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            frozen.eval()
+    unet.train()
+    device = accelerator.device
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    teacher_unet.to(device, dtype=weight_dtype)
+    if ema_unet is not None:
+        ema_unet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        for model in (unet, teacher_unet):
+            model.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # add_noise without a per-step copy
+
+    # hooks on the unwrapped modules, before any wrapper exists: their names never carry a DDP prefix
+    pairs = feature_pairs(unet.config, teacher_unet.config)
+    student_features = FeatureRecorder(unet, [s for s, _ in pairs])
+    teacher_features = FeatureRecorder(teacher_unet, [t for _, t in pairs])
+
+    # ---- optimiser and schedule
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    optimizer = make_optimizer(args, unet.parameters(), learning_rate)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(samples_per_epoch / total_batch_size)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    # Checkpoints hold loadable diffusers folders: unet/ (student) and unet_ema/ (EMA).
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        weights.pop()
+
+    def load_model_hook(models, input_dir):
+        model = models.pop()
+        model.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+        if ema_unet is not None:
+            ema_unet.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet_ema").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    if resume_dir is not None:
+        accelerator.print(f"resuming from {resume_dir} at step {global_step}")
+        accelerator.load_state(resume_dir)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    ctx = KDContext(
+        unet=unet, teacher_unet=teacher_unet, noise_scheduler=noise_scheduler, student_features=student_features,
+        teacher_features=teacher_features, pairs=pairs, lambda_sd=args.lambda_sd,
+        lambda_kd_output=args.lambda_kd_output, lambda_kd_feat=args.lambda_kd_feat, autocast=accelerator.autocast,
+    )
+    teacher_images = []  # the teacher column of the validation grid, generated once
+
+    def validation_models():
+        models = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "teacher": teacher_unet,
+                  "student": unet}
+        if ema_unet is not None:
+            models["student_ema"] = ema_unet
+        return models
+
+    logger.info(f"***** Running BK-SDM ({args.unet_config_name}): {args.max_train_steps} steps, {total_batch_size} "
+                f"samples per step ({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation) *****")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    step_started = time.perf_counter()
+    term_names = ("loss", "loss_sd", "loss_kd_output", "loss_kd_feat")
+    try:
+        while global_step < args.max_train_steps:
+            running = torch.zeros(len(term_names), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                data_counts = {k: v + batch[k] for k, v in data_counts.items()}
+                with accelerator.accumulate(unet):
+                    latents = encode_latents(vae, batch["pixel_values"], args.vae_encode_batch_size)
+                    prompt_embeds = encode_prompts(text_encoder, tokenizer, batch["captions"])
+                    loss, terms = bk_sdm_loss(ctx, latents, prompt_embeds)
+                    running += torch.stack([loss.detach(), *terms.values()])
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: stop before a non-finite update touches the weights
+                        means = accelerator.reduce(running / args.gradient_accumulation_steps, "mean").tolist()
+                        if not math.isfinite(means[0]):
+                            raise FloatingPointError(
+                                f"non-finite loss ({means[0]}) at step {global_step + 1}; weights not updated, "
+                                f"last checkpoint: {(list_checkpoints(args.output_dir) or ['none'])[-1]}"
+                            )
+                        if args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            if ema_unet is not None:
+                update_ema(ema_unet.parameters(), accelerator.unwrap_model(unet).parameters(),
+                           ema_decay_at(global_step, args.ema_decay))
+
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {f"train/{name}": value for name, value in zip(term_names, means)}
+            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec,
+                         "data/skipped_unreadable": data_counts["n_corrupt"], "data/filtered": data_counts["n_filtered"]})
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4g}", sd=f"{means[1]:.3g}", kd_out=f"{means[2]:.3g}",
+                                 kd_feat=f"{means[3]:.3g}", lr=f"{logs['train/lr']:.3g}",
+                                 samples_s=f"{samples_per_sec:.2f}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, data_counts)
+            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(args, accelerator, validation_models(), global_step, weight_dtype, teacher_images)
+                student_features.pop(), teacher_features.pop()  # what the validation passes recorded
+                step_started = time.perf_counter()  # validation time is not training throughput
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+    finally:
+        progress.close()
+        student_features.remove()
+        teacher_features.remove()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if data_counts["n_corrupt"] or data_counts["n_filtered"]:
+            logger.info(f"data: {data_counts['n_corrupt']} unreadable samples skipped, "
+                        f"{data_counts['n_filtered']} filtered out")
+        save_output_pipeline(args, accelerator.unwrap_model(unet), ema_unet)
+        path = log_validation(args, accelerator, validation_models(), global_step, weight_dtype, teacher_images)
+        validation_image = os.path.relpath(path, args.output_dir) if path else None
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(model_card_text(args, repo_id, parameter_counts, validation_image))
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
