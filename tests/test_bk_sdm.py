@@ -501,7 +501,10 @@ def test_bk_base_v_prediction_random_init_csv_folder(assets, tmp_path):
     folder = tmp_path / "csv"
     make_toy_dataset(str(folder), num_images=4, seed=2, captions="csv")
     out = tmp_path / "base"
-    flags = common_flags(assets["tiny-sd2"], out) + [
+    flags = common_flags(assets["tiny-sd2"], out)
+    seed_at = flags.index("--seed")
+    del flags[seed_at:seed_at + 2]  # the BK-SDM reference script crashed without --seed
+    flags += [
         "--unet_config_name", "bk_base",
         "--train_data_dir", str(folder),
         "--no_copy_weight_from_teacher",
@@ -537,3 +540,21 @@ def test_filter_rejecting_every_image_is_one_clear_error(assets, tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("error: a whole pass") and "12 filtered out" in last, last
     assert "Traceback" not in result.stdout and not (tmp_path / "out" / "unet").exists()
+
+
+@pytest.mark.slow
+def test_ema_starts_from_the_copied_student(assets, tmp_path):
+    """After one step, EMA = d * initial + (1 - d) * trained with d = min(decay, 2/11): the EMA began at the
+    teacher-initialised student (the reference script built it before the weight copy, from random weights)."""
+    out = tmp_path / "ema"
+    flags = common_flags(assets["tiny-sd"], out) + [
+        "--unet_config_name", "bk_small", "--train_shards_path_or_url", assets["shards"], "--max_train_steps", "1",
+        "--use_ema", "--dataloader_num_workers", "0", "--validation_prompts", "--report_to", "none",
+    ]
+    run_in_process(SCRIPT, flags)
+    teacher = UNet2DConditionModel.from_pretrained(assets["tiny-sd"], subfolder="unet")
+    initial = bk.make_student_unet(teacher, "bk_small").state_dict()
+    trained, ema = unet_weights(out / "unet"), unet_weights(out / "unet_ema")
+    decay = 2 / 11
+    for key in trained:
+        torch.testing.assert_close(ema[key], decay * initial[key] + (1 - decay) * trained[key])
