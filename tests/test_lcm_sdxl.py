@@ -158,7 +158,7 @@ def test_lora_mode_outputs_and_loading(lora_xl_run, tiny_sdxl):
         "the loaded LoRA does not reproduce the in-training student"
     kohya_pipe = xl_pipeline(tiny_sdxl)
     kohya_pipe.load_lora_weights(str(out), weight_name=lcm_xl.KOHYA_WEIGHT_NAME)
-    np.testing.assert_allclose(generate(kohya_pipe, guidance_scale=1.0), image, atol=1e-5)
+    np.testing.assert_allclose(generate(kohya_pipe, guidance_scale=1.0), image, atol=1e-4)  # float rounding
     kohya = load_file(out / lcm_xl.KOHYA_WEIGHT_NAME)
     assert {t.item() for k, t in kohya.items() if k.endswith(".alpha")} == {2.0}
 
