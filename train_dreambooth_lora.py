@@ -885,7 +885,7 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- caches: whatever does not train is computed once
     prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])

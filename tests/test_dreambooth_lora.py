@@ -324,7 +324,8 @@ def test_bf16_lora_stays_fp32_through_validation_and_resume(assets, instance_dir
     checkpoint after a validation pass (and after a resume) show nothing cast them."""
     out = tmp_path / "bf16"
     flags = common_flags(assets["tiny-sd"], instance_dir, out) + [
-        "--mixed_precision", "bf16", "--train_text_encoder", "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--mixed_precision", "bf16", "--train_text_encoder", "--gradient_checkpointing",
+        "--max_train_steps", "2", "--checkpointing_steps", "1",
         "--validation_prompt", "a sks circle", "--num_validation_images", "1", "--validation_steps", "1",
         "--report_to", "none",
     ]
@@ -337,3 +338,5 @@ def test_bf16_lora_stays_fp32_through_validation_and_resume(assets, instance_dir
     state = load_file(str(out / "checkpoint-2" / db.LORA_WEIGHT_NAME))
     assert {t.dtype for t in state.values()} == {torch.float32}
     assert {k.split(".")[0] for k in state} == {"unet", "text_encoder"}
+    # lora_B starts at zero: the text encoder's adapters got gradients through its checkpointed layers
+    assert any(t.abs().max() > 0 for k, t in state.items() if k.startswith("text_encoder.") and ".lora_B." in k)
