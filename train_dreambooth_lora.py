@@ -33,6 +33,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -168,9 +170,13 @@ def parse_args(input_args=None):
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")
     group.add_argument("--output_dir", type=str, default="dreambooth-lora")
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (checkpoints always keep fp32).")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
@@ -251,6 +257,36 @@ def validate_args(parser, args):
         path = args.resume_from_checkpoint
         if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
             parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
+        path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+        if not os.path.isfile(os.path.join(path, "training_state.json")):
+            parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be >= 1")
+    check_output_dir(parser, args)
+
+
+# Copied from train_lcm_distill_sd_wds.check_output_dir
+def check_output_dir(parser, args, min_free_bytes=2**30):
+    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run
+    (unless resuming or --overwrite_output_dir), one that cannot be written, one on a nearly full disk."""
+    card = os.path.join(args.output_dir, "README.md")
+    if os.path.isfile(card) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        with open(card, encoding="utf-8", errors="replace") as f:
+            if "library_name: diffusers" in f.read():
+                parser.error(f"--output_dir {args.output_dir} already holds a finished run (see its README.md): pass "
+                             "--overwrite_output_dir to train over it, or --resume_from_checkpoint to continue it")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        parser.error(f"--output_dir {args.output_dir} is not writable: {error.strerror or error}")
+    free = shutil.disk_usage(args.output_dir).free
+    if free < min_free_bytes:
+        parser.error(f"--output_dir {args.output_dir}: only {free / 2**30:.2f} GiB free on its disk; checkpoints need "
+                     f"at least {min_free_bytes / 2**30:.0f} GiB")
 
 
 def text_encoder_adapter_problem():
@@ -640,11 +676,13 @@ def resolve_resume_checkpoint(args):
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
-            return None
-        return os.path.join(args.output_dir, checkpoints[-1])
+        for name in reversed(list_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "training_state.json")):
+                return path
+            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
+        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
+        return None
     path = args.resume_from_checkpoint
     return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
 
@@ -657,18 +695,94 @@ def read_training_state(checkpoint_dir):
 
 # Copied from train_lcm_distill_sd_wds.save_checkpoint
 def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state)."""
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+
+    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
+    leaves a checkpoint-N that a resume would pick. training_state.json, written last, marks it complete."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    save_path = final_path + ".tmp"
     if accelerator.is_main_process:
         rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        for name in os.listdir(args.output_dir):  # left by a run that died while saving
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
-    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     accelerator.save_state(save_path)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(save_path, "training_state.json"), "w") as f:
             json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        logger.info(f"saved checkpoint {save_path}")
+        if os.path.isdir(final_path):  # the same step saved by an earlier run
+            shutil.rmtree(final_path)
+        os.replace(save_path, final_path)
+        logger.info(f"saved checkpoint {final_path}")
     accelerator.wait_for_everyone()
-    return save_path
+    return final_path
+
+
+# Copied from train_lcm_distill_sd_wds.StopOnSignal
+class StopOnSignal:
+    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
+    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
+
+    @property
+    def flag(self):
+        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
+        return 0.0 if self.received is None else 1.0
+
+    def exit_after(self, accelerator, step, checkpoint):
+        name = self.received.name if self.received is not None else "a stop signal to another process"
+        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
+                          "--resume_from_checkpoint latest")
+        accelerator.end_training()
+        raise SystemExit(128 + int(self.received or signal.SIGTERM))
+
+
+# Copied from train_lcm_distill_sd_wds.NonFiniteGuard
+class NonFiniteGuard:
+    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit, output_dir):
+        self.limit = limit
+        self.output_dir = output_dir
+        self.in_a_row = 0
+
+    def apply(self, loss, step):
+        """True when the step may update the weights; SystemExit when the limit is reached."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -985,45 +1099,53 @@ def main(args):
                     disable=not accelerator.is_local_main_process)
     step_started = time.perf_counter()
     term_names = ["loss", "loss_instance"] + (["loss_prior"] if classes else [])
-    while global_step < args.max_train_steps:
-        running = torch.zeros(len(term_names), device=device)
-        for micro in range(args.gradient_accumulation_steps):
-            with accelerator.accumulate(*trained):
-                latents, prompt_embeds, num_instance = next_batch(global_step * args.gradient_accumulation_steps + micro)
-                loss, terms = dreambooth_loss(ctx, latents, prompt_embeds.to(latents.dtype), num_instance)
-                running += torch.stack([loss.detach(), *terms.values()])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # one host sync per optimiser step: stop before a non-finite update touches the weights
-                    means = accelerator.reduce(running / args.gradient_accumulation_steps, "mean").tolist()
-                    if not math.isfinite(means[0]):
-                        raise SystemExit(
-                            f"error: non-finite loss ({means[0]}) at step {global_step + 1}; weights not updated, "
-                            f"last checkpoint: {(list_checkpoints(args.output_dir) or ['none'])[-1]}"
-                        )
-                    if args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        global_step += 1
+    stop = StopOnSignal().install()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
+    try:
+        while global_step < args.max_train_steps:
+            running = torch.zeros(len(term_names), device=device)
+            apply_update = True
+            for micro in range(args.gradient_accumulation_steps):
+                with accelerator.accumulate(*trained):
+                    latents, prompt_embeds, num_instance = next_batch(global_step * args.gradient_accumulation_steps + micro)
+                    loss, terms = dreambooth_loss(ctx, latents, prompt_embeds.to(latents.dtype), num_instance)
+                    running += torch.stack([loss.detach(), *terms.values()])
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
+                        # was asked to stop; a non-finite loss skips the update before it touches the weights
+                        stats = torch.cat([running / args.gradient_accumulation_steps,
+                                           torch.tensor([stop.flag], device=device)])
+                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        apply_update = nonfinite.apply(means[0], global_step + 1)
+                        if apply_update and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    if apply_update:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
 
-        now = time.perf_counter()
-        samples_per_sec = total_batch_size / (now - step_started)
-        step_started = now
-        logs = {f"train/{name}": value for name, value in zip(term_names, means)}
-        logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec})
-        progress.update(1)
-        progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}")
-        accelerator.log(logs, step=global_step)
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {f"train/{name}": value for name, value in zip(term_names, means)}
+            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec})
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}")
+            accelerator.log(logs, step=global_step)
 
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step, {})
-        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-            log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
-                           weight_dtype)
-            step_started = time.perf_counter()  # validation time is not training throughput
-    progress.close()
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                checkpoint = save_checkpoint(accelerator, args, global_step, {})
+            if stop_requested:
+                stop.exit_after(accelerator, global_step, checkpoint)
+            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
+                               weight_dtype)
+                step_started = time.perf_counter()  # validation time is not training throughput
+    finally:
+        stop.restore()
+        progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

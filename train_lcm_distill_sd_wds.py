@@ -29,6 +29,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -170,9 +172,13 @@ def parse_args(input_args=None):
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")
     group.add_argument("--output_dir", type=str, default="lcm-sd-model")
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
     group.add_argument("--report_to", type=str, default="tensorboard",
                        help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
@@ -250,6 +256,35 @@ def check_common_args(parser, args):
         path = args.resume_from_checkpoint
         if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
             parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
+        path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+        if not os.path.isfile(os.path.join(path, "training_state.json")):
+            parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be >= 1")
+    check_output_dir(parser, args)
+
+
+def check_output_dir(parser, args, min_free_bytes=2**30):
+    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run
+    (unless resuming or --overwrite_output_dir), one that cannot be written, one on a nearly full disk."""
+    card = os.path.join(args.output_dir, "README.md")
+    if os.path.isfile(card) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        with open(card, encoding="utf-8", errors="replace") as f:
+            if "library_name: diffusers" in f.read():
+                parser.error(f"--output_dir {args.output_dir} already holds a finished run (see its README.md): pass "
+                             "--overwrite_output_dir to train over it, or --resume_from_checkpoint to continue it")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        parser.error(f"--output_dir {args.output_dir} is not writable: {error.strerror or error}")
+    free = shutil.disk_usage(args.output_dir).free
+    if free < min_free_bytes:
+        parser.error(f"--output_dir {args.output_dir}: only {free / 2**30:.2f} GiB free on its disk; checkpoints need "
+                     f"at least {min_free_bytes / 2**30:.0f} GiB")
 
 
 def check_shard_args(parser, args):
@@ -395,8 +430,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     * Deterministic: every random choice (shard order, shuffle buffer, crop, flip, empty prompt) comes from
       generators seeded by (seed, rank, worker), so a resumed run skips `skip_batches` and then sees exactly
       the batches an uninterrupted run would have seen.
-    * Each (rank, worker) reader takes every S-th shard (S = readers); with fewer shards than readers, each
-      reads all shards and keeps every S-th sample, so tiny datasets work with any number of GPUs/workers.
+    * Each (rank, worker) reader takes every S-th shard (S = readers), so readers never see the same sample.
+      Fewer shards than readers is a clear error: reading every shard on every reader would multiply I/O.
     * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
       the counts ride along with each batch (`n_corrupt`, `n_filtered`) so the main process can log them.
     * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
@@ -450,14 +485,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         for pass_index in itertools.count():
             shards = list(self.urls)
             random.Random(f"{self.seed}-pass-{pass_index}").shuffle(shards)  # same order on every reader
-            if len(shards) >= num_readers:
-                shards, keep_every, keep_offset = shards[reader::num_readers], 1, 0
-            else:
-                keep_every, keep_offset = num_readers, reader
+            if len(shards) < num_readers:
+                raise DataError(
+                    f"{len(shards)} shard(s) for {num_readers} readers ({self.world_size} process(es) x "
+                    f"{num_readers // self.world_size} loader worker(s)): every reader needs shards of its own; "
+                    "write more, smaller shards or lower --dataloader_num_workers"
+                )
+            shards = shards[reader::num_readers]
             produced = 0
-            raw = self._raw_samples(shards, counts)
-            raw = (s for i, s in enumerate(raw) if i % keep_every == keep_offset)
-            for sample in self._shuffled(raw, rng):
+            for sample in self._shuffled(self._raw_samples(shards, counts), rng):
                 decoded = self._decode(sample, rng, counts)
                 if decoded is None:
                     rejects_in_a_row += 1
@@ -892,11 +928,13 @@ def resolve_resume_checkpoint(args):
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
-            return None
-        return os.path.join(args.output_dir, checkpoints[-1])
+        for name in reversed(list_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "training_state.json")):
+                return path
+            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
+        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
+        return None
     path = args.resume_from_checkpoint
     return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
 
@@ -907,18 +945,92 @@ def read_training_state(checkpoint_dir):
 
 
 def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state)."""
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+
+    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
+    leaves a checkpoint-N that a resume would pick. training_state.json, written last, marks it complete."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    save_path = final_path + ".tmp"
     if accelerator.is_main_process:
         rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        for name in os.listdir(args.output_dir):  # left by a run that died while saving
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
-    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     accelerator.save_state(save_path)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(save_path, "training_state.json"), "w") as f:
             json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        logger.info(f"saved checkpoint {save_path}")
+        if os.path.isdir(final_path):  # the same step saved by an earlier run
+            shutil.rmtree(final_path)
+        os.replace(save_path, final_path)
+        logger.info(f"saved checkpoint {final_path}")
     accelerator.wait_for_everyone()
-    return save_path
+    return final_path
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
+    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
+
+    @property
+    def flag(self):
+        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
+        return 0.0 if self.received is None else 1.0
+
+    def exit_after(self, accelerator, step, checkpoint):
+        name = self.received.name if self.received is not None else "a stop signal to another process"
+        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
+                          "--resume_from_checkpoint latest")
+        accelerator.end_training()
+        raise SystemExit(128 + int(self.received or signal.SIGTERM))
+
+
+class NonFiniteGuard:
+    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit, output_dir):
+        self.limit = limit
+        self.output_dir = output_dir
+        self.in_a_row = 0
+
+    def apply(self, loss, step):
+        """True when the step may update the weights; SystemExit when the limit is reached."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1192,9 +1304,12 @@ def main(args):
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     step_started = time.perf_counter()
+    stop = StopOnSignal().install()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
     try:
         while global_step < args.max_train_steps:
             running_loss = torch.zeros((), device=device)
+            apply_update = True
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
                 data_counts = {k: v + batch[k] for k, v in data_counts.items()}
@@ -1206,19 +1321,20 @@ def main(args):
                     running_loss += loss.detach()
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        # one host sync per optimiser step: stop before a non-finite update touches the weights
-                        mean_loss = accelerator.reduce(running_loss / args.gradient_accumulation_steps, "mean").item()
-                        if not math.isfinite(mean_loss):
-                            raise FloatingPointError(
-                                f"non-finite loss ({mean_loss}) at step {global_step + 1}; weights not updated, "
-                                f"last checkpoint: {(list_checkpoints(args.output_dir) or ['none'])[-1]}"
-                            )
-                        if args.max_grad_norm > 0:
+                        # one host sync per optimiser step: the loss averaged over ranks, and whether any rank was
+                        # asked to stop; a non-finite loss skips the update before it touches the weights
+                        stats = torch.stack([running_loss / args.gradient_accumulation_steps,
+                                             torch.tensor(stop.flag, device=device)])
+                        mean_loss, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        apply_update = nonfinite.apply(mean_loss, global_step + 1)
+                        if apply_update and args.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                    optimizer.step()
+                    if apply_update:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
-            update_ema(target_unet.parameters(), accelerator.unwrap_model(unet).parameters(), args.ema_decay)
+            if apply_update:
+                update_ema(target_unet.parameters(), accelerator.unwrap_model(unet).parameters(), args.ema_decay)
             global_step += 1
 
             now = time.perf_counter()
@@ -1232,8 +1348,10 @@ def main(args):
                                  skipped=data_counts["n_corrupt"])
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, data_counts)
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                checkpoint = save_checkpoint(accelerator, args, global_step, data_counts)
+            if stop_requested:
+                stop.exit_after(accelerator, global_step, checkpoint)
             if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
                 for name, model in (("unet", unet), ("unet_target", target_unet)):
                     log_validation(args, accelerator, vae, text_encoder, tokenizer, model, name, global_step,
@@ -1242,6 +1360,7 @@ def main(args):
     except (DataError, RuntimeError) as error:
         raise SystemExit(data_error_message(error)) from None
     finally:
+        stop.restore()
         progress.close()
 
     accelerator.wait_for_everyone()
