@@ -26,7 +26,7 @@ from make_toy_dataset import make_toy_dataset  # noqa: E402
 from make_wds_shards import make_shards  # noqa: E402
 
 
-def _env():
+def launch_env():
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -56,7 +56,7 @@ def run_script(script, args, *, launch=True, num_processes=1, timeout=900, check
     else:
         command = [sys.executable]
     command += [str(REPO / script), *map(str, args)]
-    env = _env()
+    env = launch_env()
     if launch and num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "true"
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -107,6 +107,16 @@ def run_in_process(script, args, *, check=True):
     if check and returncode != 0:
         raise AssertionError(f"{script} failed ({returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def rejection_line(module, argv, capsys):
+    """Parse flags as a script does and return the single stderr line of its rejection (exit code 2)."""
+    with pytest.raises(SystemExit) as excinfo:
+        module.parse_args([str(a) for a in argv])
+    assert excinfo.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 @pytest.fixture(scope="session", autouse=True)

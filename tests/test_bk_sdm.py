@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file
 
 import train_bk_sdm_kd as bk
-from conftest import REPO, run_in_process, run_script
+from conftest import REPO, rejection_line, run_in_process, run_script
 
 sys.path.insert(0, str(REPO / "tools"))
 from make_random_pipeline import PRESETS  # noqa: E402
@@ -284,12 +284,7 @@ def test_image_folder_jsonl_csv_columns_and_missing_files(tmp_path):
 
 
 def parse_error(capsys, argv):
-    with pytest.raises(SystemExit) as excinfo:
-        bk.parse_args(argv)
-    assert excinfo.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return rejection_line(bk, argv, capsys)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@ rules, and end-to-end runs as a user makes them. The main run goes through `acce
 run in process (see conftest)."""
 
 import contextlib
-import io
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora as db
-from conftest import REPO, run_in_process, run_script
+from conftest import REPO, rejection_line, run_in_process, run_script
 
 sys.path.insert(0, str(REPO / "tools"))
 from make_toy_dataset import make_toy_dataset  # noqa: E402
@@ -111,12 +109,7 @@ def instance_dir(tmp_path_factory):
 
 
 def parse_error(capsys, argv):
-    with pytest.raises(SystemExit) as excinfo:
-        db.parse_args(argv)
-    assert excinfo.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return rejection_line(db, argv, capsys)
 
 
 @pytest.mark.parametrize(

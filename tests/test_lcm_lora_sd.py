@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_lcm_distill_lora_sd_wds as lcm_lora
-from conftest import run_in_process, run_script
+from conftest import rejection_line, run_in_process, run_script
 from make_random_pipeline import build_pipeline
 
 SCRIPT = "train_lcm_distill_lora_sd_wds.py"
@@ -272,12 +272,7 @@ def test_kohya_key_conversion():
 
 
 def parse_error(capsys, argv):
-    with pytest.raises(SystemExit) as excinfo:
-        lcm_lora.parse_args(argv)
-    assert excinfo.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return rejection_line(lcm_lora, argv, capsys)
 
 
 @pytest.mark.parametrize(

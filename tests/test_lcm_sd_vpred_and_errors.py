@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_lcm_distill_sd_wds as lcd
-from conftest import run_in_process
+from conftest import rejection_line, run_in_process
 from test_lcm_sd_e2e import SCRIPT, common_flags, lcm_image, unet_weights
 
 
@@ -53,13 +53,7 @@ def test_filter_rejecting_every_sample_is_one_clear_error(assets, tmp_path):
 
 
 def parse_error(capsys, argv):
-    """Parse flags as the script does; return the single stderr line of the rejection."""
-    with pytest.raises(SystemExit) as excinfo:
-        lcd.parse_args(argv)
-    assert excinfo.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return rejection_line(lcd, argv, capsys)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +21,7 @@ import train_bk_sdm_kd as bk
 import train_dreambooth_lora as db
 import train_lcm_distill_lora_sd_wds as lcm_lora
 import train_lcm_distill_sd_wds as lcd
-from conftest import REPO, _env, run_in_process, run_script
+from conftest import REPO, launch_env, rejection_line, run_in_process, run_script
 
 LCD = "train_lcm_distill_sd_wds.py"
 LORA = "train_lcm_distill_lora_sd_wds.py"
@@ -171,7 +170,7 @@ def test_sigterm_to_a_launched_run_checkpoints_and_resume_continues(assets, tmp_
                str(REPO / LCD), *map(str, flags)]
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
-        launcher = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
             while not re.search(r"\b[1-9]\d*/1000\b", log_path.read_text()):
@@ -324,22 +323,13 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def parse_error(module, argv, capsys):
-    with pytest.raises(SystemExit) as excinfo:
-        module.parse_args([str(a) for a in argv])
-    assert excinfo.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 @pytest.mark.parametrize("module, flags_for", [(lcd, lcd_flags), (lcm_lora, lora_flags)])
 def test_finished_run_is_not_overwritten_by_accident(assets, tmp_path, capsys, module, flags_for):
     out = tmp_path / "done"
     out.mkdir()
     (out / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# a finished model\n")
     flags = flags_for(assets, out) + ["--max_train_steps", "1"]
-    message = parse_error(module, flags, capsys)
+    message = rejection_line(module, flags, capsys)
     assert f"--output_dir {out} already holds a finished run" in message and "--overwrite_output_dir" in message
     module.parse_args([str(a) for a in flags + ["--overwrite_output_dir"]])
     module.parse_args([str(a) for a in flags + ["--resume_from_checkpoint", "latest"]])
@@ -352,17 +342,17 @@ def test_unwritable_output_dir_and_full_disk_fail_before_loading(assets, tmp_pat
                                                                 flags_for):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    message = parse_error(module, flags_for(assets, blocker / "out") + ["--max_train_steps", "1"], capsys)
+    message = rejection_line(module, flags_for(assets, blocker / "out") + ["--max_train_steps", "1"], capsys)
     assert message.endswith(f"--output_dir {blocker / 'out'} is not writable: Not a directory")
     monkeypatch.setattr(module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 5 * 2**20,
                                                                                             5 * 2**20))
-    message = parse_error(module, flags_for(assets, tmp_path / "out") + ["--max_train_steps", "1"], capsys)
+    message = rejection_line(module, flags_for(assets, tmp_path / "out") + ["--max_train_steps", "1"], capsys)
     assert "only 0.00 GiB free on its disk; checkpoints need at least 1 GiB" in message
 
 
 def test_incomplete_checkpoint_named_explicitly_is_refused(assets, tmp_path, capsys):
     (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
-    message = parse_error(lcd, lcd_flags(assets, tmp_path / "out") + ["--max_train_steps", "1",
+    message = rejection_line(lcd, lcd_flags(assets, tmp_path / "out") + ["--max_train_steps", "1",
                                                                        "--resume_from_checkpoint", "checkpoint-5"], capsys)
     assert "checkpoint-5 is incomplete (no training_state.json)" in message
 
