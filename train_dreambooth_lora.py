@@ -23,9 +23,11 @@ The training step is `dreambooth_loss`; everything else is set-up and bookkeepin
 """
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -115,7 +117,8 @@ def parse_args(input_args=None):
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     group.add_argument("--no_cache", dest="cache", action="store_false",
-                       help="Encode images and prompts every step instead of once (slower; same math).")
+                       help="Encode images and prompts every step instead of once (slower; the same math, except "
+                            "that a random crop is drawn at every use instead of once per image).")
     group.add_argument("--pre_compute_text_embeddings", action="store_true",
                        help="Require the prompt embeddings to be computed once and the text encoder freed (the "
                             "default whenever the text encoder does not train); refused with --no_cache or "
@@ -267,17 +270,28 @@ def validate_args(parser, args):
 
 # Copied from train_lcm_distill_sd_wds.check_output_dir
 def check_output_dir(parser, args, min_free_bytes=2**30):
-    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run
-    (unless resuming or --overwrite_output_dir), one that cannot be written, one on a nearly full disk."""
-    card = os.path.join(args.output_dir, "README.md")
-    if os.path.isfile(card) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
-        with open(card, encoding="utf-8", errors="replace") as f:
-            if "library_name: diffusers" in f.read():
-                parser.error(f"--output_dir {args.output_dir} already holds a finished run (see its README.md): pass "
-                             "--overwrite_output_dir to train over it, or --resume_from_checkpoint to continue it")
+    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
+    an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
+    checkpoints), one that cannot be written, one on a nearly full disk."""
+    resumes = args.resume_from_checkpoint not in (None, "latest") or (
+        args.resume_from_checkpoint == "latest" and complete_checkpoints(args.output_dir))
+    if not resumes:
+        card = os.path.join(args.output_dir, "README.md")
+        finished = False
+        if os.path.isfile(card):
+            with open(card, encoding="utf-8", errors="replace") as f:
+                finished = "library_name: diffusers" in f.read()
+        earlier = complete_checkpoints(args.output_dir)
+        if (finished or earlier) and not args.overwrite_output_dir:
+            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
+                         "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
+        if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
+            for name in list_checkpoints(args.output_dir):
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+        probe = os.path.join(args.output_dir, f".write-test-{os.uname().nodename}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -316,6 +330,19 @@ def load_image(path):
             return ImageOps.exif_transpose(image).convert("RGB")
     except Exception:  # PIL raises many types for non-image or truncated files
         return None
+
+
+def load_images(paths, folder):
+    """The readable images of `paths`; an unreadable one (say, a truncated JPEG) is skipped with a warning, and a
+    folder left with none is a one-line error."""
+    images = [load_image(path) for path in paths]
+    broken = [os.path.basename(path) for path, image in zip(paths, images) if image is None]
+    if broken:
+        logger.warning(f"skipped {len(broken)} unreadable image(s) in {folder}: {', '.join(broken[:5])}")
+    images = [image for image in images if image is not None]
+    if not images:
+        raise SystemExit(f"error: no readable image in {folder}")
+    return images
 
 
 def list_images(folder):
@@ -446,14 +473,17 @@ def sample_latents(vae, image_set, indices, flips, transform, positions, seed, k
 def generate_class_images(args, accelerator):
     """Fill --class_data_dir up to --num_class_images with images of --class_prompt from the base model.
 
-    The missing images are split over processes; each has a fixed seed (its index), so a re-run that was
-    interrupted produces the same set. Returns how many this call generated on all processes."""
+    Generated images are named <index>-<digest>.jpg and each index has a fixed seed; the missing count is
+    filled with the lowest free indices (gaps an interrupted run left included), split over processes.
+    Returns how many this call generated on all processes."""
     os.makedirs(args.class_data_dir, exist_ok=True)
-    existing = len(list_images(args.class_data_dir)[0])
+    paths = list_images(args.class_data_dir)[0]
     accelerator.wait_for_everyone()  # every process counts before any writes
-    missing = args.num_class_images - existing
+    missing = args.num_class_images - len(paths)
     if missing <= 0:
         return 0
+    taken = {int(m.group(1)) for m in (re.fullmatch(r"(\d{5})-[0-9a-f]{10}\.jpg", os.path.basename(p)) for p in paths) if m}
+    free = list(itertools.islice((i for i in itertools.count() if i not in taken), missing))
     if args.prior_generation_precision is None:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
     else:
@@ -464,7 +494,7 @@ def generate_class_images(args, accelerator):
         cache_dir=args.cache_dir, safety_checker=None, requires_safety_checker=False,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    mine = list(range(existing, args.num_class_images))[accelerator.process_index::accelerator.num_processes]
+    mine = free[accelerator.process_index::accelerator.num_processes]
     batches = [mine[i:i + args.sample_batch_size] for i in range(0, len(mine), args.sample_batch_size)]
     for batch in tqdm(batches, desc="class images", disable=not accelerator.is_local_main_process):
         generators = [torch.Generator(accelerator.device).manual_seed((args.seed or 0) * 100003 + i) for i in batch]
@@ -639,9 +669,15 @@ def load_lora_checkpoint(unet, text_encoder, checkpoint_dir):
         if model is None:
             continue
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(model, part)
-        if not part or getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the LoRA config of the {prefix[:-1]}")
+        mismatch = f"error: checkpoint {checkpoint_dir} does not match this run's LoRA config of the {prefix[:-1]}"
+        if not part:
+            raise SystemExit(f"{mismatch} (it holds no {prefix[:-1]} adapters; --train_text_encoder differs?)")
+        try:
+            result = set_peft_model_state_dict(model, part)
+        except RuntimeError:  # shape mismatch: another --rank
+            raise SystemExit(f"{mismatch} (another --rank?)") from None
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"{mismatch} (unexpected {result.unexpected_keys[0]})")
         cast_lora_params_to_fp32(model)
 
 
@@ -659,13 +695,21 @@ def list_checkpoints(output_dir):
     return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
+# Copied from train_lcm_distill_sd_wds.complete_checkpoints
+def complete_checkpoints(output_dir):
+    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
+    return [name for name in list_checkpoints(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
+
+
 # Copied from train_lcm_distill_sd_wds.rotate_checkpoints
 def rotate_checkpoints(output_dir, total_limit):
-    """Delete the oldest checkpoints so that, after one more is saved, at most `total_limit` remain."""
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
+    a save that fails never leaves the run without the checkpoints it had."""
     if total_limit is None:
         return
-    checkpoints = list_checkpoints(output_dir)
-    for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+    checkpoints = complete_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
         shutil.rmtree(os.path.join(output_dir, name))
 
@@ -698,11 +742,11 @@ def save_checkpoint(accelerator, args, global_step, training_state):
     """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
 
     Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
-    leaves a checkpoint-N that a resume would pick. training_state.json, written last, marks it complete."""
+    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
     final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     save_path = final_path + ".tmp"
     if accelerator.is_main_process:
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
         for name in os.listdir(args.output_dir):  # left by a run that died while saving
             if re.fullmatch(r"checkpoint-\d+\.tmp", name):
                 shutil.rmtree(os.path.join(args.output_dir, name))
@@ -716,6 +760,7 @@ def save_checkpoint(accelerator, args, global_step, training_state):
             shutil.rmtree(final_path)
         os.replace(save_path, final_path)
         logger.info(f"saved checkpoint {final_path}")
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final_path
 
@@ -815,6 +860,21 @@ def log_grid_to_trackers(accelerator, name, grid, step):
             tracker.log_images({name: [np.asarray(grid)]}, step=step)
 
 
+# Copied from train_lcm_distill_sd_wds.eval_mode
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, was_training):
+            model.train(mode)
+
+
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, step, weight_dtype):
     """--num_validation_images images of --validation_prompt (DPM-Solver++, 25 steps, fixed seeds) as one PNG
     row, logged to every tracker. Nothing is cast: trainable LoRA weights stay fp32 (autocast runs the mix)."""
@@ -833,8 +893,8 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, valida
     else:
         prompt = {"prompt": args.validation_prompt}
     images = []
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                         enabled=weight_dtype != torch.float32):
+    with torch.no_grad(), eval_mode(pipeline.unet, pipeline.text_encoder), torch.autocast(
+            accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
         for i in range(args.num_validation_images):
             generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
             images.append(pipeline(**prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
@@ -860,7 +920,7 @@ def model_card_text(args, repo_id, validation_image=None):
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
 license: creativeml-openrail-m
-instance_prompt: {args.instance_prompt}
+instance_prompt: {json.dumps(args.instance_prompt)}
 tags:
 - stable-diffusion
 - text-to-image
@@ -964,7 +1024,7 @@ def main(args):
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
-        set_seed(args.seed)
+        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -977,12 +1037,12 @@ def main(args):
     instance_paths, skipped = list_images(args.instance_data_dir)
     if skipped:
         logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: {', '.join(skipped[:5])}")
-    instances = ImageSet([load_image(p) for p in instance_paths])
+    instances = ImageSet(load_images(instance_paths, args.instance_data_dir))
     classes = None
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
         class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
-        classes = ImageSet([load_image(p) for p in class_paths])
+        classes = ImageSet(load_images(class_paths, args.class_data_dir))
     num_examples = max(len(instances.images), len(classes.images) if classes else 0)
     transform = ImageTransform(args.resolution, center_crop=args.center_crop)
 
@@ -1039,6 +1099,7 @@ def main(args):
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
+    trained = [unet, text_encoder] if args.train_text_encoder else [unet]  # wrapped: accumulate() skips syncs
     accelerator.register_for_checkpointing(lr_scheduler)
 
     def trained_text_encoder():
@@ -1139,7 +1200,8 @@ def main(args):
                 checkpoint = save_checkpoint(accelerator, args, global_step, {})
             if stop_requested:
                 stop.exit_after(accelerator, global_step, checkpoint)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
                 log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
                                weight_dtype)
                 step_started = time.perf_counter()  # validation time is not training throughput

@@ -251,6 +251,8 @@ def check_common_args(parser, args):
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.num_train_epochs < 1:
+        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
@@ -295,17 +297,28 @@ def check_common_args(parser, args):
 
 # Copied from train_lcm_distill_sd_wds.check_output_dir
 def check_output_dir(parser, args, min_free_bytes=2**30):
-    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run
-    (unless resuming or --overwrite_output_dir), one that cannot be written, one on a nearly full disk."""
-    card = os.path.join(args.output_dir, "README.md")
-    if os.path.isfile(card) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
-        with open(card, encoding="utf-8", errors="replace") as f:
-            if "library_name: diffusers" in f.read():
-                parser.error(f"--output_dir {args.output_dir} already holds a finished run (see its README.md): pass "
-                             "--overwrite_output_dir to train over it, or --resume_from_checkpoint to continue it")
+    """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
+    an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
+    checkpoints), one that cannot be written, one on a nearly full disk."""
+    resumes = args.resume_from_checkpoint not in (None, "latest") or (
+        args.resume_from_checkpoint == "latest" and complete_checkpoints(args.output_dir))
+    if not resumes:
+        card = os.path.join(args.output_dir, "README.md")
+        finished = False
+        if os.path.isfile(card):
+            with open(card, encoding="utf-8", errors="replace") as f:
+                finished = "library_name: diffusers" in f.read()
+        earlier = complete_checkpoints(args.output_dir)
+        if (finished or earlier) and not args.overwrite_output_dir:
+            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
+                         "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
+        if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
+            for name in list_checkpoints(args.output_dir):
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+        probe = os.path.join(args.output_dir, f".write-test-{os.uname().nodename}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -632,6 +645,29 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "crop_top_left": crop_top_left}
 
 
+# Copied from train_lcm_distill_sd_wds.defer_stop_signals
+def defer_stop_signals(worker_id, grace_seconds=30):
+    """DataLoader workers outlive a stop signal sent to the whole process group (SLURM, Ctrl-C, torchrun), so
+    the training process can finish its step and checkpoint: SIGINT is ignored, SIGTERM ends the worker only
+    after `grace_seconds` (the trainer shuts its workers down itself well before that)."""
+    def exit_after_grace(signum, frame):
+        timer = threading.Timer(grace_seconds, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, exit_after_grace)
+
+
+# Copied from train_lcm_distill_sd_wds.close_batches
+def close_batches(loader_iterator):
+    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
+    alive), they would linger until interpreter exit."""
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 # Copied from train_lcm_distill_sd_wds.data_error_message
 def data_error_message(error):
     """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
@@ -675,6 +711,7 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
+        worker_init_fn=defer_stop_signals,
     )
 
 
@@ -1031,13 +1068,21 @@ def list_checkpoints(output_dir):
     return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
+# Copied from train_lcm_distill_sd_wds.complete_checkpoints
+def complete_checkpoints(output_dir):
+    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
+    return [name for name in list_checkpoints(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
+
+
 # Copied from train_lcm_distill_sd_wds.rotate_checkpoints
 def rotate_checkpoints(output_dir, total_limit):
-    """Delete the oldest checkpoints so that, after one more is saved, at most `total_limit` remain."""
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
+    a save that fails never leaves the run without the checkpoints it had."""
     if total_limit is None:
         return
-    checkpoints = list_checkpoints(output_dir)
-    for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+    checkpoints = complete_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
         shutil.rmtree(os.path.join(output_dir, name))
 
@@ -1070,11 +1115,11 @@ def save_checkpoint(accelerator, args, global_step, training_state):
     """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
 
     Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
-    leaves a checkpoint-N that a resume would pick. training_state.json, written last, marks it complete."""
+    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
     final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     save_path = final_path + ".tmp"
     if accelerator.is_main_process:
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
         for name in os.listdir(args.output_dir):  # left by a run that died while saving
             if re.fullmatch(r"checkpoint-\d+\.tmp", name):
                 shutil.rmtree(os.path.join(args.output_dir, name))
@@ -1088,6 +1133,7 @@ def save_checkpoint(accelerator, args, global_step, training_state):
             shutil.rmtree(final_path)
         os.replace(save_path, final_path)
         logger.info(f"saved checkpoint {final_path}")
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final_path
 
@@ -1187,6 +1233,21 @@ def log_grid_to_trackers(accelerator, name, grid, step):
             tracker.log_images({name: [np.asarray(grid)]}, step=step)
 
 
+# Copied from train_lcm_distill_sd_wds.eval_mode
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, was_training):
+            model.train(mode)
+
+
 # Copied from train_lcm_distill_sd_wds.log_validation
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
     """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
@@ -1201,8 +1262,8 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                         enabled=weight_dtype != torch.float32):
+    with torch.no_grad(), eval_mode(pipeline.unet), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                                                   enabled=weight_dtype != torch.float32):
         for prompt in prompts:
             row = []
             for num_steps in VALIDATION_STEP_COUNTS:
@@ -1341,7 +1402,7 @@ def main(args):
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
-        set_seed(args.seed)
+        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -1359,10 +1420,11 @@ def main(args):
         data_counts = {k: state.get(k, 0) for k in data_counts}
     # a resumed stream skips the batches the checkpointed run already trained on
     train_dataloader = make_train_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
-    batches = iter(train_dataloader)
+    loader_iterator = iter(train_dataloader)
     try:
-        batches = itertools.chain([next(batches)], batches)
+        batches = itertools.chain([next(loader_iterator)], loader_iterator)
     except (DataError, RuntimeError) as error:
+        close_batches(loader_iterator)
         raise SystemExit(data_error_message(error)) from None
 
     # ---- models: everything frozen in the mixed-precision dtype except the fp32 LoRA weights
@@ -1407,7 +1469,8 @@ def main(args):
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             save_lora_files(accelerator.unwrap_model(models[0]), output_dir, kohya=False)
-        weights.pop()
+        if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
+            weights.pop()
 
     def load_model_hook(models, input_dir):
         load_lora_checkpoint(accelerator.unwrap_model(models.pop()), input_dir)
@@ -1481,13 +1544,15 @@ def main(args):
                 checkpoint = save_checkpoint(accelerator, args, global_step, data_counts)
             if stop_requested:
                 stop.exit_after(accelerator, global_step, checkpoint)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
                 log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
         raise SystemExit(data_error_message(error)) from None
     finally:
         stop.restore()
+        close_batches(loader_iterator)
         progress.close()
 
     accelerator.wait_for_everyone()

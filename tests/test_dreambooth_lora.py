@@ -3,6 +3,7 @@ rules, and end-to-end runs as a user makes them. The main run goes through `acce
 run in process (see conftest)."""
 
 import contextlib
+import io
 import shutil
 import sys
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_prior_run_outputs(prior_run):
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert Image.open(out / "validation" / "step_000004.png").size == (2 * 64, 64)
     card = (out / "README.md").read_text()
-    assert f"instance_prompt: {INSTANCE_PROMPT}" in card and "load_lora_weights" in card
+    assert f'instance_prompt: "{INSTANCE_PROMPT}"' in card and "load_lora_weights" in card
     assert "with prior preservation (3 images of 'a photo of a circle'" in card
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -333,3 +334,41 @@ def test_bf16_lora_stays_fp32_through_validation_and_resume(assets, instance_dir
     assert {k.split(".")[0] for k in state} == {"unet", "text_encoder"}
     # lora_B starts at zero: the text encoder's adapters got gradients through its checkpointed layers
     assert any(t.abs().max() > 0 for k, t in state.items() if k.startswith("text_encoder.") and ".lora_B." in k)
+
+
+def test_model_card_front_matter_survives_any_prompt(tmp_path):
+    import yaml
+
+    prompt = 'a photo of [V] dog: smiling #2 "quoted"'
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(pretrained_model_name_or_path="base", instance_prompt=prompt, with_prior_preservation=False,
+                           num_class_images=0, class_prompt=None, prior_loss_weight=1.0, rank=4, lora_alpha=4.0,
+                           train_text_encoder=False, validation_prompt=None, resolution=512, max_train_steps=10,
+                           train_batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-4,
+                           lr_scheduler="constant", mixed_precision="fp16")
+    front = db.model_card_text(args, "me/dog").split("---")[1]
+    assert yaml.safe_load(front)["instance_prompt"] == prompt
+
+
+@pytest.mark.slow
+def test_class_gap_is_refilled_and_unreadable_images_are_skipped(prior_run, assets, instance_dir, tmp_path):
+    """An interrupted generation left a gap (index 1 missing): only that index is generated again. A truncated
+    JPEG among the instance photos is skipped with a warning."""
+    class_dir = tmp_path / "class"
+    shutil.copytree(prior_run["class_dir"], class_dir)
+    next(class_dir.glob("00001-*.jpg")).unlink()
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    whole = io.BytesIO()  # headers intact, pixel data cut: passes Image.verify(), fails to decode
+    Image.fromarray((np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")).save(whole, format="JPEG")
+    (photos / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    flags = common_flags(assets["tiny-sd"], photos, tmp_path / "out") + [
+        "--with_prior_preservation", "--class_data_dir", class_dir, "--class_prompt", "a photo of a circle",
+        "--num_class_images", "3", "--max_train_steps", "1", "--report_to", "none",
+    ]
+    result = run_in_process(SCRIPT, flags)
+    assert "generating 1 class images" in result.stdout
+    assert sorted(p.name.split("-")[0] for p in class_dir.glob("*.jpg")) == ["00000", "00001", "00002"]
+    assert "skipped 1 unreadable image(s)" in result.stdout and "truncated.jpg" in result.stdout
+    assert "cached 4 instance and 3 class latents" in result.stdout

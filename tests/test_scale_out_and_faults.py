@@ -160,31 +160,35 @@ def test_dreambooth_two_processes_share_class_generation(assets, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_a_launched_run_checkpoints_and_resume_continues(assets, tmp_path):
-    """As a spot preemption or a SLURM time limit does it: SIGTERM to the training process mid-run."""
+    """As a SLURM time limit or Ctrl-C does it: SIGTERM to the whole process group (launcher, trainer and its
+    DataLoader worker) mid-run. The worker ignores it; the trainer finishes the step and checkpoints."""
     import psutil
 
     out = tmp_path / "preempted"
-    flags = lcd_flags(assets, out) + ["--max_train_steps", "1000", "--checkpointing_steps", "1000"]
+    flags = lcd_flags(assets, out) + ["--max_train_steps", "1000", "--checkpointing_steps", "1000",
+                                      "--dataloader_num_workers", "1"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / LCD), *map(str, flags)]
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
-        launcher = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         try:
             deadline = time.time() + 600
             while not re.search(r"\b[1-9]\d*/1000\b", log_path.read_text()):
                 assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
                 time.sleep(0.5)
-            trainer = psutil.Process(launcher.pid).children(recursive=True)[0]
-            trainer.send_signal(signal.SIGTERM)
-            trainer.wait(timeout=300)
-            assert launcher.wait(timeout=60) != 0
+            processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+            assert len(processes) == 3  # launcher, trainer, one DataLoader worker
+            os.killpg(launcher.pid, signal.SIGTERM)
+            gone, alive = psutil.wait_procs(processes, timeout=300)
+            assert not alive, alive
         finally:
             if launcher.poll() is None:
-                launcher.kill()
+                os.killpg(launcher.pid, signal.SIGKILL)
     text = log_path.read_text()
-    assert "returned non-zero exit status 143" in text  # the launcher reports the trainer's 128 + SIGTERM
+    assert "DataLoader worker" not in text and "Traceback" not in text.split("stopped by SIGTERM")[0], text[-3000:]
     match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved: (\S+)\. Continue with "
                       r"--resume_from_checkpoint latest", text)
     assert match, text[-3000:]
@@ -309,13 +313,16 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(assets, tmp_path):
         (Path(path) / "optimizer.bin").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
+    previous = tmp_path / "out" / "checkpoint-3"
+    previous.mkdir()
+    (previous / "training_state.json").write_text('{"global_step": 3}')
+    args.checkpoints_total_limit = 1  # rotation runs after a successful save, never before
     accelerator.save_state = full_disk
     with pytest.raises(OSError):
         lcd.save_checkpoint(accelerator, args, 7, {})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-7.tmp"]
-    assert lcd.list_checkpoints(str(tmp_path / "out")) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-3", "checkpoint-7.tmp"]
     args.resume_from_checkpoint = "latest"
-    assert lcd.resolve_resume_checkpoint(args) is None
+    assert lcd.resolve_resume_checkpoint(args) == str(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,10 +338,25 @@ def test_finished_run_is_not_overwritten_by_accident(assets, tmp_path, capsys, m
     flags = flags_for(assets, out) + ["--max_train_steps", "1"]
     message = rejection_line(module, flags, capsys)
     assert f"--output_dir {out} already holds a finished run" in message and "--overwrite_output_dir" in message
-    module.parse_args([str(a) for a in flags + ["--overwrite_output_dir"]])
+    # 'latest' with nothing to resume would retrain from scratch over the finished run: refused too
+    assert "already holds a finished run" in rejection_line(module, flags + ["--resume_from_checkpoint", "latest"],
+                                                            capsys)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "training_state.json").write_text('{"global_step": 4}')
     module.parse_args([str(a) for a in flags + ["--resume_from_checkpoint", "latest"]])
+    # --overwrite_output_dir starts over: the old run's checkpoints go, so a later 'latest' cannot pick them
+    module.parse_args([str(a) for a in flags + ["--overwrite_output_dir"]])
+    assert not (out / "checkpoint-4").exists()
     (out / "README.md").write_text("# my notes, not a model card\n")
     module.parse_args([str(a) for a in flags])
+
+
+def test_earlier_checkpoints_are_not_mixed_into_a_new_run(assets, tmp_path, capsys):
+    out = tmp_path / "interrupted"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}')
+    message = rejection_line(lcd, lcd_flags(assets, out) + ["--max_train_steps", "1"], capsys)
+    assert "already holds checkpoints of an earlier run (checkpoint-2): pass --resume_from_checkpoint latest" in message
 
 
 @pytest.mark.parametrize("module, flags_for", [(lcd, lcd_flags), (lcm_lora, lora_flags)])
