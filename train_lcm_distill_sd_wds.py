@@ -314,6 +314,11 @@ def check_shard_args(parser, args):
             "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
             "(samples per epoch) with --num_train_epochs"
         )
+    check_stream_args(parser, args)
+
+
+def check_stream_args(parser, args):
+    """Checks of the sample stream's own flags, whatever its source."""
     if args.max_train_samples is not None and args.max_train_samples < 1:
         parser.error("--max_train_samples must be >= 1")
     if args.min_image_size < 0:

@@ -22,22 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "benchmarks")]
 
-from benchmark_lcd import peak_memory_gb, prepare_assets, time_steps  # noqa: E402
+from benchmark_lcd import add_common_arguments, peak_memory_gb, prepare_assets, time_steps  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny-sd", help="make_random_pipeline preset (SD 1.x/2.x structure)")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--batch_size", default="1,4", help="instance images per step, comma-separated")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="cached,uncached")
-    parser.add_argument("--work_dir", default=str(REPO / "benchmarks" / "work"))
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

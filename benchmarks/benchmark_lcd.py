@@ -30,21 +30,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser):
+    """Flags every benchmark in this folder takes (each adds --batch_size and --modes of its own)."""
     parser.add_argument("--preset", default="tiny-sd", help="make_random_pipeline preset")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work_dir", default=str(REPO / "benchmarks" / "work"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--use_8bit_adam", action="store_true")
     parser.add_argument("--modes", default="batched,separate,lora", help="configurations to compare (see above)")
     parser.add_argument("--lora_rank", type=int, default=64)
-    parser.add_argument("--work_dir", default=str(REPO / "benchmarks" / "work"))
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
