@@ -166,3 +166,24 @@ def assets(tmp_path_factory):
         "shard_paths": shards["shards"],
         "corrupt_shard": str(corrupt),
     }
+
+
+TOY_TEACHERS = REPO / "tools" / "toy_teachers"
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The committed trained toy teachers and toy-world data: distillation shards (every caption names colour
+    and shape) and the DreamBooth subject's instance pictures."""
+    import toy_world
+
+    root = tmp_path_factory.mktemp("toy")
+    toy_world.write_image_folder(str(root / "images"), 512, seed=11)
+    shards = make_shards(str(root / "images"), str(root / "shards"), samples_per_shard=128)
+    return {
+        "sd": str(TOY_TEACHERS / "toy-sd"),
+        "sdxl": str(TOY_TEACHERS / "toy-sdxl"),
+        "shards": shards["url_pattern"],
+        "subject": toy_world.write_subject_folder(str(root / "subject")),
+        "root": root,
+    }
