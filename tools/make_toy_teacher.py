@@ -167,11 +167,7 @@ def vae_training_images(num_images, seed):
     for _ in range(num_images):
         hue, saturation, value = rng.random(), rng.uniform(0.6, 0.85), rng.uniform(0.75, 0.95)
         rgb = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value))
-        toy_world.COLORS["_vae"] = rgb
-        try:
-            images.append(toy_world.draw("_vae", rng.choice(toy_world.SHAPES), rng))
-        finally:
-            del toy_world.COLORS["_vae"]
+        images.append(toy_world.draw(rgb, rng.choice(toy_world.SHAPES), rng))
     return images
 
 

@@ -60,7 +60,9 @@ def full_prompts(colors=TEACHER_COLORS):
 
 
 def draw(color, shape, rng, resolution=RESOLUTION):
-    """One picture as a PIL image: ``shape`` in ``color`` on a random near-grey background."""
+    """One picture as a PIL image: ``shape`` in ``color`` (a name of ``COLORS`` or an RGB tuple) on a random
+    near-grey background."""
+    fill = COLORS[color] if isinstance(color, str) else tuple(color)
     level = rng.uniform(0.25, 0.75)
     background = tuple(int(255 * (level + rng.uniform(-0.02, 0.02))) for _ in range(3))
     image = Image.new("RGB", (resolution, resolution), background)
@@ -70,11 +72,11 @@ def draw(color, shape, rng, resolution=RESOLUTION):
     top = rng.randint(1, resolution - size - 1)
     right, bottom = left + size - 1, top + size - 1
     if shape == "circle":
-        painter.ellipse((left, top, right, bottom), fill=COLORS[color])
+        painter.ellipse((left, top, right, bottom), fill=fill)
     elif shape == "square":
-        painter.rectangle((left, top, right, bottom), fill=COLORS[color])
+        painter.rectangle((left, top, right, bottom), fill=fill)
     elif shape == "triangle":
-        painter.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=COLORS[color])
+        painter.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
