@@ -939,6 +939,27 @@ def count_parameters(model):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_lcm_distill_sd_wds.cast_floats
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+# Copied from train_lcm_distill_sd_wds.unet_forward
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
 @dataclass
 class KDContext:
     """What a BK-SDM step needs besides the batch."""
@@ -972,14 +993,12 @@ def bk_sdm_loss(ctx, latents, prompt_embeds):
 
     # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
     with torch.no_grad():
-        teacher_dtype = ctx.teacher_unet.dtype
-        teacher_pred = ctx.teacher_unet(noisy_latents.to(teacher_dtype), timesteps,
-                                        encoder_hidden_states=prompt_embeds.to(teacher_dtype)).sample
+        teacher_pred = unet_forward(ctx.teacher_unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
     teacher_features = ctx.teacher_features.pop()
 
     # 3. Student under autocast; its hooks record the matching block outputs, which must carry grad.
     with ctx.autocast():
-        student_pred = ctx.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        student_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
     student_features = ctx.student_features.pop()
     no_grad = [name for name, feature in student_features.items() if not feature.requires_grad]
     if torch.is_grad_enabled() and no_grad:
@@ -1032,7 +1051,7 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     input_ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
 def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):

@@ -516,6 +516,27 @@ def generate_class_images(args, accelerator):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_lcm_distill_sd_wds.cast_floats
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+# Copied from train_lcm_distill_sd_wds.unet_forward
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
 @dataclass
 class DreamBoothContext:
     unet: torch.nn.Module  # base UNet + LoRA (possibly wrapped)
@@ -539,7 +560,7 @@ def dreambooth_loss(ctx, latents, prompt_embeds, num_instance):
 
     # 2. One UNet pass over instance and class examples together.
     with ctx.autocast():
-        model_pred = ctx.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        model_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
 
     # 3. Instance loss, and the prior-preservation loss on the class half.
     loss_instance = F.mse_loss(model_pred[:num_instance].float(), target[:num_instance].float())
@@ -566,7 +587,7 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     input_ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
 # Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32

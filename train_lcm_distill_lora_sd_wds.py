@@ -823,6 +823,27 @@ def concat_unet_kwargs(first, second):
     return torch.cat([first, second])
 
 
+# Copied from train_lcm_distill_sd_wds.cast_floats
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+# Copied from train_lcm_distill_sd_wds.unet_forward
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
 # Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
 @torch.no_grad()
 def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
@@ -833,15 +854,12 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
     same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
     """
     if batched:
-        both = teacher_unet(
-            torch.cat([noisy_latents, noisy_latents]),
-            torch.cat([timesteps, timesteps]),
-            **concat_unet_kwargs(cond_kwargs, uncond_kwargs),
-        ).sample
+        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
+                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
         cond_output, uncond_output = both.chunk(2)
     else:
-        cond_output = teacher_unet(noisy_latents, timesteps, **cond_kwargs).sample
-        uncond_output = teacher_unet(noisy_latents, timesteps, **uncond_kwargs).sample
+        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
+        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
     schedules = (prediction_type, alpha_schedule, sigma_schedule)
     cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
     uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
@@ -904,21 +922,22 @@ def lcd_lora_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
 
     # 5. Online student: f_theta(x_{t_{n+k}}, c, t_{n+k}) = c_skip x + c_out x0_hat (base + LoRA).
     with ctx.autocast():
-        student_output = ctx.unet(noisy_latents, start_timesteps, encoder_hidden_states=prompt_embeds).sample
+        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, encoder_hidden_states=prompt_embeds)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
     # 6. Teacher = the same UNet, adapters off, with CFG omega + DDIM step: x_{t_n} (no grad, one batched pass).
-    with ctx.autocast(), adapters_disabled(ctx.base_unet) as teacher_unet:
+    with ctx.autocast(), eval_mode(ctx.base_unet), adapters_disabled(ctx.base_unet) as teacher_unet:
         x_prev = teacher_guided_ddim_step(
             teacher_unet, noisy_latents, start_timesteps, index, w,
             {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": uncond_prompt_embeds},
             solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
-        ).float()
+        )
 
-    # 7. Target: f_theta(x_{t_n}, c, t_n) with the online student itself (no grad; LCM-LoRA has no EMA).
-    with torch.no_grad(), ctx.autocast():
-        target_output = ctx.base_unet(x_prev, timesteps, encoder_hidden_states=prompt_embeds).sample
+    # 7. Target: f_theta(x_{t_n}, c, t_n) with the online student itself (no grad; LCM-LoRA has no EMA), in eval
+    #    mode: with LoRA dropout active the target would be a random draw, not the network's prediction.
+    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.base_unet):
+        target_output = unet_forward(ctx.base_unet, x_prev, timesteps, encoder_hidden_states=prompt_embeds)
     target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
@@ -951,7 +970,7 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     input_ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
 def lora_config(args):
@@ -1254,15 +1273,24 @@ def eval_mode(*models):
             model.train(mode)
 
 
+# Copied from train_lcm_distill_sd_wds.lcm_scheduler_for
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
 # Copied from train_lcm_distill_sd_wds.log_validation
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
     """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
     prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
     if not prompts:
         return None
-    scheduler = LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                             revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                             original_inference_steps=args.num_ddim_timesteps)
+    scheduler = lcm_scheduler_for(args)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -1320,7 +1348,7 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
 pipe.load_lora_weights("{repo_id}")
 pipe.to("cuda")
 image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale=1.0).images[0]
@@ -1344,6 +1372,7 @@ ComfyUI.
 | LoRA targets | {", ".join(args.lora_target_modules)} |
 | loss | {args.loss_type} (huber c = {args.huber_c}) |
 | DDIM steps N | {args.num_ddim_timesteps} |
+| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
 | mixed precision | {args.mixed_precision} |
 """
 
@@ -1569,6 +1598,7 @@ def main(args):
         save_lora_files(base_unet, args.output_dir, dtype=weight_dtype_for(args.save_precision))
         path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
         validation_image = os.path.relpath(path, args.output_dir) if path else None
+        lcm_scheduler_for(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
             f.write(model_card_text(args, repo_id, validation_image))

@@ -128,9 +128,10 @@ def parse_args(input_args=None):
     group.add_argument("--ema_decay", type=float, default=0.95, help="mu: EMA decay of the target network.")
     group.add_argument("--vae_encode_batch_size", type=int, default=32,
                        help="Images per VAE encoder call (lower it to save memory at high resolution).")
-    group.add_argument("--cast_teacher_unet", action="store_true",
-                       help="Store the teacher UNet in the mixed-precision dtype (saves memory; default fp32 weights "
-                            "under autocast).")
+    group.add_argument("--teacher_unet_fp32", action="store_true",
+                       help="Keep the frozen teacher UNet in fp32 (default: the mixed-precision dtype; autocast would "
+                            "run it in that dtype anyway, so fp32 weights only cost memory unless there is no "
+                            "autocast, as under DeepSpeed).")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
     group.add_argument("--learning_rate", type=float, default=1e-6)
@@ -777,6 +778,25 @@ def concat_unet_kwargs(first, second):
     return torch.cat([first, second])
 
 
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
 @torch.no_grad()
 def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
                              solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
@@ -786,15 +806,12 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
     same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
     """
     if batched:
-        both = teacher_unet(
-            torch.cat([noisy_latents, noisy_latents]),
-            torch.cat([timesteps, timesteps]),
-            **concat_unet_kwargs(cond_kwargs, uncond_kwargs),
-        ).sample
+        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
+                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
         cond_output, uncond_output = both.chunk(2)
     else:
-        cond_output = teacher_unet(noisy_latents, timesteps, **cond_kwargs).sample
-        uncond_output = teacher_unet(noisy_latents, timesteps, **uncond_kwargs).sample
+        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
+        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
     schedules = (prediction_type, alpha_schedule, sigma_schedule)
     cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
     uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
@@ -850,8 +867,8 @@ def lcd_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
 
     # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
-        student_output = ctx.unet(noisy_latents, start_timesteps, timestep_cond=w_embedding,
-                                  encoder_hidden_states=prompt_embeds).sample
+        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, timestep_cond=w_embedding,
+                                      encoder_hidden_states=prompt_embeds)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
@@ -861,12 +878,12 @@ def lcd_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
             ctx.teacher_unet, noisy_latents, start_timesteps, index, w,
             {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": uncond_prompt_embeds},
             solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
-        ).float()
+        )
 
     # 7. Target: f_theta-(x_{t_n}, omega, c, t_n) with the EMA network (no grad).
     with torch.no_grad(), ctx.autocast():
-        target_output = ctx.target_unet(x_prev, timesteps, timestep_cond=w_embedding,
-                                        encoder_hidden_states=prompt_embeds).sample
+        target_output = unet_forward(ctx.target_unet, x_prev, timesteps, timestep_cond=w_embedding,
+                                     encoder_hidden_states=prompt_embeds)
     target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
@@ -896,7 +913,7 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     input_ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
 def make_student_unet(teacher_unet, time_cond_proj_dim):
@@ -1124,14 +1141,22 @@ def eval_mode(*models):
             model.train(mode)
 
 
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
     """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
     prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
     if not prompts:
         return None
-    scheduler = LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                             revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                             original_inference_steps=args.num_ddim_timesteps)
+    scheduler = lcm_scheduler_for(args)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -1190,7 +1215,7 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionMode
 
 unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet_target", torch_dtype=torch.float16)
 pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", unet=unet, torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
 pipe.to("cuda")
 image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale={guidance}).images[0]
 ```
@@ -1211,6 +1236,7 @@ so use `guidance_scale` between {args.w_min + 1} and {args.w_max + 1}.
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 | loss | {args.loss_type} (huber c = {args.huber_c}) |
 | DDIM steps N | {args.num_ddim_timesteps} |
+| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
 | EMA decay | {args.ema_decay} |
 | mixed precision | {args.mixed_precision} |
 """
@@ -1306,7 +1332,7 @@ def main(args):
     device = accelerator.device
     vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
-    teacher_unet.to(device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
+    teacher_unet.to(device, dtype=torch.float32 if args.teacher_unet_fp32 else weight_dtype)
     target_unet.to(device)
     if args.enable_xformers_memory_efficient_attention:
         for model in (unet, teacher_unet, target_unet):
@@ -1442,6 +1468,7 @@ def main(args):
             path = log_validation(args, accelerator, vae, text_encoder, tokenizer, model, name, global_step, weight_dtype)
             if path and name == "unet_target":
                 validation_image = os.path.relpath(path, args.output_dir)
+        lcm_scheduler_for(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
             f.write(model_card_text(args, repo_id, validation_image))

@@ -9,8 +9,9 @@ disabled and the target is the online student, as train_lcm_distill_lora_sd_wds.
 
 SDXL specifics: two text encoders (prompt embeds = both penultimate hidden states concatenated, pooled = the
 second encoder's projection); micro-conditioning time_ids = [orig_h, orig_w, crop_top, crop_left, target_h,
-target_w], height first; the unconditional input is zeros shaped like the conditional one; the SDXL VAE
-overflows in fp16, so it stays fp32 unless `--pretrained_vae_model_name_or_path` names an fp16-safe VAE.
+target_w], height first; the unconditional input is zeros shaped like the conditional one, as in SDXL base (a
+teacher pipeline with force_zeros_for_empty_prompt false gets the encoded empty prompt); the SDXL VAE overflows
+in fp16, so it stays fp32 unless `--pretrained_vae_model_name_or_path` names an fp16-safe VAE.
 
 Launch:
     accelerate launch train_lcm_distill_sdxl_wds.py \
@@ -76,7 +77,7 @@ LORA_TARGET_KINDS = (
 )
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-FULL_ONLY_FLAGS = ("unet_time_cond_proj_dim", "ema_decay", "cast_teacher_unet")
+FULL_ONLY_FLAGS = ("unet_time_cond_proj_dim", "ema_decay", "teacher_unet_fp32")
 LORA_ONLY_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "save_precision")
 
 
@@ -151,9 +152,10 @@ def parse_args(input_args=None):
     group.add_argument("--ema_decay", type=float, default=None, help="Full mode: mu, EMA decay of the target (0.95).")
     group.add_argument("--vae_encode_batch_size", type=int, default=32,
                        help="Images per VAE encoder call (lower it to save memory at high resolution).")
-    group.add_argument("--cast_teacher_unet", action="store_true",
-                       help="Full mode: store the teacher UNet in the mixed-precision dtype (saves memory; default "
-                            "fp32 weights under autocast).")
+    group.add_argument("--teacher_unet_fp32", action="store_true",
+                       help="Full mode: keep the frozen teacher UNet in fp32 (default: the mixed-precision dtype; "
+                            "autocast would run it in that dtype anyway, so fp32 weights only cost memory unless "
+                            "there is no autocast, as under DeepSpeed).")
     # ---- LoRA
     group = parser.add_argument_group("LoRA (--use_lora)")
     group.add_argument("--use_lora", action="store_true",
@@ -881,6 +883,27 @@ def concat_unet_kwargs(first, second):
     return torch.cat([first, second])
 
 
+# Copied from train_lcm_distill_sd_wds.cast_floats
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+# Copied from train_lcm_distill_sd_wds.unet_forward
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
 # Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
 @torch.no_grad()
 def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
@@ -891,15 +914,12 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
     same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
     """
     if batched:
-        both = teacher_unet(
-            torch.cat([noisy_latents, noisy_latents]),
-            torch.cat([timesteps, timesteps]),
-            **concat_unet_kwargs(cond_kwargs, uncond_kwargs),
-        ).sample
+        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
+                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
         cond_output, uncond_output = both.chunk(2)
     else:
-        cond_output = teacher_unet(noisy_latents, timesteps, **cond_kwargs).sample
-        uncond_output = teacher_unet(noisy_latents, timesteps, **uncond_kwargs).sample
+        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
+        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
     schedules = (prediction_type, alpha_schedule, sigma_schedule)
     cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
     uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
@@ -982,22 +1002,23 @@ def lcd_loss_sdxl(ctx, latents, cond, uncond):
 
     # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
-        student_output = ctx.unet(noisy_latents, start_timesteps, **w_input, **cond).sample
+        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, **w_input, **cond)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
     # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
     #    LoRA mode: the teacher is the student's own UNet with the adapters switched off.
     teacher_context = adapters_disabled(ctx.teacher_unet) if use_lora else contextlib.nullcontext(ctx.teacher_unet)
-    with ctx.autocast(), teacher_context as teacher_unet:
+    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher_context as teacher_unet:
         x_prev = teacher_guided_ddim_step(
             teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
             solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
-        ).float()
+        )
 
-    # 7. Target at t_n, no grad: the EMA network (full) or the online student itself (LoRA).
-    with torch.no_grad(), ctx.autocast():
-        target_output = ctx.target_unet(x_prev, timesteps, **w_input, **cond).sample
+    # 7. Target at t_n, no grad: the EMA network (full) or the online student itself (LoRA), in eval mode: with
+    #    LoRA dropout active the target would be a random draw, not the network's prediction.
+    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.target_unet):
+        target_output = unet_forward(ctx.target_unet, x_prev, timesteps, **w_input, **cond)
     target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
@@ -1035,7 +1056,7 @@ def encode_prompts_sdxl(text_encoders, tokenizers, prompts):
         output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
         pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
         hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), pooled
+    return torch.cat(hidden_states, dim=-1).float(), pooled.float()
 
 
 def unet_conditioning(prompt_embeds, pooled_embeds, time_ids):
@@ -1043,11 +1064,25 @@ def unet_conditioning(prompt_embeds, pooled_embeds, time_ids):
             "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids}}
 
 
-def unconditional_conditioning(cond):
-    """Zeros shaped like the conditional text inputs (as SDXL's zeroed empty prompt), same micro-conditioning."""
-    return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
-            "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"]),
-                                  "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
+def teacher_zeroes_empty_prompt(args):
+    """The teacher pipeline's `force_zeros_for_empty_prompt` (model_index.json; SDXL base and its default: true):
+    whether its unconditional input is zeros or the encoded empty prompt."""
+    config = StableDiffusionXLPipeline.load_config(args.pretrained_teacher_model, revision=args.teacher_revision,
+                                                   cache_dir=args.cache_dir)
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
+def unconditional_conditioning(cond, empty_prompt=None):
+    """The teacher's unconditional input, with the same micro-conditioning as `cond`: zeros shaped like the text
+    inputs when the pipeline zeroes the empty prompt (SDXL base), else `empty_prompt`, the encoded "" (embeddings,
+    pooled) broadcast over the batch."""
+    hidden, pooled = cond["encoder_hidden_states"], cond["added_cond_kwargs"]["text_embeds"]
+    if empty_prompt is None:
+        uncond_hidden, uncond_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    else:
+        uncond_hidden, uncond_pooled = (e.to(hidden.device).expand_as(c) for e, c in zip(empty_prompt, (hidden, pooled)))
+    return {"encoder_hidden_states": uncond_hidden,
+            "added_cond_kwargs": {"text_embeds": uncond_pooled, "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
 
 
 # Copied from train_lcm_distill_sd_wds.make_student_unet
@@ -1386,27 +1421,56 @@ def eval_mode(*models):
             model.train(mode)
 
 
+# Copied from train_lcm_distill_sd_wds.lcm_scheduler_for
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
+def decode_latents_to_image(pipeline, latents):
+    """The first image of a batch of SDXL latents, decoded as the pipeline does but outside autocast."""
+    vae = pipeline.vae
+    latents_mean, latents_std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if latents_mean is not None and latents_std is not None:
+        mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents.device, torch.float32)
+        std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents.device, torch.float32)
+        latents = latents.float() * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents.float() / vae.config.scaling_factor
+    with torch.autocast(latents.device.type, enabled=False):
+        image = vae.decode(latents.to(vae.dtype)).sample
+    return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
 def log_validation(args, accelerator, vae, text_encoders, tokenizers, unet, name, step, weight_dtype):
     """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
     prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
     if not prompts:
         return None
-    scheduler = LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                             revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                             original_inference_steps=args.num_ddim_timesteps)
+    scheduler = lcm_scheduler_for(args)
     pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-                                         unet=accelerator.unwrap_model(unet), scheduler=scheduler)
+                                         unet=accelerator.unwrap_model(unet), scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=teacher_zeroes_empty_prompt(args))
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    with torch.no_grad(), eval_mode(pipeline.unet), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                                                   enabled=weight_dtype != torch.float32):
+    with torch.no_grad(), eval_mode(pipeline.unet):
         for prompt in prompts:
             row = []
             for num_steps in VALIDATION_STEP_COUNTS:
                 generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps, guidance_scale=args.validation_guidance_scale,
-                                    height=args.resolution, width=args.resolution, generator=generator).images[0])
+                # autocast for the text encoders and the UNet only: the VAE decodes in its own dtype (fp32 unless
+                # an fp16-safe VAE was given), because the SDXL VAE overflows in fp16 and loses detail in bf16
+                with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                    latents = pipeline(prompt, num_inference_steps=num_steps, height=args.resolution,
+                                       width=args.resolution, guidance_scale=args.validation_guidance_scale,
+                                       generator=generator, output_type="latent").images
+                row.append(decode_latents_to_image(pipeline, latents))
             rows.append(row)
     grid = make_image_grid(rows)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
@@ -1471,7 +1535,7 @@ import torch
 from diffusers import {imports}
 
 {vae_line}{load}
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
 pipe.to("cuda")
 image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale={guidance}).images[0]
 ```
@@ -1491,6 +1555,7 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 {details}| loss | {args.loss_type} (huber c = {args.huber_c}) |
 | DDIM steps N | {args.num_ddim_timesteps} |
+| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
 | guidance range omega | [{args.w_min}, {args.w_max}] |
 | mixed precision | {args.mixed_precision} |
 """
@@ -1581,7 +1646,7 @@ def main(args):
         close_batches(loader_iterator)
         raise SystemExit(data_error_message(error)) from None
 
-    # ---- models. Full: frozen teacher (fp32 under autocast unless --cast_teacher_unet), fp32 student and EMA
+    # ---- models. Full: frozen teacher (mixed-precision dtype unless --teacher_unet_fp32), fp32 student and EMA
     # target. LoRA: one UNet, frozen base in the mixed-precision dtype + fp32 adapters. The SDXL VAE overflows in
     # fp16, so it stays fp32 unless another (fp16-safe) VAE is given.
     try:
@@ -1599,7 +1664,7 @@ def main(args):
         text_encoder.to(device, dtype=weight_dtype)
     unet.to(device)
     if teacher_unet is not None:
-        teacher_unet.to(device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
+        teacher_unet.to(device, dtype=torch.float32 if args.teacher_unet_fp32 else weight_dtype)
         target_unet.to(device)
     if args.enable_xformers_memory_efficient_attention:
         for model in (unet, teacher_unet, target_unet):
@@ -1657,6 +1722,8 @@ def main(args):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
+    # SDXL base zeroes the unconditional text inputs; a teacher whose pipeline does not is guided against ""
+    empty_prompt = None if teacher_zeroes_empty_prompt(args) else encode_prompts_sdxl(text_encoders, tokenizers, [""])
     ctx = LCDXLContext(
         unet=unet, teacher_unet=student if args.use_lora else teacher_unet,
         target_unet=student if args.use_lora else target_unet, noise_scheduler=noise_scheduler, solver=solver,
@@ -1689,7 +1756,7 @@ def main(args):
                     time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution,
                                                 args.use_fix_crop_and_size).to(device)
                     cond = unet_conditioning(prompt_embeds, pooled_embeds, time_ids)
-                    loss = lcd_loss_sdxl(ctx, latents, cond, unconditional_conditioning(cond))
+                    loss = lcd_loss_sdxl(ctx, latents, cond, unconditional_conditioning(cond, empty_prompt))
                     running_loss += loss.detach()
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -1753,6 +1820,7 @@ def main(args):
                                   weight_dtype)
             if path:
                 validation_image = os.path.relpath(path, args.output_dir)  # the last: unet_target or lora
+        lcm_scheduler_for(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
             f.write(model_card_text(args, repo_id, validation_image))

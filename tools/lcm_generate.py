@@ -7,6 +7,7 @@ of any output directory of train_lcm_distill_sd_wds.py.
 """
 
 import argparse
+import os
 import sys
 
 
@@ -14,6 +15,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True, help="The teacher pipeline (hub id or directory).")
     parser.add_argument("--unet", required=True, help="The distilled UNet directory (e.g. OUTPUT/unet_target).")
+    parser.add_argument("--scheduler", default=None,
+                        help="LCMScheduler folder; default: the training output's scheduler/ next to --unet (the "
+                             "DDIM grid and timestep scaling the student was trained for), else the teacher's.")
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--steps", type=int, default=4, help="LCM sampling steps (1-8).")
     parser.add_argument("--guidance_scale", type=float, default=8.0,
@@ -40,7 +44,13 @@ def main(argv=None):
     unet = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=dtype)
     pipe = StableDiffusionPipeline.from_pretrained(args.teacher, unet=unet, torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    scheduler_dir = args.scheduler or os.path.join(os.path.dirname(os.path.normpath(args.unet)), "scheduler")
+    if os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
+        pipe.scheduler = LCMScheduler.from_pretrained(scheduler_dir)
+    elif args.scheduler:
+        raise SystemExit(f"--scheduler: no scheduler_config.json in {args.scheduler}")
+    else:  # an output of an older run: the teacher's schedule with LCMScheduler's defaults
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
