@@ -161,9 +161,30 @@ def test_batches_already_read_round_robin():
 class _TwoTimesUnet(torch.nn.Module):
     """Stand-in UNet whose output depends on the text embedding, to check the batched CFG pass."""
 
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.unit = torch.nn.Parameter(torch.ones((), dtype=dtype))
+
     def forward(self, sample, timestep, encoder_hidden_states):
-        scale = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        # mixing dtypes here would promote silently; a network of another dtype must get its own dtype
+        assert sample.dtype == encoder_hidden_states.dtype == self.unit.dtype
+        scale = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1) * self.unit
         return type("Out", (), {"sample": sample * scale + timestep.view(-1, 1, 1, 1) * 1e-3})()
+
+
+def test_unet_forward_feeds_each_network_its_own_dtype_and_returns_fp32():
+    """What makes fp16/bf16 work without autocast (DeepSpeed, CPU): inputs cast to the network, output fp32."""
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 8), "added_cond_kwargs": {"time_ids": torch.ones(2, 6)}}
+    casted = lcd.cast_floats(cond, torch.bfloat16)
+    assert casted["encoder_hidden_states"].dtype == casted["added_cond_kwargs"]["time_ids"].dtype == torch.bfloat16
+    assert lcd.cast_floats({"ids": t}, torch.bfloat16)["ids"].dtype == torch.int64
+    for dtype in (torch.float32, torch.bfloat16):
+        out = lcd.unet_forward(_TwoTimesUnet(dtype), x, t, encoder_hidden_states=cond["encoder_hidden_states"])
+        assert out.dtype == torch.float32
+        reference = _TwoTimesUnet()(x.to(dtype).float(), t, cond["encoder_hidden_states"].to(dtype).float()).sample
+        torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
 
 
 def test_teacher_cfg_batched_equals_two_passes():
