@@ -1361,10 +1361,12 @@ def push_output_to_hub(args, commit_message="End of training"):
 
 # Copied from train_lcm_distill_sd_wds.tracker_names
 def tracker_names(report_to):
-    """--report_to value -> what Accelerator(log_with=...) takes."""
+    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
+    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
+    (comet, mlflow, ...), unconfigured, after the models have loaded."""
     if report_to in ("", "none"):
         return None
-    return "all" if report_to == "all" else report_to.split(",")
+    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
 
 
 # Copied from train_lcm_distill_sd_wds.tracker_config
