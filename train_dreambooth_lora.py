@@ -996,6 +996,21 @@ def tracker_config(args):
     return config
 
 
+# Copied from train_lcm_distill_sd_wds.report_peak_memory
+def report_peak_memory(accelerator, step):
+    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
+    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
+    None (and nothing logged) off CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
+    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
+    return peak
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -1211,6 +1226,7 @@ def main(args):
         stop.restore()
         progress.close()
 
+    report_peak_memory(accelerator, global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), args.output_dir,

@@ -7,6 +7,7 @@ import importlib
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -131,3 +132,27 @@ def test_report_to_all_means_tensorboard_and_wandb_only(script):
     assert module.tracker_names("all") == ["tensorboard", "wandb"]
     assert module.tracker_names("wandb") == ["wandb"] and module.tracker_names("none") is None
     assert module.tracker_names("tensorboard,wandb") == ["tensorboard", "wandb"]
+
+
+@pytest.mark.parametrize("script", ["train_lcm_distill_sd_wds", "train_lcm_distill_lora_sd_wds",
+                                    "train_lcm_distill_sdxl_wds", "train_bk_sdm_kd", "train_dreambooth_lora"])
+def test_peak_gpu_memory_is_logged_on_cuda_only(script, monkeypatch, caplog, request):
+    """Each script reports torch.cuda.max_memory_allocated at the end of training (benchmarks/gpu_check.py reads
+    the log line); there is no GPU here, so the CUDA query is stubbed."""
+    import torch
+    from accelerate.state import AcceleratorState, PartialState
+
+    PartialState()  # accelerate's logger needs the state
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    module = importlib.import_module(script)
+    logged = []
+    accelerator = SimpleNamespace(device=torch.device("cuda", 0), num_processes=1,
+                                  log=lambda values, step: logged.append((values, step)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30 + 2**29)
+    with caplog.at_level("INFO"):
+        assert module.report_peak_memory(accelerator, 7) == 3.5
+    assert logged == [({"train/max_memory_allocated_gib": 3.5}, 7)]
+    assert "peak GPU memory: 3.50 GiB allocated" in caplog.text
+    logged.clear()
+    accelerator.device = torch.device("cpu")
+    assert module.report_peak_memory(accelerator, 7) is None and logged == []
