@@ -84,6 +84,8 @@ def build_assets(work_dir, device, presets):
                 build_pipeline(preset, str(path), seed=0)
             print(f"built {preset} in {time.perf_counter() - started:.0f}s")
         assets[preset] = str(path)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the built models went to the meta device: give their memory to the runs
     images, shards = work_dir / "data" / "images", work_dir / "data" / "shards"
     if not list(shards.glob("shard-*.tar")):
         shutil.rmtree(work_dir / "data", ignore_errors=True)
@@ -115,7 +117,7 @@ def run_flags(run, common, assets, output_dir, attention):
     """All flags of one run of `configuration`: the users' memory-saving regime on top of `script_flags`."""
     _name, script, preset, resolution, batch, extra = run
     flags = script_flags(script, assets[preset], resolution, batch, common["steps"], assets, output_dir)
-    flags += extra + ["--use_8bit_adam", "--gradient_checkpointing"]
+    flags += extra + ["--mixed_precision", common["precision"], "--use_8bit_adam", "--gradient_checkpointing"]
     if attention == "xformers":
         flags.append("--enable_xformers_memory_efficient_attention")
     return flags
@@ -129,6 +131,13 @@ def parse_run(log):
     steady = [value for step, value in sorted(per_step.items()) if step > 2] or list(per_step.values())
     peak = re.findall(r"peak GPU memory: ([\d.]+) GiB", log)
     return (statistics.median(steady) if steady else None), (float(peak[-1]) if peak else None)
+
+
+def failure_line(log):
+    """The script's own last message: the launcher's traceback (CalledProcessError) that follows it says nothing."""
+    lines = [line for line in log.splitlines() if line.strip() and not line[0].isspace()
+             and not line.startswith("Traceback") and "CalledProcessError" not in line]
+    return lines[-1] if lines else "(no output)"
 
 
 def launch(script, flags, device, precision, timeout):
@@ -196,8 +205,7 @@ def main():
         if ok:
             row["status"] = "ok"
         elif "status" not in row:
-            last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-            row["status"] = f"failed ({result.returncode}): {last[0][:150]}"
+            row["status"] = f"failed ({result.returncode}): {failure_line(log)[:150]}"
         print(f"{name}: {row['status']} in {row['wall_s']}s", flush=True)
 
     def cell(value, fmt):

@@ -34,6 +34,7 @@ def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device)
         args = module.parse_args([str(f) for f in flags])
         assert args.use_8bit_adam and args.gradient_checkpointing and args.report_to == "none"
         assert args.max_train_steps == common["steps"] and args.train_batch_size == run[4]
+        assert args.mixed_precision == common["precision"]
         assert not args.enable_xformers_memory_efficient_attention
         assert getattr(args, "validation_prompts", []) == [] and getattr(args, "validation_prompt", None) is None
     flags = gpu_check.run_flags(runs[0], common, paths, tmp_path / "x", "xformers")
@@ -48,3 +49,12 @@ def test_log_parsing_takes_steady_state_samples_per_second_and_the_peak_line():
     log += "\n12:00:00 - INFO - __main__ - [RANK 0] peak GPU memory: 17.25 GiB allocated (torch.cuda...)\n"
     assert gpu_check.parse_run(log) == (5.0, 17.25)  # median of steps 3-5; the first two are warm-up
     assert gpu_check.parse_run("no progress") == (None, None)
+
+
+def test_a_failed_run_is_reported_by_the_scripts_own_last_line():
+    log = ("steps: 0/6\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+           "RuntimeError: expected m1 and m2 to have the same dtype\nTraceback (most recent call last):\n"
+           "  File \"launch.py\"\n    raise subprocess.CalledProcessError(returncode=1, cmd=cmd)\n"
+           "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n")
+    assert gpu_check.failure_line(log) == "RuntimeError: expected m1 and m2 to have the same dtype"
+    assert gpu_check.failure_line("") == "(no output)"
