@@ -1387,10 +1387,12 @@ def push_output_to_hub(args, commit_message="End of training"):
 
 # Copied from train_lcm_distill_sd_wds.tracker_names
 def tracker_names(report_to):
-    """--report_to value -> what Accelerator(log_with=...) takes."""
+    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
+    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
+    (comet, mlflow, ...), unconfigured, after the models have loaded."""
     if report_to in ("", "none"):
         return None
-    return "all" if report_to == "all" else report_to.split(",")
+    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
 
 
 # Copied from train_lcm_distill_sd_wds.tracker_config
@@ -1402,6 +1404,21 @@ def tracker_config(args):
             continue
         config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return config
+
+
+# Copied from train_lcm_distill_sd_wds.report_peak_memory
+def report_peak_memory(accelerator, step):
+    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
+    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
+    None (and nothing logged) off CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
+    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
+    return peak
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1624,6 +1641,7 @@ def main(args):
         student_features.remove()
         teacher_features.remove()
 
+    report_peak_memory(accelerator, global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if data_counts["n_corrupt"] or data_counts["n_filtered"]:

@@ -1,14 +1,13 @@
-"""train_lcm_distill_sd_wds.py with a v-prediction (SD 2.x-style) teacher, the 8-bit Adam wiring, and what a
-user sees for bad input: one clear line on stderr and a non-zero exit. Runs are in process (see conftest)."""
+"""train_lcm_distill_sd_wds.py with a v-prediction (SD 2.x-style) teacher, what --use_8bit_adam says without
+bitsandbytes (the real optimiser is tested in test_8bit_adam.py), and what a user sees for bad input: one clear
+line on stderr and a non-zero exit. Runs are in process (see conftest)."""
 
 import json
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import train_lcm_distill_sd_wds as lcd
 from conftest import rejection_line, run_in_process
@@ -136,27 +135,6 @@ def test_model_card_text(good_flags):
     assert "LCMScheduler" in card and "num_inference_steps=4" in card
     assert "between 4.0 and 10.0" in card and "| loss | huber" in card
     assert "![validation grid" in card
-
-
-def test_8bit_adam_is_bitsandbytes_adamw8bit_with_the_flags(good_flags, monkeypatch):
-    """The wiring of --use_8bit_adam, with a stand-in bitsandbytes: the real one needs CUDA to step."""
-    created = {}
-
-    class FakeAdamW8bit(torch.optim.AdamW):
-        def __init__(self, params, **kwargs):
-            created.update(kwargs)
-            super().__init__(params, **kwargs)
-
-    fake = ModuleType("bitsandbytes")
-    fake.optim = SimpleNamespace(AdamW8bit=FakeAdamW8bit)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
-    args = lcd.parse_args(good_flags + ["--adam_beta2", "0.99", "--adam_weight_decay", "0.01"])
-    args.use_8bit_adam = True
-    optimizer = lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 3e-5)
-    assert type(optimizer) is FakeAdamW8bit
-    assert created == {"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 0.01, "eps": 1e-08}
-    args.use_8bit_adam = False
-    assert type(lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 3e-5)) is torch.optim.AdamW
 
 
 def test_8bit_adam_requested_but_bitsandbytes_absent(capsys, good_flags, monkeypatch):
