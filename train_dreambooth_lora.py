@@ -1017,6 +1017,15 @@ def tracker_config(args):
     return config
 
 
+# Copied from train_lcm_distill_sd_wds.tracker_init_kwargs
+def tracker_init_kwargs(args):
+    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
+    (by default it would write ./wandb in whatever directory the job was started from)."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
 # Copied from train_lcm_distill_sd_wds.report_peak_memory
 def report_peak_memory(accelerator, step):
     """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
@@ -1163,7 +1172,8 @@ def main(args):
         accelerator.load_state(resume_dir)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
 
     ctx = DreamBoothContext(unet=unet, noise_scheduler=noise_scheduler, prior_loss_weight=args.prior_loss_weight,
                             autocast=accelerator.autocast)

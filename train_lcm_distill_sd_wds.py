@@ -1271,6 +1271,14 @@ def tracker_config(args):
     return config
 
 
+def tracker_init_kwargs(args):
+    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
+    (by default it would write ./wandb in whatever directory the job was started from)."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
 def report_peak_memory(accelerator, step):
     """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
     the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
@@ -1394,7 +1402,8 @@ def main(args):
         accelerator.load_state(resume_dir)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
 
     uncond_prompt_embeds = encode_prompts(text_encoder, tokenizer, [""])  # once, not per step
     ctx = LCDContext(

@@ -5,6 +5,7 @@ the cheapest to run. Runs are in process (see conftest)."""
 
 import importlib
 import json
+import os
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,8 +112,10 @@ def test_report_to_all_writes_tensorboard_and_wandb(assets, tmp_path, offline_wa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
+    offline_wandb.rmdir()
+    os.environ.pop("WANDB_DIR")  # the fixture restores it; without it the run goes next to tensorboard's logs
     run_in_process(SCRIPT, bk_flags(assets, out, "all", 1))
-    history, config, _ = offline_run(offline_wandb)
+    history, config, _ = offline_run(out / "logs")
     [row] = history
     assert LOSS_TERMS | {f"{GRID}/path"} <= row.keys() and row["_step"] == 1
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
