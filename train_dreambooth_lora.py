@@ -40,6 +40,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there go without the output-dir lock
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,7 +52,7 @@ from PIL import Image, ImageOps
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -173,6 +178,9 @@ def parse_args(input_args=None):
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--allow_topology_change", action="store_true",
+                       help="Resume even though processes, batch size, accumulation, seed or the number of images "
+                            "differ from the checkpoint's run; the example position is then approximate.")
     group.add_argument("--max_nonfinite_steps", type=int, default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
@@ -272,7 +280,9 @@ def validate_args(parser, args):
 def check_output_dir(parser, args, min_free_bytes=2**30):
     """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
     an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
-    checkpoints), one that cannot be written, one on a nearly full disk."""
+    checkpoints), one that cannot be written, one on a nearly full disk, one that another run is writing to."""
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: the other ranks of this launch share it
+        OutputDirLock.acquire(parser, args.output_dir)
     resumes = args.resume_from_checkpoint not in (None, "latest") or (
         args.resume_from_checkpoint == "latest" and complete_checkpoints(args.output_dir))
     if not resumes:
@@ -626,9 +636,10 @@ def load_models(args, weight_dtype):
 
 
 # Copied from train_lcm_distill_lora_sd_wds.lora_state_dict
-def lora_state_dict(unet, dtype=None):
-    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast."""
-    state = get_peft_model_state_dict(unet)
+def lora_state_dict(unet, dtype=None, full_state=None):
+    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast; taken
+    from `full_state` (the gathered weights, see full_state_dict) where DeepSpeed/FSDP shard them."""
+    state = get_peft_model_state_dict(unet, state_dict=full_state)
     return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
 
 
@@ -662,11 +673,12 @@ def text_encoder_kohya_state_dict(peft_state_dict, alpha):
     return {key.replace("lora_unet_", "lora_te_", 1): v for key, v in peft_to_kohya_state_dict(renamed, alpha).items()}
 
 
-def save_lora_files(unet, text_encoder, output_dir, dtype=None, kohya=True):
+def save_lora_files(unet, text_encoder, output_dir, dtype=None, kohya=True, full_states=(None, None)):
     """The adapters in diffusers format (alpha kept in the metadata) and, optionally, kohya format (A1111,
-    ComfyUI). `text_encoder` is None when it was not trained."""
-    unet_state = lora_state_dict(unet, dtype)
-    te_state = lora_state_dict(text_encoder, dtype) if text_encoder is not None else None
+    ComfyUI). `text_encoder` is None when it was not trained; `full_states` are their gathered weights where
+    DeepSpeed/FSDP shard them."""
+    unet_state = lora_state_dict(unet, dtype, full_states[0])
+    te_state = lora_state_dict(text_encoder, dtype, full_states[1]) if text_encoder is not None else None
     StableDiffusionPipeline.save_lora_weights(
         output_dir, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
         unet_lora_adapter_metadata=lora_adapter_metadata(unet),
@@ -756,6 +768,115 @@ def resolve_resume_checkpoint(args):
 def read_training_state(checkpoint_dir):
     with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
         return json.load(f)
+
+
+# Copied from train_lcm_distill_sd_wds.OutputDirLock
+class OutputDirLock:
+    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
+    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
+    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
+    """
+
+    FILE_NAME = ".output_dir.lock"
+    held = {}  # real path of an output dir -> the open file whose flock this process holds
+
+    @classmethod
+    def acquire(cls, parser, output_dir):
+        key = os.path.realpath(output_dir)
+        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+            return
+        path = os.path.join(output_dir, cls.FILE_NAME)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_file = open(path, "a+")
+        except OSError as error:
+            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "an unknown process"
+            lock_file.close()
+            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
+                         "wait for it to end or choose another --output_dir")
+        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
+            lock_file.close()
+            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                           "nothing stops a second run from writing into it")
+            return
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock_file.flush()
+        cls.held[key] = lock_file
+
+    @classmethod
+    def release_all(cls):
+        """Let the next run in: the end of a run (or of a run inside a test process)."""
+        while cls.held:
+            cls.held.popitem()[1].close()
+
+
+# Copied from train_lcm_distill_sd_wds.run_record with train_lcm_distill_sd_wds.py->train_dreambooth_lora.py
+def run_record(method, topology):
+    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
+
+    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
+    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
+    return {"script": "train_dreambooth_lora.py", "method": method, "topology": topology}  # survives a rename
+
+
+# Copied from train_lcm_distill_sd_wds.check_resume_compatible
+def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
+    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
+    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
+    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    Checkpoints from before these were recorded are taken as they are."""
+    theirs = (state.get("script"), state.get("method"))
+    ours = (record["script"], record["method"])
+    if theirs[0] is not None and theirs != ours:
+        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
+                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    recorded = state.get("topology") or {}
+    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
+               if key in recorded and recorded[key] != value]
+    if not changed:
+        return
+    if not allow_topology_change:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
+                         "settings, or pass --allow_topology_change to resume with an approximate data position")
+    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
+                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
+
+
+# Copied from train_lcm_distill_sd_wds.is_sharded
+def is_sharded(accelerator):
+    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
+    and may hold only a shard of their weights on each rank."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+# Copied from train_lcm_distill_sd_wds.configure_deepspeed
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
+    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
+    accumulation follows the flag, as the training loop does."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+
+# Copied from train_lcm_distill_sd_wds.full_state_dict
+def full_state_dict(accelerator, model):
+    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
+
+    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
+    if not is_sharded(accelerator):
+        return None
+    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
 
 
 # Copied from train_lcm_distill_sd_wds.save_checkpoint
@@ -991,7 +1112,8 @@ def push_output_to_hub(args, commit_message="End of training"):
     repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp"],
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
+                                   OutputDirLock.FILE_NAME],
                   token=args.hub_token)
     return repo_id
 
@@ -1070,6 +1192,7 @@ def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
+    configure_deepspeed(accelerator, args)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
     if accelerator.is_main_process:
@@ -1092,6 +1215,17 @@ def main(args):
         classes = ImageSet(load_images(class_paths, args.class_data_dir))
     num_examples = max(len(instances.images), len(classes.images) if classes else 0)
     transform = ImageTransform(args.resolution, center_crop=args.center_crop)
+    # what example_positions / example_at turn a step into: a resume must match it (see check_resume_compatible)
+    record = run_record("dreambooth-lora", {
+        "processes": accelerator.num_processes, "--train_batch_size": args.train_batch_size,
+        "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
+        "instance images": len(instances.images), "class images": len(classes.images) if classes else 0})
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
+        global_step = state["global_step"]
 
     # ---- models
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args, weight_dtype)
@@ -1152,22 +1286,27 @@ def main(args):
     def trained_text_encoder():
         return accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
 
+    def gathered_states():
+        """Every rank: under DeepSpeed/FSDP this gathers the trained models' shards (None, None otherwise)."""
+        return (full_state_dict(accelerator, unet),
+                full_state_dict(accelerator, text_encoder) if args.train_text_encoder else None)
+
     # Checkpoints hold the adapters only, as a loadable diffusers LoRA file.
     def save_model_hook(models, weights, output_dir):
+        full_states = gathered_states()
         if accelerator.is_main_process:
-            save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), output_dir, kohya=False)
+            save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), output_dir, kohya=False,
+                            full_states=full_states)
         weights.clear()
 
     def load_model_hook(models, input_dir):
-        models.clear()
-        load_lora_checkpoint(accelerator.unwrap_model(unet), trained_text_encoder(), input_dir)
+        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapters from their own files
+            models.clear()
+            load_lora_checkpoint(accelerator.unwrap_model(unet), trained_text_encoder(), input_dir)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    resume_dir = resolve_resume_checkpoint(args)
-    global_step = 0
     if resume_dir is not None:
-        global_step = read_training_state(resume_dir)["global_step"]
         accelerator.print(f"resuming from {resume_dir} at step {global_step}")
         accelerator.load_state(resume_dir)
 
@@ -1245,7 +1384,7 @@ def main(args):
             accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0 or stop_requested:
-                checkpoint = save_checkpoint(accelerator, args, global_step, {})
+                checkpoint = save_checkpoint(accelerator, args, global_step, record)
             if stop_requested:
                 stop.exit_after(accelerator, global_step, checkpoint)
             if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
@@ -1259,9 +1398,10 @@ def main(args):
 
     report_peak_memory(accelerator, global_step)
     accelerator.wait_for_everyone()
+    full_states = gathered_states()
     if accelerator.is_main_process:
         save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), args.output_dir,
-                        dtype=weight_dtype_for(args.save_precision))
+                        dtype=weight_dtype_for(args.save_precision), full_states=full_states)
         path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
                               weight_dtype)
         validation_image = os.path.relpath(path, args.output_dir) if path else None
@@ -1271,6 +1411,7 @@ def main(args):
         if args.push_to_hub:
             push_output_to_hub(args)
     accelerator.end_training()
+    OutputDirLock.release_all()
 
 
 if __name__ == "__main__":

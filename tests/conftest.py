@@ -99,6 +99,7 @@ def run_in_process(script, args, *, check=True):
         if not isinstance(exit_.code, int) and exit_.code is not None:
             captured.write(f"{exit_.code}\n")
     finally:
+        module.OutputDirLock.release_all()  # as the end of its process would: the next run may use the dir
         root.removeHandler(handler)
         root.setLevel(previous_level)
         AcceleratorState._reset_state(reset_partial_state=True)
