@@ -316,7 +316,8 @@ def test_missing_teacher_is_one_line_error(assets, capsys, tmp_path):
     assert "--pretrained_teacher_model: no such directory" in parse_error(capsys, argv)
 
 
-def test_defaults_follow_the_paper_recipe(assets):
+def test_defaults_follow_the_paper_recipe(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is relative: keep it out of the repository
     args = bk.parse_args(["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", assets["images"]])
     assert args.pretrained_teacher_model == assets["tiny-sd"]
     assert (args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat) == (1.0, 1.0, 1.0)
