@@ -323,11 +323,36 @@ def text_encoder_adapter_problem():
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_lcm_distill_sd_wds.to_rgb
+def to_rgb(image):
+    """8-bit RGB of any decoded image, EXIF orientation applied.
+
+    `convert("RGB")` clips instead of scaling: a 16-bit PNG (modes I;16 / I) becomes nearly white, a float
+    image nearly black. Those are scaled to 8 bits here (16-bit by 1/257, float from [0, 1] or, beyond, as
+    16-bit). Transparent pixels are composited over white rather than showing whatever colour they hide."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
+            array = array / 257.0
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
 def load_image(path):
     """The image as RGB with its EXIF orientation applied (phone photos), or None when it is not an image."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return to_rgb(image)
     except Exception:  # PIL raises many types for non-image or truncated files
         return None
 

@@ -16,7 +16,7 @@ Differences from full LCD (train_lcm_distill_sd_wds.py), following the LCM-LoRA 
 Launch:
     accelerate launch train_lcm_distill_lora_sd_wds.py \
         --pretrained_teacher_model=stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --train_shards_path_or_url="pipe:curl -L -s https://host/laion/{00000..01099}.tar" \
+        --train_shards_path_or_url="pipe:curl --fail -L -s -S --retry 3 --speed-limit 10000 --speed-time 60 https://host/laion/{00000..01099}.tar" \
         --output_dir=lcm-lora-sd15 --mixed_precision=fp16 --resolution=512 --lora_rank=64 \
         --learning_rate=1e-4 --loss_type=huber --train_batch_size=12 --max_train_steps=1000
 
@@ -36,8 +36,11 @@ import math
 import os
 import random
 import re
+import select
+import shlex
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -133,6 +137,9 @@ def parse_args(input_args=None):
                        help="Samples held by each reader to shuffle within and across shards (0 disables).")
     group.add_argument("--dataloader_num_workers", type=int, default=4,
                        help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--shard_read_timeout", type=float, default=600.0,
+                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
+                            "skipped and counted as data/stalled_shards).")
     # ---- latent consistency distillation
     group = parser.add_argument_group("latent consistency distillation")
     group.add_argument("--w_min", type=float, default=5.0, help="Lowest guidance scale omega sampled per example.")
@@ -454,33 +461,106 @@ class SampleFilter:
     min_aesthetic_score: float = None
 
     def reject_by_metadata(self, meta):
-        """Reason string when the json alone rejects the sample (checked before the image is decoded)."""
-        width = meta.get("original_width", meta.get("width"))
-        height = meta.get("original_height", meta.get("height"))
-        if self.min_image_size and width is not None and height is not None:
-            if min(float(width), float(height)) < self.min_image_size:
+        """Reason string when the json alone rejects the sample (checked before the image is decoded).
+        MalformedMetadata when a field a filter needs is not a number."""
+        if self.min_image_size:
+            width = metadata_number(meta, "original_width", "width")
+            height = metadata_number(meta, "original_height", "height")
+            if width is not None and height is not None and min(width, height) < self.min_image_size:
                 return "too small"
-        pwatermark = meta.get("pwatermark")
-        if self.max_watermark_probability is not None and pwatermark is not None:
-            if float(pwatermark) > self.max_watermark_probability:
+        if self.max_watermark_probability is not None:
+            pwatermark = metadata_number(meta, "pwatermark")
+            if pwatermark is not None and pwatermark > self.max_watermark_probability:
                 return "watermark"
-        aesthetic = meta.get("aesthetic", meta.get("aesthetic_score"))
-        if self.min_aesthetic_score is not None and aesthetic is not None:
-            if float(aesthetic) < self.min_aesthetic_score:
+        if self.min_aesthetic_score is not None:
+            aesthetic = metadata_number(meta, "aesthetic", "aesthetic_score")
+            if aesthetic is not None and aesthetic < self.min_aesthetic_score:
                 return "aesthetic"
         return None
 
 
+# Copied from train_lcm_distill_sd_wds.MalformedMetadata
+class MalformedMetadata(ValueError):
+    """A sample's metadata holds something its reader cannot use (the sample is skipped and counted)."""
+
+
+# Copied from train_lcm_distill_sd_wds.metadata_number
+def metadata_number(meta, *keys):
+    """The first of `keys` present in a sample's metadata, as a finite float, or None when none is present.
+
+    Numeric strings count as numbers (CSV cells are strings) and an empty string as absent (an empty CSV
+    cell); anything else that is not a finite number (other strings, null, lists, objects, booleans, NaN)
+    raises MalformedMetadata, so the sample is skipped instead of stopping the run."""
+    for key in keys:
+        if key not in meta or meta[key] == "":
+            continue
+        value = meta[key]
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise MalformedMetadata(f"json {key!r} is not a number: {value!r}"[:200])
+        return number
+    return None
+
+
 # Copied from train_lcm_distill_sd_wds.original_size_from_metadata
 def original_size_from_metadata(meta):
-    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None."""
-    width = meta.get("original_width", meta.get("width"))
-    height = meta.get("original_height", meta.get("height"))
-    try:
-        size = (int(height), int(width))
-    except (TypeError, ValueError):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None
+    when absent or not positive. MalformedMetadata when present but not a number (or absurdly large)."""
+    width = metadata_number(meta, "original_width", "width")
+    height = metadata_number(meta, "original_height", "height")
+    if width is None or height is None:
         return None
+    if max(width, height) >= 2**31:  # would overflow the int64 micro-conditioning tensors downstream
+        raise MalformedMetadata(f"json size {width:g} x {height:g} is not a real image size")
+    size = (int(height), int(width))
     return size if min(size) > 0 else None
+
+
+# Copied from train_lcm_distill_sd_wds.caption_from_metadata
+def caption_from_metadata(meta):
+    """The caption of a sample without a .txt: json 'caption', else 'text'; '' when neither is present.
+    MalformedMetadata when it is a list or an object (a number is taken as its text)."""
+    for key in ("caption", "text"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, dict)):
+            raise MalformedMetadata(f"json {key!r} is not text: {value!r}"[:200])
+        return str(value).strip()
+    return ""
+
+
+# Copied from train_lcm_distill_sd_wds.to_rgb
+def to_rgb(image):
+    """8-bit RGB of any decoded image, EXIF orientation applied.
+
+    `convert("RGB")` clips instead of scaling: a 16-bit PNG (modes I;16 / I) becomes nearly white, a float
+    image nearly black. Those are scaled to 8 bits here (16-bit by 1/257, float from [0, 1] or, beyond, as
+    16-bit). Transparent pixels are composited over white rather than showing whatever colour they hide."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
+            array = array / 257.0
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -508,14 +588,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     * Each (rank, worker) reader takes every S-th shard (S = readers), so readers never see the same sample.
       Fewer shards than readers is a clear error: reading every shard on every reader would multiply I/O.
     * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
-      the counts ride along with each batch (`n_corrupt`, `n_filtered`) so the main process can log them.
+      samples whose metadata holds what cannot be used (`n_malformed`) too; the counts (`new_data_counts`)
+      ride along with each batch so the main process can log them. Samples without any caption are counted.
     * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
-      in a whole pass over its data, raises DataError.
+      in a whole pass over its data, raises DataError; a shard that sends no byte for `shard_read_timeout`
+      seconds is abandoned and counted (`n_stalled`).
     """
 
     def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
                  proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
-                 skip_batches=0, max_rejects_before_first=500):
+                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
@@ -529,6 +611,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer_size = shuffle_buffer_size
         self.skip_batches = skip_batches
         self.max_rejects_before_first = max_rejects_before_first
+        self.shard_read_timeout = shard_read_timeout
+        self.warned_uncaptioned = False
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -536,7 +620,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader = self.rank * num_workers + worker_id
         num_readers = self.world_size * num_workers
         rng = random.Random(f"{self.seed}-{reader}-{num_readers}")
-        counts = {"n_corrupt": 0, "n_filtered": 0}
+        counts = new_data_counts()
         to_skip = batches_already_read(self.skip_batches, worker_id, num_workers)
         batch = []
         for sample in self._samples(reader, num_readers, rng, counts):
@@ -575,7 +659,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if delivered == 0 and rejects_in_a_row >= self.max_rejects_before_first:
                         raise DataError(
                             f"no usable sample in the first {rejects_in_a_row} read from {len(shards)} shard(s) "
-                            f"({counts['n_corrupt']} unreadable, {counts['n_filtered']} filtered out): check the "
+                            f"({describe_data_counts(counts)}): check the "
                             "shards and the filters (--min_image_size, --max_watermark_probability, "
                             "--min_aesthetic_score)"
                         )
@@ -588,18 +672,33 @@ class ShardStream(torch.utils.data.IterableDataset):
                     break
             if produced == 0:
                 raise DataError(
-                    f"a whole pass over {len(shards)} shard(s) gave no usable sample ({counts['n_corrupt']} "
-                    f"unreadable, {counts['n_filtered']} filtered out): {', '.join(shards[:3])}"
+                    f"a whole pass over {len(shards)} shard(s) gave no usable sample "
+                    f"({describe_data_counts(counts)}): {', '.join(shards[:3])}"
                 )
 
-    @staticmethod
-    def _raw_samples(shards, counts):
+    def _raw_samples(self, shards, counts):
+        stalled = set()
+
         def count_and_continue(exn):
+            if isinstance(exn, ShardStalled):  # raised again by every later read of that shard: count it once
+                if exn.url not in stalled:
+                    stalled.add(exn.url)
+                    counts["n_stalled"] += 1
+                    logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn}"[:300])
+                return True
             counts["n_corrupt"] += 1
             logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
             return True
 
-        return tarfile_samples([{"url": url} for url in shards], handler=count_and_continue)
+        def opened():
+            for url in shards:
+                try:
+                    yield {"url": url, "stream": open_shard(url, self.shard_read_timeout)}
+                except Exception as exn:  # a missing file, a command that cannot start
+                    count_and_continue(exn)
+
+        files = tar_file_expander(opened(), handler=count_and_continue)
+        return group_by_keys(files, handler=count_and_continue)
 
     def _shuffled(self, samples, rng):
         if self.shuffle_buffer_size <= 1:
@@ -621,8 +720,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 meta = json.loads(sample["json"])
             except (ValueError, UnicodeDecodeError):
-                meta = {}
-        if self.sample_filter.reject_by_metadata(meta) is not None:
+                meta = {}  # unparsable metadata: the sample is kept, judged by its image alone
+        try:
+            if not isinstance(meta, dict):
+                raise MalformedMetadata(f"json is a {type(meta).__name__}, not an object")
+            rejected = self.sample_filter.reject_by_metadata(meta) is not None
+            # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
+            meta_size = original_size_from_metadata(meta)
+            caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
+                       else caption_from_metadata(meta))
+        except MalformedMetadata:
+            counts["n_malformed"] += 1
+            return None
+        if rejected:
             counts["n_filtered"] += 1
             return None
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -630,25 +740,121 @@ class ShardStream(torch.utils.data.IterableDataset):
             counts["n_corrupt"] += 1
             return None
         try:
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = to_rgb(Image.open(io.BytesIO(sample[image_key])))
         except Exception:  # PIL raises many types for truncated or non-image bytes
             counts["n_corrupt"] += 1
             return None
         if self.sample_filter.min_image_size and min(image.size) < self.sample_filter.min_image_size:
             counts["n_filtered"] += 1
             return None
-        if "txt" in sample:
-            caption = sample["txt"].decode("utf-8", errors="replace").strip()
-        else:
-            caption = str(meta.get("caption", meta.get("text", "")))
+        if not caption:
+            counts["n_uncaptioned"] += 1
+            if not self.warned_uncaptioned:
+                self.warned_uncaptioned = True
+                logging.getLogger(__name__).warning(
+                    f"samples without a caption (no .txt, no json 'caption' or 'text'), e.g. {sample.get('__key__')} "
+                    f"in {sample.get('__url__')}: they train unconditionally; counted as data/uncaptioned")
         if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
             caption = ""
         pixels, original_size, crop_top_left = self.transform(image, rng)
-        # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
-        original_size = original_size_from_metadata(meta) or original_size
+        original_size = meta_size or original_size
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
                 "crop_top_left": crop_top_left}
+
+
+# Copied from train_lcm_distill_sd_wds.new_data_counts
+def new_data_counts():
+    """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
+    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
+
+
+# Copied from train_lcm_distill_sd_wds.describe_data_counts
+def describe_data_counts(counts):
+    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
+    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
+    return ", ".join(parts)
+
+
+# Copied from train_lcm_distill_sd_wds.data_count_logs
+def data_count_logs(counts):
+    """The data counts as tracker values."""
+    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
+# Copied from train_lcm_distill_sd_wds.ShardStalled
+class ShardStalled(OSError):
+    """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
+
+    def __init__(self, url, timeout):
+        super().__init__(f"no data for {timeout:g} s from {url} (--shard_read_timeout)")
+        self.url = url
+
+
+# Copied from train_lcm_distill_sd_wds.WatchedCommand
+class WatchedCommand(io.RawIOBase):
+    """The stdout of a shell command (a 'pipe:' shard, or curl for an http(s) one), read under a deadline: a read
+    that receives nothing for `timeout` seconds kills the command and raises ShardStalled, as does every later
+    read. A command that exits non-zero raises OSError at its end of data."""
+
+    def __init__(self, command, url, timeout):
+        super().__init__()
+        self.url, self.timeout = url, timeout
+        # its own session, so that killing it also kills what the shell started (curl, sleep, ...)
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0,
+                                        start_new_session=True)
+        self.stalled = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.stalled:
+            raise ShardStalled(self.url, self.timeout)
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+        if not ready:
+            self.stalled = True
+            self._kill()
+            raise ShardStalled(self.url, self.timeout)
+        data = os.read(self.process.stdout.fileno(), len(buffer))
+        if not data:
+            status = self.process.wait()
+            if status != 0:
+                raise OSError(f"{self.url}: the command exited with status {status}")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _kill(self):
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self):
+        if not self.closed:
+            self._kill()
+            self.process.stdout.close()
+        super().close()
+
+
+# Copied from train_lcm_distill_sd_wds.open_shard
+def open_shard(url, timeout):
+    """A readable binary stream of one shard: 'pipe:' commands and http(s) urls run under the read watchdog
+    (http through curl with its own stall limits), local paths are opened, other schemes go to webdataset."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(WatchedCommand(url[len("pipe:"):], url, timeout), buffer_size=1 << 20)
+    if url.startswith(("http://", "https://")):
+        command = (f"curl --fail --silent --show-error --location --connect-timeout 30 --speed-limit 1024 "
+                   f"--speed-time {max(1, int(timeout))} {shlex.quote(url)}")
+        return io.BufferedReader(WatchedCommand(command, url, timeout), buffer_size=1 << 20)
+    if url.startswith("file:"):
+        url = url[len("file:"):]
+    if not is_remote_url(url):
+        return open(os.path.expanduser(url), "rb")
+    return gopen(url)
 
 
 # Copied from train_lcm_distill_sd_wds.defer_stop_signals
@@ -710,6 +916,7 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
+        shard_read_timeout=args.shard_read_timeout,
     )
     return torch.utils.data.DataLoader(
         stream,
@@ -1419,7 +1626,7 @@ def main(args):
     # ---- data first: a source that yields nothing fails now, not after minutes of model loading
     resume_dir = resolve_resume_checkpoint(args)
     global_step = 0
-    data_counts = {"n_corrupt": 0, "n_filtered": 0}
+    data_counts = new_data_counts()
     if resume_dir is not None:
         state = read_training_state(resume_dir)
         global_step = state["global_step"]
@@ -1540,7 +1747,7 @@ def main(args):
             step_started = now
             logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/samples_per_sec": samples_per_sec,
-                    "data/skipped_unreadable": data_counts["n_corrupt"], "data/filtered": data_counts["n_filtered"]}
+                    **data_count_logs(data_counts)}
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}",
                                  skipped=data_counts["n_corrupt"])
@@ -1563,9 +1770,8 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if data_counts["n_corrupt"] or data_counts["n_filtered"]:
-            logger.info(f"data: {data_counts['n_corrupt']} unreadable samples skipped, "
-                        f"{data_counts['n_filtered']} filtered out")
+        if any(data_counts.values()):
+            logger.info(f"data: {describe_data_counts(data_counts)}")
         save_lora_files(base_unet, args.output_dir, dtype=weight_dtype_for(args.save_precision))
         path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
         validation_image = os.path.relpath(path, args.output_dir) if path else None

@@ -1,0 +1,228 @@
+"""Bad input (issue 12): high-bit-depth images, stalled shard commands, malformed per-sample metadata, samples
+without captions, spreadsheet CSV metadata, out-of-range numeric flags, the wrong kind of model, and the
+DreamBooth cache's crops. Most tests drive the data stream or the argument parser directly (no model loads)."""
+
+import io
+import json
+import logging
+import os
+import struct
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_bk_sdm_kd as bk
+import train_dreambooth_lora as dreambooth
+import train_lcm_distill_lora_sd_wds as lcm_lora
+import train_lcm_distill_sd_wds as lcd
+import train_lcm_distill_sdxl_wds as sdxl
+
+STREAM_MODULES = [lcd, lcm_lora, sdxl, bk]
+ALL_MODULES = STREAM_MODULES + [dreambooth]
+
+
+def write_tar(path, samples):
+    """A WebDataset shard from [{"__key__": key, ext: bytes | str | object}] (objects are written as json)."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, value in sample.items():
+                if ext == "__key__":
+                    continue
+                if ext == "json" and not isinstance(value, (bytes, str)):
+                    value = json.dumps(value)
+                data = value.encode("utf-8") if isinstance(value, str) else value
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def png_bytes(image, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def png16(array, color_type):
+    """A 16-bit PNG written by hand (PIL cannot write 48/64-bit ones): color_type 0 gray, 2 RGB, 4 LA, 6 RGBA."""
+    height, width = array.shape[:2]
+    raw = b"".join(b"\x00" + array[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def stream(module, urls, batch_size, **kwargs):
+    transform = module.ImageTransform(16, "nearest", center_crop=True)
+    kwargs.setdefault("shuffle_buffer_size", 0)
+    return module.ShardStream(urls, batch_size, transform, seed=0, **kwargs)
+
+
+def first_batch(module, urls, batch_size, **kwargs):
+    return next(iter(stream(module, urls, batch_size, **kwargs)))
+
+
+def as_uint8(pixel_values):
+    """The 8-bit picture a batch's [-1, 1] CHW tensor came from."""
+    return np.rint((pixel_values.permute(1, 2, 0).numpy() + 1.0) * 127.5).astype(np.int64)
+
+
+# ---- 1. high-bit-depth and other non-RGB images ------------------------------------------------------------
+
+
+def high_bit_depth_cases():
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65536, size=(16, 16)).astype(np.uint16)
+    rgb16 = rng.integers(0, 65536, size=(16, 16, 3)).astype(np.uint16)
+    to8 = lambda a: np.rint(a / 257.0).astype(np.int64)  # noqa: E731
+    floats = rng.random((16, 16)).astype(np.float32)
+    tiff = io.BytesIO()
+    Image.fromarray(floats, mode="F").save(tiff, "TIFF")
+    rgba = rng.integers(0, 256, size=(16, 16, 4)).astype(np.uint8)
+    rgba[..., 3] = 0
+    rgba[:8, :, 3] = 255  # top half opaque, bottom half transparent (hidden colours must not show)
+    expected_rgba = rgba[..., :3].astype(np.int64).copy()
+    expected_rgba[8:] = 255
+    return {
+        "gray16_pil": (png_bytes(Image.fromarray(gray16)), np.repeat(to8(gray16)[..., None], 3, axis=2)),
+        "gray16_raw": (png16(gray16, 0), np.repeat(to8(gray16)[..., None], 3, axis=2)),
+        "rgb48": (png16(rgb16, 2), to8(rgb16)),
+        "float_tiff": (tiff.getvalue(), np.repeat(np.rint(floats * 255.0).astype(np.int64)[..., None], 3, axis=2)),
+        "rgba_transparent": (png_bytes(Image.fromarray(rgba, "RGBA")), expected_rgba),
+    }
+
+
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
+    cases = high_bit_depth_cases()
+    samples = [{"__key__": name, "tiff" if name == "float_tiff" else "png": data, "txt": name}
+               for name, (data, _) in cases.items()]
+    for sample in samples:  # the stream reads .png/.jpg/.webp members; TIFF bytes travel under .png
+        if "tiff" in sample:
+            sample["png"] = sample.pop("tiff")
+    url = write_tar(tmp_path / "deep.tar", samples)
+    for module in STREAM_MODULES:
+        batch = first_batch(module, [url], len(cases))
+        assert batch["n_corrupt"] == 0
+        for caption, pixels in zip(batch["captions"], batch["pixel_values"]):
+            # PIL itself decodes 48-bit RGB to 8 bits by keeping the high byte: off by at most 1 from rounding
+            tolerance = 1 if caption == "rgb48" else 0
+            difference = np.abs(as_uint8(pixels) - cases[caption][1]).max()
+            assert difference <= tolerance, (module.__name__, caption, difference)
+    for name, (data, expected) in cases.items():  # DreamBooth reads files from a folder
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(data)
+        difference = np.abs(np.asarray(dreambooth.load_image(str(path)), dtype=np.int64) - expected).max()
+        assert difference <= (1 if name == "rgb48" else 0), (name, difference)
+
+
+def test_palette_la_and_cmyk_become_sensible_rgb():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(8, 8, 3)).astype(np.uint8)
+    palette = Image.fromarray(rgb).quantize(16)
+    np.testing.assert_array_equal(np.asarray(lcd.to_rgb(palette)), np.asarray(palette.convert("RGB")))
+    la = Image.merge("LA", [Image.fromarray(rgb[..., 0]), Image.new("L", (8, 8), 0)])
+    assert (np.asarray(lcd.to_rgb(la)) == 255).all()  # fully transparent: the white background
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    assert np.abs(np.asarray(lcd.to_rgb(cmyk)).astype(int) - rgb).max() <= 1
+
+
+# ---- 3 and 4. malformed metadata, samples without captions -------------------------------------------------
+
+
+def good_png(value=128):
+    return png_bytes(Image.new("RGB", (16, 16), (value, value, value)))
+
+
+def test_malformed_metadata_is_skipped_and_counted_for_every_field(tmp_path, caplog):
+    bad_json = [
+        ["a", "list"], "a string", 3, None,  # valid json, not an object
+        {"width": "wide", "height": 16}, {"original_width": None, "original_height": 16},
+        {"width": [16], "height": 16}, {"width": True, "height": 16}, {"original_width": 1e40, "original_height": 16},
+        {"pwatermark": "low"}, {"pwatermark": None}, {"aesthetic": [5]}, {"aesthetic_score": False},
+        {"aesthetic": "NaN"}, {"caption": {"text": "nested"}},
+    ]
+    samples = [{"__key__": f"bad{i}", "png": good_png(), "json": json.dumps(meta)} for i, meta in enumerate(bad_json)]
+    samples += [{"__key__": "numeric_strings", "png": good_png(), "json": {"width": "64", "height": "64",
+                                                                          "aesthetic": "6.5", "pwatermark": "0.1"},
+                 "txt": "csv-like strings are numbers"},
+                {"__key__": "good", "png": good_png(), "json": {"width": 640, "height": 480, "caption": "json caption"}}]
+    url = write_tar(tmp_path / "malformed.tar", samples)
+    for module in STREAM_MODULES:
+        filters = module.SampleFilter(min_image_size=8, max_watermark_probability=0.5, min_aesthetic_score=5.0)
+        batch = first_batch(module, [url], 2, sample_filter=filters)
+        assert batch["captions"] == ["csv-like strings are numbers", "json caption"], module.__name__
+        assert batch["n_malformed"] == len(bad_json) and batch["n_filtered"] == 0 and batch["n_corrupt"] == 0
+        assert batch["original_sizes"].tolist() == [[64, 64], [480, 640]]  # SDXL micro-conditioning, (h, w)
+    # a resumed stream replays (skips) the same samples without stopping either
+    batch = first_batch(lcd, [url], 1, sample_filter=lcd.SampleFilter(8, 0.5, 5.0), skip_batches=1)
+    assert batch["captions"] == ["json caption"]
+    # fields no active filter reads do not reject a sample
+    lenient = first_batch(lcd, [url], 2, sample_filter=lcd.SampleFilter())
+    assert lenient["n_malformed"] < len(bad_json)
+
+
+def test_samples_without_any_caption_are_counted_with_one_warning(tmp_path, caplog):
+    url = write_tar(tmp_path / "nocaption.tar", [
+        {"__key__": f"s{i}", "png": good_png(), "json": {"width": 16, "height": 16}} for i in range(4)
+    ] + [{"__key__": "captioned", "png": good_png(), "txt": "a caption"}])
+    with caplog.at_level(logging.WARNING):
+        batch = first_batch(lcd, [url], 5)
+    assert batch["n_uncaptioned"] == 4 and batch["captions"][:4] == [""] * 4
+    warnings = [r.getMessage() for r in caplog.records if "without a caption" in r.getMessage()]
+    assert len(warnings) == 1 and "nocaption.tar" in warnings[0] and "unconditionally" in warnings[0]
+    assert "4 without a caption" in lcd.describe_data_counts(batch)
+    assert lcd.data_count_logs(batch)["data/uncaptioned"] == 4
+
+
+# ---- 2. stalled shard commands -----------------------------------------------------------------------------
+
+
+def test_stalled_pipe_shard_is_abandoned_and_counted(tmp_path, caplog):
+    good = write_tar(tmp_path / "good.tar", [{"__key__": f"g{i}", "png": good_png(i), "txt": f"good {i}"}
+                                             for i in range(4)])
+    pids = tmp_path / "pids"
+    urls = [
+        f"pipe:echo $$ >> {pids}; exec sleep 1000",  # sends nothing at all
+        f"pipe:head -c 2560 {good}; echo $$ >> {pids}; exec sleep 1000",  # half a tar, then nothing
+        f"pipe:cat {good}",
+    ]
+    started = time.monotonic()
+    counts = lcd.new_data_counts()
+    with caplog.at_level(logging.WARNING):
+        samples = list(stream(lcd, urls, 1, shard_read_timeout=1.0)._raw_samples(urls, counts))
+    assert time.monotonic() - started < 30
+    assert counts["n_stalled"] == 2
+    keys = [s["__key__"] for s in samples]
+    assert keys[-4:] == ["g0", "g1", "g2", "g3"]  # the good shard is read in full after the stalled ones
+    assert [r for r in caplog.records if "stalled shard" in r.getMessage() and "--shard_read_timeout" in r.getMessage()]
+    for pid in pids.read_text().split():  # the stalled commands were killed, not left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    # a command that exits non-zero is an unreadable shard, not a silent short one
+    counts = lcd.new_data_counts()
+    assert list(stream(lcd, ["pipe:false"], 1)._raw_samples(["pipe:false"], counts)) == []
+    assert counts["n_corrupt"] == 1 and counts["n_stalled"] == 0
+
+
+def test_only_stalled_shards_fail_with_one_line(tmp_path):
+    with pytest.raises(lcd.DataError, match=r"gave no usable sample \(0 unreadable, 1 stalled shard"):
+        first_batch(lcd, ["pipe:sleep 1000"], 1, shard_read_timeout=0.5)
+
+
+def test_readme_curl_lines_cannot_stall():
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    curls = [line for line in text.splitlines() if "pipe:curl" in line]
+    assert curls
+    for line in curls:
+        assert "--speed-limit" in line and "--speed-time" in line and "--fail" in line, line
