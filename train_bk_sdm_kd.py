@@ -753,45 +753,77 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "crop_top_left": crop_top_left}
 
 
-def read_metadata_rows(data_dir):
-    """(metadata file name, list of row dicts) of an image folder: metadata.jsonl, else metadata.csv."""
+def read_metadata_rows(data_dir, image_column="file_name"):
+    """(metadata file name, [(line number, row)]) of an image folder: metadata.jsonl, else metadata.csv.
+
+    CSV is read as spreadsheets write it: a UTF-8 byte-order mark, CRLF line ends, quoted fields holding commas
+    or line breaks, ';' or tab as the separator (the one that splits the header so it names `image_column`),
+    and cp1252 text when the file is not UTF-8."""
     for name in METADATA_FILES:
         path = os.path.join(data_dir, name)
         if not os.path.isfile(path):
             continue
-        with open(path, newline="", encoding="utf-8") as f:
-            if name.endswith(".csv"):
-                return name, list(csv.DictReader(f))
-            rows = []
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise DataError(f"{path} line {line_number} is not valid JSON") from None
-            return name, rows
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+            logging.getLogger(__name__).warning(f"{path} is not UTF-8; read as Windows-1252 (cp1252)")
+        if name.endswith(".csv"):
+            header = text.splitlines()[0] if text.strip() else ""
+            delimiter = ","
+            for candidate in (",", ";", "\t"):
+                if image_column in next(csv.reader([header], delimiter=candidate), []):
+                    delimiter = candidate
+                    break
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+            try:
+                # the line a row ends on: a quoted field may span lines
+                return name, [(reader.line_num, row) for row in reader]
+            except csv.Error as error:
+                raise DataError(f"{path} line {reader.line_num}: {error}") from None
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path} line {line_number} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {line_number} is not a JSON object")
+            rows.append((line_number, row))
+        return name, rows
     raise DataError(f"{data_dir} has no metadata.jsonl or metadata.csv (one row per image: file name and caption)")
 
 
 def read_image_folder(data_dir, image_column, caption_column):
     """[(image path, caption, metadata row)] of an image folder, as listed by its metadata file (the layout of
-    the 🤗 datasets 'imagefolder' loader). Rows whose image file is missing are skipped with a warning."""
+    the 🤗 datasets 'imagefolder' loader). Rows whose image file is missing are skipped with a warning; a row
+    without an image path is a one-line error naming the file and line."""
     if not os.path.isdir(data_dir):
         raise DataError(f"no such directory: {data_dir}")
-    metadata_name, rows = read_metadata_rows(data_dir)
+    metadata_name, rows = read_metadata_rows(data_dir, image_column)
     if not rows:
         raise DataError(f"{metadata_name} in {data_dir} lists no image")
-    columns = list(rows[0])
+    columns = [str(column) for column in rows[0][1]]
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
             raise DataError(f"{metadata_name} has no column {column!r} (columns: {', '.join(columns)}); "
                             f"choose one with {flag}")
     entries, missing = [], 0
-    for row in rows:
-        path = os.path.join(data_dir, str(row[image_column]))
+    for line_number, row in rows:
+        # csv fills the cells of a short row with None (and puts extra cells under the key None)
+        row = {key: value for key, value in row.items() if key is not None}
+        image = row.get(image_column)
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{os.path.join(data_dir, metadata_name)} line {line_number}: no {image_column!r} "
+                            f"(the image's path) in this row")
+        path = os.path.join(data_dir, image.strip())
         if os.path.isfile(path):
-            entries.append((path, "" if row.get(caption_column) is None else str(row[caption_column]), row))
+            caption = row.get(caption_column)
+            entries.append((path, "" if caption is None else str(caption), row))
         else:
             missing += 1
     if not entries:

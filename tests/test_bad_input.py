@@ -226,3 +226,55 @@ def test_readme_curl_lines_cannot_stall():
     assert curls
     for line in curls:
         assert "--speed-limit" in line and "--speed-time" in line and "--fail" in line, line
+
+
+# ---- 5. image-folder metadata as spreadsheets write it -----------------------------------------------------
+
+
+def image_folder(tmp_path, names=("a.png", "b.png", "c.png")):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / name)
+    return folder
+
+
+def test_spreadsheet_csv_metadata_reads(tmp_path):
+    folder = image_folder(tmp_path)
+    # Excel's "CSV UTF-8": byte-order mark, CRLF, quotes around fields holding commas, quotes or line breaks
+    (folder / "metadata.csv").write_bytes(
+        "\ufefffile_name,text,aesthetic\r\n"
+        'a.png,"a dog, sitting",6.5\r\n'
+        'b.png,"a ""quoted"" café\r\non two lines",\r\n'
+        "c.png,plain,7\r\n".encode("utf-8"))
+    entries = bk.read_image_folder(str(folder), "file_name", "text")
+    assert [(os.path.basename(p), c) for p, c, _ in entries] == [
+        ("a.png", "a dog, sitting"), ("b.png", 'a "quoted" café\r\non two lines'), ("c.png", "plain")]
+    assert entries[0][2]["aesthetic"] == "6.5"
+    # European Excel: ';' separators and Windows-1252 text
+    (folder / "metadata.csv").write_bytes("file_name;text\r\na.png;un chien, assis\r\nb.png;café\r\n"
+                                          .encode("cp1252"))
+    entries = bk.read_image_folder(str(folder), "file_name", "text")
+    assert [c for _, c, _ in entries] == ["un chien, assis", "café"]
+    # the CSV's string cells pass the metadata filters as numbers, an empty cell counts as absent
+    assert bk.SampleFilter(min_aesthetic_score=6.0).reject_by_metadata({"aesthetic": "6.5"}) is None
+    assert bk.SampleFilter(min_aesthetic_score=6.0).reject_by_metadata({"aesthetic": ""}) is None
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("metadata.csv", "file_name,text\r\na.png,ok\r\n,no file name\r\n", 3),
+    ("metadata.csv", "text,file_name\nok,a.png\nok,b.png\n\"only a caption, short row\"\n", 4),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n{"text": "no file name"}\n', 2),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n\n{"file_name": null, "text": "x"}\n', 3),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n["a.png", "x"]\n', 2),
+])
+def test_metadata_row_without_file_name_is_one_line_naming_the_line(tmp_path, capsys, name, content, line):
+    folder = image_folder(tmp_path)
+    (folder / name).write_text(content, newline="")
+    with pytest.raises(bk.DataError, match=rf"{name} line {line}\b"):
+        bk.read_image_folder(str(folder), "file_name", "text")
+    from conftest import rejection_line
+
+    message = rejection_line(bk, ["--pretrained_teacher_model", str(tmp_path), "--train_data_dir", str(folder),
+                                  "--output_dir", str(tmp_path / "out")], capsys)
+    assert f"{name} line {line}" in message
