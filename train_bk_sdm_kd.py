@@ -94,6 +94,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Copied from train_lcm_distill_sd_wds.bounded
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_bk_sdm_kd.py",
@@ -123,55 +145,59 @@ def parse_args(input_args=None):
                        help="Metadata column holding the image path (--train_data_dir only; default 'file_name').")
     group.add_argument("--caption_column", type=str, default=None,
                        help="Metadata column holding the caption (--train_data_dir only; default 'text').")
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=512, help="Training resolution (square), divisible by 8.")
     group.add_argument("--interpolation_type", type=str, default="bilinear",
                        choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
                        help="Resampling filter used to resize the shorter side to --resolution.")
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
                        help="Samples per epoch (default for an image folder: all of its images). Each pass over the "
                             "data is truncated to this many samples.")
-    group.add_argument("--min_image_size", type=int, default=0,
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
                        help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=float, default=None,
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
                        help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=float, default=None,
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
                        help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
-    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
                        help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=int, default=4,
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
                        help="Data loading processes per GPU (0 reads in the main process).")
-    group.add_argument("--shard_read_timeout", type=float, default=600.0,
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
                        help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
                             "skipped and counted as data/stalled_shards).")
     # ---- knowledge distillation
     group = parser.add_argument_group("knowledge distillation")
-    group.add_argument("--lambda_sd", type=float, default=1.0, help="Weight of the denoising task loss.")
-    group.add_argument("--lambda_kd_output", type=float, default=1.0,
+    group.add_argument("--lambda_sd", type=bounded(float, 0, None),
+                       default=1.0, help="Weight of the denoising task loss.")
+    group.add_argument("--lambda_kd_output", type=bounded(float, 0, None), default=1.0,
                        help="Weight of the output-KD loss (student vs teacher noise prediction).")
-    group.add_argument("--lambda_kd_feat", type=float, default=1.0,
+    group.add_argument("--lambda_kd_feat", type=bounded(float, 0, None), default=1.0,
                        help="Weight of the feature-KD loss (student vs teacher block outputs, summed over blocks).")
     group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
-    group.add_argument("--ema_decay", type=float, default=0.9999,
+    group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=0.9999,
                        help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
-    group.add_argument("--vae_encode_batch_size", type=int, default=32,
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
                        help="Images per VAE encoder call (lower it to save memory at high resolution).")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=float, default=5e-5)
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=5e-5)
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=0, help="Warm-up length in optimiser steps.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=1e-2)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
     # ---- precision and speed
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -183,25 +209,28 @@ def parse_args(input_args=None):
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
     # ---- run control
     group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=int, default=None,
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
                        help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=int, default=1,
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
                        help="Epochs (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=int, default=500,
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=500,
                        help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
-    group.add_argument("--validation_guidance_scale", type=float, default=7.5)
-    group.add_argument("--num_validation_inference_steps", type=int, default=25,
+    group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=7.5)
+    group.add_argument("--num_validation_inference_steps", type=bounded(int, 1, None), default=25,
                        help="DPM-Solver++ steps of validation images.")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")

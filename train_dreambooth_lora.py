@@ -85,6 +85,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Copied from train_lcm_distill_sd_wds.bounded
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_dreambooth_lora.py",
@@ -107,13 +129,16 @@ def parse_args(input_args=None):
     group.add_argument("--class_data_dir", type=str, default=None,
                        help="Folder of class images; missing ones (up to --num_class_images) are generated into it.")
     group.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class (prior) loss.")
-    group.add_argument("--num_class_images", type=int, default=100,
+    group.add_argument("--prior_loss_weight", type=bounded(float, 0, None),
+                       default=1.0, help="Weight of the class (prior) loss.")
+    group.add_argument("--num_class_images", type=bounded(int, 1, None), default=100,
                        help="Class images to train with; the base model generates those missing from the folder.")
-    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class image generation.")
+    group.add_argument("--sample_batch_size", type=bounded(int, 1, None),
+                       default=4, help="Batch size of class image generation.")
     group.add_argument("--prior_generation_precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
                        help="dtype of class image generation (default: fp16 on a GPU, fp32 on a CPU).")
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=512, help="Training resolution (square), divisible by 8.")
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     group.add_argument("--no_cache", dest="cache", action="store_false",
@@ -125,28 +150,33 @@ def parse_args(input_args=None):
                             "--train_text_encoder.")
     # ---- LoRA
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=4, help="Rank r of the LoRA adapters.")
-    group.add_argument("--lora_alpha", type=float, default=None,
+    group.add_argument("--rank", type=bounded(int, 1, None), default=4, help="Rank r of the LoRA adapters.")
+    group.add_argument("--lora_alpha", type=bounded(float, 0, None, low_open=True), default=None,
                        help="LoRA alpha (the update is scaled by alpha / r); default: equal to --rank.")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input.")
+    group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
+                       default=0.0, help="Dropout on the LoRA branch input.")
     group.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-4)
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up length in optimiser steps.")
-    group.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=0, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=1e-2)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
     # ---- precision and speed
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -157,23 +187,27 @@ def parse_args(input_args=None):
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
     # ---- run control
     group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=int, default=4,
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=4,
                        help="Instance images per process and step (as many class images are added).")
-    group.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=int, default=1,
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None),
+                       default=None, help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
                        help="Passes over the examples (max of instance and class image counts).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
     group.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    group.add_argument("--num_validation_images", type=int, default=4)
-    group.add_argument("--validation_steps", type=int, default=100,
+    group.add_argument("--num_validation_images", type=bounded(int, 1, None), default=4)
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=100,
                        help="Validate every N optimiser steps (and at the end) when --validation_prompt is set; "
                             "0 only at the end.")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")

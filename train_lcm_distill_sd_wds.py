@@ -10,7 +10,7 @@ result samples in 1-8 steps with `LCMScheduler`.
 Launch:
     accelerate launch train_lcm_distill_sd_wds.py \
         --pretrained_teacher_model=stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --train_shards_path_or_url="pipe:curl --fail -L -s -S --retry 3 --speed-limit 10000 --speed-time 60 https://host/cc12m/{00000..01099}.tar" \
+        --train_shards_path_or_url="pipe:curl -fsSL --speed-limit 10000 --speed-time 60 $URL/{00000..01099}.tar" \
         --output_dir=lcm-sd15 --mixed_precision=fp16 --resolution=512 \
         --learning_rate=1e-6 --loss_type=huber --ema_decay=0.95 --train_batch_size=12 --max_train_steps=1000
 
@@ -78,6 +78,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_lcm_distill_sd_wds.py",
@@ -97,62 +118,70 @@ def parse_args(input_args=None):
     group.add_argument("--train_shards_path_or_url", type=str, required=True,
                        help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
                             "'pipe:' command, or several of those joined by '::'.")
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=512, help="Training resolution (square), divisible by 8.")
     group.add_argument("--interpolation_type", type=str, default="bilinear",
                        choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
                        help="Resampling filter used to resize the shorter side to --resolution.")
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
                        help="Samples per epoch: each pass over the shards is truncated to this many samples. Also "
                             "gives the epoch length used by --num_train_epochs.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
                        help="Fraction of captions replaced by the empty prompt.")
-    group.add_argument("--min_image_size", type=int, default=0,
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
                        help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=float, default=None,
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
                        help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=float, default=None,
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
                        help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
-    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
                        help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=int, default=4,
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
                        help="Data loading processes per GPU (0 reads in the main process).")
-    group.add_argument("--shard_read_timeout", type=float, default=600.0,
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
                        help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
                             "skipped and counted as data/stalled_shards).")
     # ---- latent consistency distillation
     group = parser.add_argument_group("latent consistency distillation")
-    group.add_argument("--w_min", type=float, default=5.0, help="Lowest guidance scale omega sampled per example.")
-    group.add_argument("--w_max", type=float, default=15.0, help="Highest guidance scale omega sampled per example.")
-    group.add_argument("--num_ddim_timesteps", type=int, default=50, help="N: DDIM solver steps of the teacher ODE.")
+    group.add_argument("--w_min", type=bounded(float, 0, None),
+                       default=5.0, help="Lowest guidance scale omega sampled per example.")
+    group.add_argument("--w_max", type=bounded(float, 0, None),
+                       default=15.0, help="Highest guidance scale omega sampled per example.")
+    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
+                       default=50, help="N: DDIM solver steps of the teacher ODE.")
     group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
-    group.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
+                       default=0.001, help="c of the pseudo-Huber loss.")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
                        help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
-    group.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
+    group.add_argument("--unet_time_cond_proj_dim", type=bounded(int, 1, None), default=256,
                        help="Size of the omega embedding when the teacher UNet has no time_cond_proj_dim.")
-    group.add_argument("--ema_decay", type=float, default=0.95, help="mu: EMA decay of the target network.")
-    group.add_argument("--vae_encode_batch_size", type=int, default=32,
+    group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True),
+                       default=0.95, help="mu: EMA decay of the target network.")
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
                        help="Images per VAE encoder call (lower it to save memory at high resolution).")
     group.add_argument("--cast_teacher_unet", action="store_true",
                        help="Store the teacher UNet in the mixed-precision dtype (saves memory; default fp32 weights "
                             "under autocast).")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=float, default=1e-6)
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-6)
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=500, help="Warm-up length in optimiser steps.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=0.0)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
     # ---- precision and speed
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -163,24 +192,27 @@ def parse_args(input_args=None):
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
     # ---- run control
     group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=int, default=None,
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
                        help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=int, default=1,
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
                        help="Epochs of --max_train_samples samples each (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=int, default=200,
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=200,
                        help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
-    group.add_argument("--validation_guidance_scale", type=float, default=8.0,
+    group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=8.0,
                        help="Pipeline guidance_scale of validation images (the student sees omega = scale - 1).")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")

@@ -278,3 +278,71 @@ def test_metadata_row_without_file_name_is_one_line_naming_the_line(tmp_path, ca
     message = rejection_line(bk, ["--pretrained_teacher_model", str(tmp_path), "--train_data_dir", str(folder),
                                   "--output_dir", str(tmp_path / "out")], capsys)
     assert f"{name} line {line}" in message
+
+
+# ---- 6. every numeric flag is range-checked by argparse ----------------------------------------------------
+
+
+def required_flags(module, tmp_path):
+    """The smallest argv a script accepts (nothing is checked that depends on it: parsing stops at the error)."""
+    if module is dreambooth:
+        return ["--pretrained_model_name_or_path", "org/model", "--instance_data_dir", str(tmp_path),
+                "--instance_prompt", "x"]
+    return ["--pretrained_teacher_model", "org/model", "--train_shards_path_or_url", "data.tar"]
+
+
+def parser_of(module, monkeypatch, tmp_path):
+    """The ArgumentParser a script builds, caught as it starts parsing."""
+    caught = {}
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        caught["parser"] = self
+        raise Caught
+
+    monkeypatch.setattr(module.OneLineErrorParser, "parse_args", catch)
+    with pytest.raises(Caught):
+        module.parse_args(required_flags(module, tmp_path))
+    monkeypatch.undo()
+    return caught["parser"]
+
+
+def bad_values(bounds, kind):
+    low, high, low_open, high_open = bounds
+    values = ["nan", "inf", "-inf", "ten"] + (["2.5"] if kind == "int" else [])
+    if low is not None:
+        values.append(str(low if low_open else low - (1 if kind == "int" else 1e-3)))
+    if high is not None:
+        values.append(str(high if high_open else high + (1 if kind == "int" else 1e-3)))
+    return values
+
+
+@pytest.mark.parametrize("module", ALL_MODULES, ids=lambda m: m.__name__)
+def test_every_numeric_flag_rejects_out_of_range_values(module, monkeypatch, tmp_path, capsys):
+    from conftest import rejection_line
+
+    parser = parser_of(module, monkeypatch, tmp_path)
+    numeric = [a for a in parser._actions if getattr(a.type, "__name__", None) in ("int", "float")
+               or a.type in (int, float)]
+    assert len(numeric) >= 25
+    unchecked = [a.option_strings[0] for a in numeric if not hasattr(a.type, "bounds")]
+    assert not unchecked, f"numeric flags without a range check: {unchecked}"
+    checked = 0
+    for action in numeric:
+        flag = action.option_strings[0]
+        for value in bad_values(action.type.bounds, action.type.__name__):
+            line = rejection_line(module, required_flags(module, tmp_path) + [f"{flag}={value}"], capsys)
+            assert line.startswith(f"{parser.prog}: error: argument {flag}"), (flag, value, line)
+            checked += 1
+    assert checked >= 5 * len(numeric)
+    # the example of the issue, and values at the edge of the range still parse
+    line = rejection_line(module, required_flags(module, tmp_path) + ["--learning_rate", "-1"], capsys)
+    assert line.endswith("argument --learning_rate: must be > 0, got -1")
+    assert parser_action(parser, "--adam_beta2").type("0") == 0.0
+    assert parser_action(parser, "--max_grad_norm").type("0") == 0.0
+
+
+def parser_action(parser, flag):
+    return next(a for a in parser._actions if flag in a.option_strings)
