@@ -125,7 +125,7 @@ def parse_error(capsys, argv):
          "--pre_compute_text_embeddings cannot be used with --train_text_encoder"),
         (["--no_cache", "--pre_compute_text_embeddings"], "--pre_compute_text_embeddings contradicts --no_cache"),
         (["--resolution", "100"], "--resolution must be a positive multiple of 8"),
-        (["--rank", "0"], "--rank must be >= 1"),
+        (["--rank", "0"], "--rank: must be >= 1"),
     ],
 )
 def test_bad_flags_are_one_line_errors(assets, instance_dir, capsys, tmp_path, extra, message):
