@@ -414,7 +414,91 @@ def check_stream_args(parser, args):
         parser.error("--shuffle_buffer_size must be >= 0")
 
 
+# Copied from train_lcm_distill_sd_wds.read_config_class
+def read_config_class(path):
+    """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return str(config.get("_class_name", "")) if isinstance(config, dict) else None
+
+
+# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
+def pipeline_kind_problem(path, kind):
+    """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
+
+    Reads config files only (model_index.json, unet/config.json), so the wrong model is named in one line before
+    any weight loads instead of a traceback after."""
+    expected = {"sd": "a Stable Diffusion 1.x/2.x pipeline", "sdxl": "an SDXL pipeline"}[kind]
+    if not os.listdir(path):
+        return f"{path} is empty; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        found = read_config_class(os.path.join(path, "config.json"))
+        what = f"a single {found} folder" if found else "not a diffusers pipeline folder (no model_index.json)"
+        return f"{path} is {what}; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    with open(index_path, encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            return f"{index_path} is not valid JSON"
+    pipeline = str(index.get("_class_name", "?")) if isinstance(index, dict) else "?"
+    unet_config = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            unet_config = json.load(f)
+    is_sdxl = (isinstance(index, dict) and "text_encoder_2" in index or "XL" in pipeline
+               or isinstance(unet_config, dict) and unet_config.get("addition_embed_type") == "text_time")
+    if kind == "sd" and is_sdxl:
+        return (f"{path} is an SDXL pipeline ({pipeline}); expected {expected} (for SDXL use "
+                "train_lcm_distill_sdxl_wds.py)")
+    if kind == "sdxl" and not is_sdxl:
+        return (f"{path} is a {pipeline} without SDXL's second text encoder and text_time conditioning; expected "
+                f"{expected} (for SD 1.x/2.x use train_lcm_distill_sd_wds.py or train_lcm_distill_lora_sd_wds.py)")
+    parts = ["scheduler", "tokenizer", "text_encoder", "vae", "unet"]
+    parts += ["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else []
+    for part in parts:
+        if not os.path.isdir(os.path.join(path, part)):
+            return f"{path} ({pipeline}) has no {part}/ folder; expected {expected} with {', '.join(parts)}"
+    unet_class = read_config_class(os.path.join(path, "unet", "config.json"))
+    if unet_class != "UNet2DConditionModel":
+        found = f"a {unet_class}" if unet_class else "no readable config.json"
+        return f"{path}/unet holds {found}; expected a UNet2DConditionModel"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.vae_kind_problem
+def vae_kind_problem(path):
+    """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return f"{path} is a whole pipeline; pass its vae/ subfolder (expected an AutoencoderKL folder)"
+    found = read_config_class(os.path.join(path, "config.json"))
+    if found != "AutoencoderKL":
+        what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
+        return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.check_model_kinds
+def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
+    """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
+    downloaded here."""
+    path = os.path.expanduser(getattr(args, model_flag))
+    if os.path.isdir(path):
+        problem = pipeline_kind_problem(path, kind)
+        if problem:
+            parser.error(f"--{model_flag}: {problem}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and os.path.isdir(os.path.expanduser(vae_path)):
+        problem = vae_kind_problem(os.path.expanduser(vae_path))
+        if problem:
+            parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
+
+
 def validate_args(parser, args):
+    check_model_kinds(parser, args, "sdxl")
     check_common_args(parser, args)
     check_shard_args(parser, args)
     if args.w_min > args.w_max:

@@ -346,3 +346,60 @@ def test_every_numeric_flag_rejects_out_of_range_values(module, monkeypatch, tmp
 
 def parser_action(parser, flag):
     return next(a for a in parser._actions if flag in a.option_strings)
+
+
+# ---- 7. the wrong kind of model is named at start-up, before any weight loads ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_configs(tmp_path_factory):
+    from make_random_pipeline import build_pipeline
+
+    return build_pipeline("tiny-sdxl", str(tmp_path_factory.mktemp("kind") / "tiny-sdxl"), seed=0)
+
+
+def model_argv(module, model, tmp_path, vae=None):
+    flag = "--pretrained_model_name_or_path" if module is dreambooth else "--pretrained_teacher_model"
+    argv = required_flags(module, tmp_path)
+    argv[argv.index(flag if module is dreambooth else "--pretrained_teacher_model") + 1] = str(model)
+    return argv + (["--pretrained_vae_model_name_or_path", str(vae)] if vae is not None else [])
+
+
+def test_wrong_kind_of_model_is_one_line_before_loading(assets, tiny_sdxl_configs, tmp_path, capsys, monkeypatch):
+    from conftest import rejection_line
+
+    # any attempt to load weights would be a failure of this check
+    import diffusers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the model kind was checked")
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(no_loading))
+    sd, sdxl_path = assets["tiny-sd"], tiny_sdxl_configs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for module in (lcd, lcm_lora, bk, dreambooth):
+        flag = "--pretrained_model_name_or_path" if module is dreambooth else "--pretrained_teacher_model"
+        line = rejection_line(module, model_argv(module, sdxl_path, tmp_path), capsys)
+        assert f"{flag}: {sdxl_path} is an SDXL pipeline (StableDiffusionXLPipeline); expected a Stable Diffusion " \
+               "1.x/2.x pipeline" in line, line
+        line = rejection_line(module, model_argv(module, empty, tmp_path), capsys)
+        assert f"{empty} is empty; expected a Stable Diffusion 1.x/2.x pipeline folder" in line, line
+        line = rejection_line(module, model_argv(module, os.path.join(sd, "unet"), tmp_path), capsys)
+        assert "is a single UNet2DConditionModel folder; expected a Stable Diffusion" in line, line
+    line = rejection_line(sdxl, model_argv(sdxl, sd, tmp_path), capsys)
+    assert f"--pretrained_teacher_model: {sd} is a StableDiffusionPipeline without SDXL's second text encoder" in line
+    assert "expected an SDXL pipeline" in line
+    for module, teacher in ((lcd, sd), (lcm_lora, sd), (sdxl, sdxl_path)):
+        line = rejection_line(module, model_argv(module, teacher, tmp_path, vae=sd), capsys)
+        assert f"--pretrained_vae_model_name_or_path: {sd} is a whole pipeline; pass its vae/ subfolder" in line
+        line = rejection_line(module, model_argv(module, teacher, tmp_path, vae=os.path.join(sd, "unet")), capsys)
+        assert "is a UNet2DConditionModel folder; expected an AutoencoderKL (VAE) folder" in line, line
+    # the right kinds pass this check
+    assert lcd.pipeline_kind_problem(sd, "sd") is None and sdxl.pipeline_kind_problem(sdxl_path, "sdxl") is None
+    assert lcd.vae_kind_problem(os.path.join(sd, "vae")) is None
+    # a pipeline missing one of its parts
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert "has no scheduler/ folder" in lcd.pipeline_kind_problem(str(partial), "sd")
