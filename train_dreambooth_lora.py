@@ -142,8 +142,13 @@ def parse_args(input_args=None):
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     group.add_argument("--no_cache", dest="cache", action="store_false",
-                       help="Encode images and prompts every step instead of once (slower; the same math, except "
-                            "that a random crop is drawn at every use instead of once per image).")
+                       help="Encode images and prompts every step instead of once (slower). The same math except "
+                            "for the crop of images that are not square: each use draws a new random crop instead "
+                            "of one of the --cached_crops crops encoded at start-up (identical with --center_crop).")
+    group.add_argument("--cached_crops", type=bounded(int, 1, 64), default=4,
+                       help="With caching and without --center_crop: each image that is not square is encoded at "
+                            "this many crops, evenly spaced along its longer side from one edge to the other (1: "
+                            "the centre), and each use draws one of them at random; --no_cache draws any crop.")
     group.add_argument("--pre_compute_text_embeddings", action="store_true",
                        help="Require the prompt embeddings to be computed once and the text encoder freed (the "
                             "default whenever the text encoder does not train); refused with --no_cache or "
@@ -569,8 +574,24 @@ class ImageSet:
     """One kind of training image (instance or class): the images, and their cached latent distributions."""
 
     images: list
-    mean: torch.Tensor = None  # (num_images, 2 if flipped copies else 1, 4, h, w)
-    std: torch.Tensor = None
+    mean: list = None  # per image: (2 if flipped copies else 1, number of distinct crops, 4, h, w)
+    std: list = None
+
+
+class CropAt:
+    """Stands in for the random generator of ImageTransform so that its random crop lands at `fraction` of the
+    free range (0: top/left edge, 1: bottom/right edge)."""
+
+    def __init__(self, fraction):
+        self.fraction = fraction
+
+    def randint(self, low, high):
+        return low + round(self.fraction * (high - low))
+
+
+def crop_fractions(count):
+    """`count` crop positions evenly spaced from one edge to the other; one crop is the centre."""
+    return [0.5] if count == 1 else [k / (count - 1) for k in range(count)]
 
 
 @torch.no_grad()
@@ -580,32 +601,54 @@ def latent_distribution(vae, pixel_values):
     return dist.mean.float(), dist.std.float()
 
 
-def cache_latents(vae, image_set, transform, random_flip, seed, kind, batch_size=8):
-    """Encode every image once (its crop drawn once per image), and its mirror image with --random_flip."""
-    pixels = torch.stack([transform(image, random.Random(f"{seed}-crop-{kind}-{i}"))[0]
-                          for i, image in enumerate(image_set.images)])
+def cache_latents(vae, image_set, transform, random_flip, num_crops, batch_size=8):
+    """Encode every image once per distinct crop (with --center_crop one; otherwise `num_crops` crops evenly
+    spaced along the longer side, a square image having just one), and each crop's mirror image with
+    --random_flip. A use then draws one of an image's crops (`sample_latents`), so the cache does not freeze a
+    single random crop per image for the whole run."""
+    crops, owners = [], []
+    for i, image in enumerate(image_set.images):
+        seen = set()
+        for fraction in [0.5] if transform.center_crop else crop_fractions(num_crops):
+            pixels, _, top_left = transform(image, CropAt(fraction))
+            if top_left not in seen:
+                seen.add(top_left)
+                crops.append(pixels)
+                owners.append(i)
+    pixels = torch.stack(crops)
     variants = [pixels, torch.flip(pixels, dims=[-1])] if random_flip else [pixels]
     means, stds = [], []
     for variant in variants:
         parts = [latent_distribution(vae, chunk) for chunk in variant.split(batch_size)]
         means.append(torch.cat([m for m, _ in parts]))
         stds.append(torch.cat([s for _, s in parts]))
-    image_set.mean, image_set.std = torch.stack(means, dim=1), torch.stack(stds, dim=1)
+    mean, std = torch.stack(means), torch.stack(stds)  # (variants, crops of all images, 4, h, w)
+    owners = torch.tensor(owners)
+    image_set.mean = [mean[:, owners == i] for i in range(len(image_set.images))]
+    image_set.std = [std[:, owners == i] for i in range(len(image_set.images))]
 
 
 def sample_latents(vae, image_set, indices, flips, transform, positions, seed, kind, cached):
     """Latents z = (mean + std * eps) * scaling of the given images (cached posterior, or encoded now)."""
     if cached:
-        variant = torch.tensor([int(f) for f in flips]) if image_set.mean.shape[1] == 2 else torch.zeros(len(flips), dtype=torch.long)
-        index = torch.tensor(indices)
-        mean, std = image_set.mean[index, variant], image_set.std[index, variant]
+        means, stds = [], []
+        for i, flip, position in zip(indices, flips, positions):
+            variant = int(flip) if image_set.mean[i].shape[0] == 2 else 0
+            crop = random.Random(f"{seed}-crop-{kind}-at-{position}").randrange(image_set.mean[i].shape[1])
+            means.append(image_set.mean[i][variant, crop])
+            stds.append(image_set.std[i][variant, crop])
+        mean, std = torch.stack(means), torch.stack(stds)
     else:
         # a new crop at every use (with --center_crop the same as the cached one)
         pixels = torch.stack([transform(image_set.images[i], random.Random(f"{seed}-crop-{kind}-at-{p}"))[0]
                               for i, p in zip(indices, positions)])
         pixels = torch.stack([torch.flip(p, dims=[-1]) if f else p for p, f in zip(pixels, flips)])
         mean, std = latent_distribution(vae, pixels)
-    return (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+    # randn and a contiguous result: the VAE's outputs can be channels-last, and randn_like (here, or on these
+    # latents in the loss) would lay the same random numbers out in another order, so cached and encoded-now
+    # latents would get different noise
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return ((mean + std * noise) * vae.config.scaling_factor).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1210,9 +1253,9 @@ def main(args):
                            return_tensors="pt").input_ids.to(device)
     cached_prompt_embeds = validation_embeds = None
     if args.cache:
-        for kind, image_set in (("instance", instances), ("class", classes)):
+        for image_set in (instances, classes):
             if image_set is not None:
-                cache_latents(vae, image_set, transform, args.random_flip, seed, kind)
+                cache_latents(vae, image_set, transform, args.random_flip, args.cached_crops)
         if not args.train_text_encoder:
             with torch.no_grad():
                 cached_prompt_embeds = text_encoder(prompt_ids)[0]
@@ -1223,8 +1266,9 @@ def main(args):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
         logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
-                    f"latents{' (with mirror images)' if args.random_flip else ''}"
+                    f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
                     f"{', and the prompt embeddings' if cached_prompt_embeds is not None else ''}")
 
     # ---- optimiser and schedule

@@ -403,3 +403,53 @@ def test_wrong_kind_of_model_is_one_line_before_loading(assets, tiny_sdxl_config
     partial.mkdir()
     (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert "has no scheduler/ folder" in lcd.pipeline_kind_problem(str(partial), "sd")
+
+
+# ---- defect 8: DreamBooth's cache holds several crops per image, drawn at each use -------------------------
+
+
+class IdentityVAE:
+    """A VAE stand-in whose posterior mean is the picture itself and whose std is 0, so cached 'latents' show
+    which crop (and flip) a use got."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    class config:  # noqa: N801
+        scaling_factor = 1.0
+
+    def encode(self, pixels):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels, std=torch.zeros_like(pixels)))
+
+
+def test_dreambooth_cache_draws_among_several_crops(tmp_path):
+    wide = Image.fromarray(np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (16, 1, 3)))  # 48 x 16
+    square = Image.new("RGB", (16, 16), (10, 200, 30))
+    transform = dreambooth.ImageTransform(16)
+    images = dreambooth.ImageSet([wide, square])
+    dreambooth.cache_latents(IdentityVAE(), images, transform, random_flip=True, num_crops=4)
+    assert [m.shape[:2] for m in images.mean] == [(2, 4), (2, 1)]  # (flips, crops): a square has one crop
+    # the cached crops are evenly spaced from the left edge to the right edge of the resized picture
+    lefts = [int(round((images.mean[0][0, k, 0, 0, 0].item() + 1) * 127.5)) // 5 for k in range(4)]
+    assert lefts == [0, 11, 21, 32]
+    positions = list(range(200))
+    seen = set()
+    for flip in (False, True):
+        latents = dreambooth.sample_latents(IdentityVAE(), images, [0] * 200, [flip] * 200, transform, positions,
+                                            0, "instance", cached=True)
+        seen |= {tuple(latent[0, 0].tolist()) for latent in latents}
+        first_columns = {round((latent[0, 0, 0].item() + 1) * 127.5) // 5 for latent in latents}
+        assert first_columns == ({0, 11, 21, 32} if not flip else {15, 26, 36, 47})
+    assert len(seen) == 8  # 4 crops x 2 flips all used
+    # uncached: any crop offset, so more distinct crops than the cache holds
+    latents = dreambooth.sample_latents(IdentityVAE(), images, [0] * 200, [False] * 200, transform, positions, 0,
+                                        "instance", cached=False)
+    assert len({round((latent[0, 0, 0].item() + 1) * 127.5) // 5 for latent in latents}) > 4
+    # --center_crop: one crop, the same as --no_cache gives
+    centre = dreambooth.ImageSet([wide])
+    dreambooth.cache_latents(IdentityVAE(), centre, dreambooth.ImageTransform(16, center_crop=True), False, 4)
+    assert centre.mean[0].shape[:2] == (1, 1)
+    uncached = dreambooth.sample_latents(IdentityVAE(), centre, [0], [False], dreambooth.ImageTransform(
+        16, center_crop=True), [5], 0, "instance", cached=False)
+    torch.testing.assert_close(centre.mean[0][0, 0], uncached[0])
