@@ -801,7 +801,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if exn.url not in stalled:
                     stalled.add(exn.url)
                     counts["n_stalled"] += 1
-                    logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn}"[:300])
+                    logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn.message}")
                 return True
             counts["n_corrupt"] += 1
             logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
@@ -907,8 +907,9 @@ class ShardStalled(OSError):
     """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
 
     def __init__(self, url, timeout):
-        super().__init__(f"no data for {timeout:g} s from {url} (--shard_read_timeout)")
-        self.url = url
+        self.message = f"no data for {timeout:g} s from {url} (--shard_read_timeout)"
+        super().__init__(self.message)
+        self.url = url  # webdataset appends context to args; the handler reads these attributes instead
 
 
 # Copied from train_lcm_distill_sd_wds.WatchedCommand

@@ -453,3 +453,38 @@ def test_dreambooth_cache_draws_among_several_crops(tmp_path):
     uncached = dreambooth.sample_latents(IdentityVAE(), centre, [0], [False], dreambooth.ImageTransform(
         16, center_crop=True), [5], 0, "instance", cached=False)
     torch.testing.assert_close(centre.mean[0][0, 0], uncached[0])
+
+
+# ---- the whole script: every kind of bad sample at once is skipped, counted and reported --------------------
+
+
+@pytest.mark.slow
+def test_training_survives_bad_samples_and_a_stalled_shard(assets, tmp_path):
+    from conftest import run_in_process
+    from test_lcm_sd_e2e import SCRIPT, common_flags
+
+    rng = np.random.default_rng(2)
+    deep = [{"__key__": f"deep{i}", "png": png16(rng.integers(0, 65536, (64, 64, 3)).astype(np.uint16), 2),
+             "txt": "a 48-bit picture"} for i in range(2)]
+    deep += [{"__key__": f"gray{i}", "png": png_bytes(Image.fromarray(rng.integers(0, 65536, (64, 64))
+                                                                       .astype(np.uint16))), "txt": "16-bit grey"}
+             for i in range(2)]
+    bad = [{"__key__": "list", "png": good_png(), "json": [1, 2]},
+           {"__key__": "size", "png": good_png(), "json": {"original_width": "big", "original_height": 64}},
+           {"__key__": "nocaption", "png": good_png(), "json": {"width": 64, "height": 64}}]
+    shard = write_tar(tmp_path / "mixed.tar", bad + deep)  # the bad ones first: read before 2 steps end
+    shards = f"{shard}::pipe:sleep 1000"
+    out = tmp_path / "out"
+    flags = common_flags(assets["tiny-sd"], shards, out) + [
+        "--max_train_steps", "2", "--dataloader_num_workers", "0", "--shuffle_buffer_size", "0",
+        "--shard_read_timeout", "1", "--validation_prompts", "--report_to", "none", "--checkpointing_steps", "2",
+    ]
+    result = run_in_process(SCRIPT, flags)
+    summary = [line for line in result.stdout.splitlines() if "data: " in line]
+    assert summary, result.stdout[-3000:]
+    assert "2 with malformed metadata" in summary[-1] and "stalled shard(s) abandoned" in summary[-1], summary
+    assert "without a caption" in summary[-1]
+    assert "stalled shard" in result.stdout and "--shard_read_timeout" in result.stdout
+    state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
+    assert state["n_malformed"] == 2 and state["n_stalled"] >= 1 and state["n_uncaptioned"] >= 1
+    assert (out / "unet_target" / "config.json").is_file()
