@@ -461,7 +461,7 @@ def to_rgb(image):
         elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
             array = array / 257.0
         array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):

@@ -705,7 +705,7 @@ def to_rgb(image):
         elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
             array = array / 257.0
         array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):
@@ -750,7 +750,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
                  proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
-                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0):
+                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0, needs_original_size=False):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
@@ -765,6 +765,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.skip_batches = skip_batches
         self.max_rejects_before_first = max_rejects_before_first
         self.shard_read_timeout = shard_read_timeout
+        self.needs_original_size = needs_original_size  # SDXL: the json's size feeds the micro-conditioning
         self.warned_uncaptioned = False
 
     def __iter__(self):
@@ -879,7 +880,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise MalformedMetadata(f"json is a {type(meta).__name__}, not an object")
             rejected = self.sample_filter.reject_by_metadata(meta) is not None
             # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
-            meta_size = original_size_from_metadata(meta)
+            meta_size = original_size_from_metadata(meta) if self.needs_original_size else None
             caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
                        else caption_from_metadata(meta))
         except MalformedMetadata:
@@ -1056,7 +1057,7 @@ def collate_samples(samples, counts):
     }
 
 
-# Copied from train_lcm_distill_sd_wds.make_train_dataloader
+# Copied from train_lcm_distill_sd_wds.make_train_dataloader with needs_original_size=False->needs_original_size=True
 def make_train_dataloader(args, accelerator, skip_batches=0):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
@@ -1071,6 +1072,7 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
+        needs_original_size=True,
     )
     return torch.utils.data.DataLoader(
         stream,

@@ -240,7 +240,8 @@ def test_second_run_reuses_class_images_and_caches_everything(prior_run, assets,
     result = run_in_process(SCRIPT, flags)
     assert "generating" not in result.stdout
     assert sorted((p.name, p.stat().st_mtime_ns) for p in prior_run["class_dir"].iterdir()) == before
-    assert "cached 4 instance and 3 class latents (19 crops, with mirror images), and the prompt embeddings" in result.stdout
+    assert ("cached 4 instance and 3 class latents (19 crops, with mirror images), and the prompt embeddings"
+            in result.stdout)
     state = load_file(str(tmp_path / "again" / db.LORA_WEIGHT_NAME))
     assert {k.split(".")[0] for k in state} == {"unet"}
 
