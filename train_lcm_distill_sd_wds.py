@@ -894,8 +894,10 @@ def open_shard(url, timeout):
     if url.startswith("pipe:"):
         return io.BufferedReader(WatchedCommand(url[len("pipe:"):], url, timeout), buffer_size=1 << 20)
     if url.startswith(("http://", "https://")):
-        command = (f"curl --fail --silent --show-error --location --connect-timeout 30 --speed-limit 1024 "
-                   f"--speed-time {max(1, int(timeout))} {shlex.quote(url)}")
+        # curl drops a connection slowed to a trickle (under 1 KB/s for twice the timeout), which the watchdog,
+        # waiting for silence, would not; --fail keeps an HTTP error page from being read as a tar
+        command = (f"curl --fail --silent --show-error --location --retry 3 --connect-timeout 30 --speed-limit 1024 "
+                   f"--speed-time {2 * max(1, math.ceil(timeout))} {shlex.quote(url)}")
         return io.BufferedReader(WatchedCommand(command, url, timeout), buffer_size=1 << 20)
     if url.startswith("file:"):
         url = url[len("file:"):]

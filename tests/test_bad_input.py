@@ -494,3 +494,46 @@ def test_training_survives_bad_samples_and_a_stalled_shard(assets, tmp_path):
     state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
     assert state["n_malformed"] == 1 and state["n_stalled"] == 1 and state["n_uncaptioned"] == 2
     assert (out / "unet_target" / "config.json").is_file()
+
+
+@pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="needs curl")
+def test_http_shards_are_read_with_curl_under_the_watchdog(tmp_path):
+    import http.server
+    import socket
+    import threading
+
+    good = write_tar(tmp_path / "good.tar", [{"__key__": f"h{i}", "png": good_png(i), "txt": "x"} for i in range(3)])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/stall.tar":  # headers, then silence: a dead connection
+                self.send_response(200)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                time.sleep(5)
+                return
+            if self.path != "/good.tar":
+                self.send_error(404)
+                return
+            data = open(good, "rb").read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        urls = [f"{base}/stall.tar", f"{base}/missing.tar", f"{base}/good.tar"]
+        counts = lcd.new_data_counts()
+        samples = list(stream(lcd, urls, 1, shard_read_timeout=1.0)._raw_samples(urls, counts))
+        assert [s["__key__"] for s in samples] == ["h0", "h1", "h2"]
+        assert counts["n_stalled"] == 1 and counts["n_corrupt"] == 1  # the 404 is an error, not a tar
+    finally:
+        server.shutdown()
+        socket.setdefaulttimeout(None)
