@@ -537,3 +537,20 @@ def test_http_shards_are_read_with_curl_under_the_watchdog(tmp_path):
     finally:
         server.shutdown()
         socket.setdefaulttimeout(None)
+
+
+def test_make_wds_shards_reads_spreadsheet_csv_and_names_bad_rows(tmp_path):
+    import make_wds_shards
+
+    folder = image_folder(tmp_path)
+    (folder / "metadata.csv").write_bytes('\ufefffile_name,text,aesthetic\r\na.png,"a dog, sitting",6.5\r\n'
+                                          'b.png,"two\r\nlines",\r\n'.encode("utf-8"))
+    metadata = make_wds_shards.read_metadata(str(folder))
+    assert metadata == {"a.png": ("a dog, sitting", {"aesthetic": 6.5}), "b.png": ("two\r\nlines", {"aesthetic": None})}
+    (folder / "metadata.csv").write_text("file_name;text\na.png;ok\n;no file\n", newline="")
+    with pytest.raises(ValueError, match=r"metadata.csv:3: no 'file_name'"):
+        make_wds_shards.read_metadata(str(folder))
+    (folder / "metadata.csv").unlink()
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"text": "no file"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: no 'file_name'"):
+        make_wds_shards.read_metadata(str(folder))
