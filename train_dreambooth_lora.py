@@ -90,6 +90,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Copied from train_lcm_distill_sd_wds.bounded
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_dreambooth_lora.py",
@@ -112,46 +134,59 @@ def parse_args(input_args=None):
     group.add_argument("--class_data_dir", type=str, default=None,
                        help="Folder of class images; missing ones (up to --num_class_images) are generated into it.")
     group.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class (prior) loss.")
-    group.add_argument("--num_class_images", type=int, default=100,
+    group.add_argument("--prior_loss_weight", type=bounded(float, 0, None),
+                       default=1.0, help="Weight of the class (prior) loss.")
+    group.add_argument("--num_class_images", type=bounded(int, 1, None), default=100,
                        help="Class images to train with; the base model generates those missing from the folder.")
-    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class image generation.")
+    group.add_argument("--sample_batch_size", type=bounded(int, 1, None),
+                       default=4, help="Batch size of class image generation.")
     group.add_argument("--prior_generation_precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
                        help="dtype of class image generation (default: fp16 on a GPU, fp32 on a CPU).")
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=512, help="Training resolution (square), divisible by 8.")
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     group.add_argument("--no_cache", dest="cache", action="store_false",
-                       help="Encode images and prompts every step instead of once (slower; the same math, except "
-                            "that a random crop is drawn at every use instead of once per image).")
+                       help="Encode images and prompts every step instead of once (slower). The same math except "
+                            "for the crop of images that are not square: each use draws a new random crop instead "
+                            "of one of the --cached_crops crops encoded at start-up (identical with --center_crop).")
+    group.add_argument("--cached_crops", type=bounded(int, 1, 64), default=4,
+                       help="With caching and without --center_crop: each image that is not square is encoded at "
+                            "this many crops, evenly spaced along its longer side from one edge to the other (1: "
+                            "the centre), and each use draws one of them at random; --no_cache draws any crop.")
     group.add_argument("--pre_compute_text_embeddings", action="store_true",
                        help="Require the prompt embeddings to be computed once and the text encoder freed (the "
                             "default whenever the text encoder does not train); refused with --no_cache or "
                             "--train_text_encoder.")
     # ---- LoRA
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=4, help="Rank r of the LoRA adapters.")
-    group.add_argument("--lora_alpha", type=float, default=None,
+    group.add_argument("--rank", type=bounded(int, 1, None), default=4, help="Rank r of the LoRA adapters.")
+    group.add_argument("--lora_alpha", type=bounded(float, 0, None, low_open=True), default=None,
                        help="LoRA alpha (the update is scaled by alpha / r); default: equal to --rank.")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input.")
+    group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
+                       default=0.0, help="Dropout on the LoRA branch input.")
     group.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-4)
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up length in optimiser steps.")
-    group.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=0, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=1e-2)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
     # ---- precision and speed
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -162,26 +197,30 @@ def parse_args(input_args=None):
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
     # ---- run control
     group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=int, default=4,
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=4,
                        help="Instance images per process and step (as many class images are added).")
-    group.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=int, default=1,
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None),
+                       default=None, help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
                        help="Passes over the examples (max of instance and class image counts).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
     group.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    group.add_argument("--num_validation_images", type=int, default=4)
-    group.add_argument("--validation_steps", type=int, default=100,
+    group.add_argument("--num_validation_images", type=bounded(int, 1, None), default=4)
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=100,
                        help="Validate every N optimiser steps (and at the end) when --validation_prompt is set; "
                             "0 only at the end.")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
     group.add_argument("--allow_topology_change", action="store_true",
                        help="Resume even though processes, batch size, accumulation, seed or the number of images "
                             "differ from the checkpoint's run; the example position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")
@@ -211,8 +250,92 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
+# Copied from train_lcm_distill_sd_wds.read_config_class
+def read_config_class(path):
+    """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return str(config.get("_class_name", "")) if isinstance(config, dict) else None
+
+
+# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
+def pipeline_kind_problem(path, kind):
+    """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
+
+    Reads config files only (model_index.json, unet/config.json), so the wrong model is named in one line before
+    any weight loads instead of a traceback after."""
+    expected = {"sd": "a Stable Diffusion 1.x/2.x pipeline", "sdxl": "an SDXL pipeline"}[kind]
+    if not os.listdir(path):
+        return f"{path} is empty; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        found = read_config_class(os.path.join(path, "config.json"))
+        what = f"a single {found} folder" if found else "not a diffusers pipeline folder (no model_index.json)"
+        return f"{path} is {what}; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    with open(index_path, encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            return f"{index_path} is not valid JSON"
+    pipeline = str(index.get("_class_name", "?")) if isinstance(index, dict) else "?"
+    unet_config = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            unet_config = json.load(f)
+    is_sdxl = (isinstance(index, dict) and "text_encoder_2" in index or "XL" in pipeline
+               or isinstance(unet_config, dict) and unet_config.get("addition_embed_type") == "text_time")
+    if kind == "sd" and is_sdxl:
+        return (f"{path} is an SDXL pipeline ({pipeline}); expected {expected} (for SDXL use "
+                "train_lcm_distill_sdxl_wds.py)")
+    if kind == "sdxl" and not is_sdxl:
+        return (f"{path} is a {pipeline} without SDXL's second text encoder and text_time conditioning; expected "
+                f"{expected} (for SD 1.x/2.x use train_lcm_distill_sd_wds.py or train_lcm_distill_lora_sd_wds.py)")
+    parts = ["scheduler", "tokenizer", "text_encoder", "vae", "unet"]
+    parts += ["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else []
+    for part in parts:
+        if not os.path.isdir(os.path.join(path, part)):
+            return f"{path} ({pipeline}) has no {part}/ folder; expected {expected} with {', '.join(parts)}"
+    unet_class = read_config_class(os.path.join(path, "unet", "config.json"))
+    if unet_class != "UNet2DConditionModel":
+        found = f"a {unet_class}" if unet_class else "no readable config.json"
+        return f"{path}/unet holds {found}; expected a UNet2DConditionModel"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.vae_kind_problem
+def vae_kind_problem(path):
+    """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return f"{path} is a whole pipeline; pass its vae/ subfolder (expected an AutoencoderKL folder)"
+    found = read_config_class(os.path.join(path, "config.json"))
+    if found != "AutoencoderKL":
+        what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
+        return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.check_model_kinds
+def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
+    """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
+    downloaded here."""
+    path = os.path.expanduser(getattr(args, model_flag))
+    if os.path.isdir(path):
+        problem = pipeline_kind_problem(path, kind)
+        if problem:
+            parser.error(f"--{model_flag}: {problem}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and os.path.isdir(os.path.expanduser(vae_path)):
+        problem = vae_kind_problem(os.path.expanduser(vae_path))
+        if problem:
+            parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
+
+
 def validate_args(parser, args):
     """Fail at start-up, in one line, before any model is loaded."""
+    check_model_kinds(parser, args, "sd", "pretrained_model_name_or_path")
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "sample_batch_size", "num_train_epochs",
@@ -333,11 +456,36 @@ def text_encoder_adapter_problem():
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_lcm_distill_sd_wds.to_rgb
+def to_rgb(image):
+    """8-bit RGB of any decoded image, EXIF orientation applied.
+
+    `convert("RGB")` clips instead of scaling: a 16-bit PNG (modes I;16 / I) becomes nearly white, a float
+    image nearly black. Those are scaled to 8 bits here (16-bit by 1/257, float from [0, 1] or, beyond, as
+    16-bit). Transparent pixels are composited over white rather than showing whatever colour they hide."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
+            array = array / 257.0
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
 def load_image(path):
     """The image as RGB with its EXIF orientation applied (phone photos), or None when it is not an image."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return to_rgb(image)
     except Exception:  # PIL raises many types for non-image or truncated files
         return None
 
@@ -436,8 +584,24 @@ class ImageSet:
     """One kind of training image (instance or class): the images, and their cached latent distributions."""
 
     images: list
-    mean: torch.Tensor = None  # (num_images, 2 if flipped copies else 1, 4, h, w)
-    std: torch.Tensor = None
+    mean: list = None  # per image: (2 if flipped copies else 1, number of distinct crops, 4, h, w)
+    std: list = None
+
+
+class CropAt:
+    """Stands in for the random generator of ImageTransform so that its random crop lands at `fraction` of the
+    free range (0: top/left edge, 1: bottom/right edge)."""
+
+    def __init__(self, fraction):
+        self.fraction = fraction
+
+    def randint(self, low, high):
+        return low + round(self.fraction * (high - low))
+
+
+def crop_fractions(count):
+    """`count` crop positions evenly spaced from one edge to the other; one crop is the centre."""
+    return [0.5] if count == 1 else [k / (count - 1) for k in range(count)]
 
 
 @torch.no_grad()
@@ -447,32 +611,54 @@ def latent_distribution(vae, pixel_values):
     return dist.mean.float(), dist.std.float()
 
 
-def cache_latents(vae, image_set, transform, random_flip, seed, kind, batch_size=8):
-    """Encode every image once (its crop drawn once per image), and its mirror image with --random_flip."""
-    pixels = torch.stack([transform(image, random.Random(f"{seed}-crop-{kind}-{i}"))[0]
-                          for i, image in enumerate(image_set.images)])
+def cache_latents(vae, image_set, transform, random_flip, num_crops, batch_size=8):
+    """Encode every image once per distinct crop (with --center_crop one; otherwise `num_crops` crops evenly
+    spaced along the longer side, a square image having just one), and each crop's mirror image with
+    --random_flip. A use then draws one of an image's crops (`sample_latents`), so the cache does not freeze a
+    single random crop per image for the whole run."""
+    crops, owners = [], []
+    for i, image in enumerate(image_set.images):
+        seen = set()
+        for fraction in [0.5] if transform.center_crop else crop_fractions(num_crops):
+            pixels, _, top_left = transform(image, CropAt(fraction))
+            if top_left not in seen:
+                seen.add(top_left)
+                crops.append(pixels)
+                owners.append(i)
+    pixels = torch.stack(crops)
     variants = [pixels, torch.flip(pixels, dims=[-1])] if random_flip else [pixels]
     means, stds = [], []
     for variant in variants:
         parts = [latent_distribution(vae, chunk) for chunk in variant.split(batch_size)]
         means.append(torch.cat([m for m, _ in parts]))
         stds.append(torch.cat([s for _, s in parts]))
-    image_set.mean, image_set.std = torch.stack(means, dim=1), torch.stack(stds, dim=1)
+    mean, std = torch.stack(means), torch.stack(stds)  # (variants, crops of all images, 4, h, w)
+    owners = torch.tensor(owners)
+    image_set.mean = [mean[:, owners == i] for i in range(len(image_set.images))]
+    image_set.std = [std[:, owners == i] for i in range(len(image_set.images))]
 
 
 def sample_latents(vae, image_set, indices, flips, transform, positions, seed, kind, cached):
     """Latents z = (mean + std * eps) * scaling of the given images (cached posterior, or encoded now)."""
     if cached:
-        variant = torch.tensor([int(f) for f in flips]) if image_set.mean.shape[1] == 2 else torch.zeros(len(flips), dtype=torch.long)
-        index = torch.tensor(indices)
-        mean, std = image_set.mean[index, variant], image_set.std[index, variant]
+        means, stds = [], []
+        for i, flip, position in zip(indices, flips, positions):
+            variant = int(flip) if image_set.mean[i].shape[0] == 2 else 0
+            crop = random.Random(f"{seed}-crop-{kind}-at-{position}").randrange(image_set.mean[i].shape[1])
+            means.append(image_set.mean[i][variant, crop])
+            stds.append(image_set.std[i][variant, crop])
+        mean, std = torch.stack(means), torch.stack(stds)
     else:
         # a new crop at every use (with --center_crop the same as the cached one)
         pixels = torch.stack([transform(image_set.images[i], random.Random(f"{seed}-crop-{kind}-at-{p}"))[0]
                               for i, p in zip(indices, positions)])
         pixels = torch.stack([torch.flip(p, dims=[-1]) if f else p for p, f in zip(pixels, flips)])
         mean, std = latent_distribution(vae, pixels)
-    return (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+    # randn and a contiguous result: the VAE's outputs can be channels-last, and randn_like (here, or on these
+    # latents in the loss) would lay the same random numbers out in another order, so cached and encoded-now
+    # latents would get different noise
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return ((mean + std * noise) * vae.config.scaling_factor).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1248,9 +1434,9 @@ def main(args):
                            return_tensors="pt").input_ids.to(device)
     cached_prompt_embeds = validation_embeds = None
     if args.cache:
-        for kind, image_set in (("instance", instances), ("class", classes)):
+        for image_set in (instances, classes):
             if image_set is not None:
-                cache_latents(vae, image_set, transform, args.random_flip, seed, kind)
+                cache_latents(vae, image_set, transform, args.random_flip, args.cached_crops)
         if not args.train_text_encoder:
             with torch.no_grad():
                 cached_prompt_embeds = text_encoder(prompt_ids)[0]
@@ -1261,8 +1447,9 @@ def main(args):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
         logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
-                    f"latents{' (with mirror images)' if args.random_flip else ''}"
+                    f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
                     f"{', and the prompt embeddings' if cached_prompt_embeds is not None else ''}")
 
     # ---- optimiser and schedule

@@ -16,7 +16,7 @@ Differences from full LCD (train_lcm_distill_sd_wds.py), following the LCM-LoRA 
 Launch:
     accelerate launch train_lcm_distill_lora_sd_wds.py \
         --pretrained_teacher_model=stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --train_shards_path_or_url="pipe:curl -L -s https://host/laion/{00000..01099}.tar" \
+        --train_shards_path_or_url="pipe:curl -fsSL --speed-limit 10000 --speed-time 60 $URL/{00000..01099}.tar" \
         --output_dir=lcm-lora-sd15 --mixed_precision=fp16 --resolution=512 --lora_rank=64 \
         --learning_rate=1e-4 --loss_type=huber --train_batch_size=12 --max_train_steps=1000
 
@@ -37,8 +37,11 @@ import math
 import os
 import random
 import re
+import select
+import shlex
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -99,6 +103,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Copied from train_lcm_distill_sd_wds.bounded
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_lcm_distill_lora_sd_wds.py",
@@ -118,44 +144,53 @@ def parse_args(input_args=None):
     group.add_argument("--train_shards_path_or_url", type=str, required=True,
                        help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
                             "'pipe:' command, or several of those joined by '::'.")
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=512, help="Training resolution (square), divisible by 8.")
     group.add_argument("--interpolation_type", type=str, default="bilinear",
                        choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
                        help="Resampling filter used to resize the shorter side to --resolution.")
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
                        help="Samples per epoch: each pass over the shards is truncated to this many samples. Also "
                             "gives the epoch length used by --num_train_epochs.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
                        help="Fraction of captions replaced by the empty prompt.")
-    group.add_argument("--min_image_size", type=int, default=0,
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
                        help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=float, default=None,
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
                        help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=float, default=None,
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
                        help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
-    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
                        help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=int, default=4,
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
                        help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
+                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
+                            "skipped and counted as data/stalled_shards).")
     # ---- latent consistency distillation
     group = parser.add_argument_group("latent consistency distillation")
-    group.add_argument("--w_min", type=float, default=5.0, help="Lowest guidance scale omega sampled per example.")
-    group.add_argument("--w_max", type=float, default=15.0, help="Highest guidance scale omega sampled per example.")
-    group.add_argument("--num_ddim_timesteps", type=int, default=50, help="N: DDIM solver steps of the teacher ODE.")
+    group.add_argument("--w_min", type=bounded(float, 0, None),
+                       default=5.0, help="Lowest guidance scale omega sampled per example.")
+    group.add_argument("--w_max", type=bounded(float, 0, None),
+                       default=15.0, help="Highest guidance scale omega sampled per example.")
+    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
+                       default=50, help="N: DDIM solver steps of the teacher ODE.")
     group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
-    group.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
+                       default=0.001, help="c of the pseudo-Huber loss.")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
                        help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
-    group.add_argument("--vae_encode_batch_size", type=int, default=32,
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
                        help="Images per VAE encoder call (lower it to save memory at high resolution).")
     # ---- LoRA
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora_rank", type=int, default=64, help="Rank r of every LoRA adapter.")
-    group.add_argument("--lora_alpha", type=float, default=None,
+    group.add_argument("--lora_rank", type=bounded(int, 1, None), default=64, help="Rank r of every LoRA adapter.")
+    group.add_argument("--lora_alpha", type=bounded(float, 0, None, low_open=True), default=None,
                        help="LoRA alpha (the update is scaled by alpha / r); default: equal to --lora_rank.")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input.")
+    group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
+                       default=0.0, help="Dropout on the LoRA branch input.")
     group.add_argument("--lora_target_modules", type=str, default=",".join(LORA_TARGET_KINDS),
                        help="Comma-separated layer kinds that get an adapter (module-name suffixes of the UNet); "
                             f"default: all of {', '.join(LORA_TARGET_KINDS)}.")
@@ -163,19 +198,21 @@ def parse_args(input_args=None):
                        help="dtype of the final LoRA files (fp16 halves them; checkpoints always keep fp32).")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-4)
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=500, help="Warm-up length in optimiser steps.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=0.0)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
     # ---- precision and speed
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -186,27 +223,30 @@ def parse_args(input_args=None):
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
     # ---- run control
     group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=int, default=None,
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
                        help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=int, default=1,
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
                        help="Epochs of --max_train_samples samples each (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=int, default=200,
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=200,
                        help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
-    group.add_argument("--validation_guidance_scale", type=float, default=1.0,
+    group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=1.0,
                        help="Pipeline guidance_scale of validation images (LCM-LoRA: 1.0-2.0; 1.0 runs no CFG pass).")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
     group.add_argument("--allow_topology_change", action="store_true",
                        help="Resume even though processes, loader workers, batch size, accumulation, seed or shards "
                             "differ from the checkpoint's run; the data position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=int, default=3,
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
                        help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
     # ---- output and logging
     group = parser.add_argument_group("output and logging")
@@ -369,7 +409,91 @@ def check_stream_args(parser, args):
         parser.error("--shuffle_buffer_size must be >= 0")
 
 
+# Copied from train_lcm_distill_sd_wds.read_config_class
+def read_config_class(path):
+    """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return str(config.get("_class_name", "")) if isinstance(config, dict) else None
+
+
+# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
+def pipeline_kind_problem(path, kind):
+    """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
+
+    Reads config files only (model_index.json, unet/config.json), so the wrong model is named in one line before
+    any weight loads instead of a traceback after."""
+    expected = {"sd": "a Stable Diffusion 1.x/2.x pipeline", "sdxl": "an SDXL pipeline"}[kind]
+    if not os.listdir(path):
+        return f"{path} is empty; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        found = read_config_class(os.path.join(path, "config.json"))
+        what = f"a single {found} folder" if found else "not a diffusers pipeline folder (no model_index.json)"
+        return f"{path} is {what}; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    with open(index_path, encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            return f"{index_path} is not valid JSON"
+    pipeline = str(index.get("_class_name", "?")) if isinstance(index, dict) else "?"
+    unet_config = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            unet_config = json.load(f)
+    is_sdxl = (isinstance(index, dict) and "text_encoder_2" in index or "XL" in pipeline
+               or isinstance(unet_config, dict) and unet_config.get("addition_embed_type") == "text_time")
+    if kind == "sd" and is_sdxl:
+        return (f"{path} is an SDXL pipeline ({pipeline}); expected {expected} (for SDXL use "
+                "train_lcm_distill_sdxl_wds.py)")
+    if kind == "sdxl" and not is_sdxl:
+        return (f"{path} is a {pipeline} without SDXL's second text encoder and text_time conditioning; expected "
+                f"{expected} (for SD 1.x/2.x use train_lcm_distill_sd_wds.py or train_lcm_distill_lora_sd_wds.py)")
+    parts = ["scheduler", "tokenizer", "text_encoder", "vae", "unet"]
+    parts += ["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else []
+    for part in parts:
+        if not os.path.isdir(os.path.join(path, part)):
+            return f"{path} ({pipeline}) has no {part}/ folder; expected {expected} with {', '.join(parts)}"
+    unet_class = read_config_class(os.path.join(path, "unet", "config.json"))
+    if unet_class != "UNet2DConditionModel":
+        found = f"a {unet_class}" if unet_class else "no readable config.json"
+        return f"{path}/unet holds {found}; expected a UNet2DConditionModel"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.vae_kind_problem
+def vae_kind_problem(path):
+    """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return f"{path} is a whole pipeline; pass its vae/ subfolder (expected an AutoencoderKL folder)"
+    found = read_config_class(os.path.join(path, "config.json"))
+    if found != "AutoencoderKL":
+        what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
+        return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
+    return None
+
+
+# Copied from train_lcm_distill_sd_wds.check_model_kinds
+def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
+    """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
+    downloaded here."""
+    path = os.path.expanduser(getattr(args, model_flag))
+    if os.path.isdir(path):
+        problem = pipeline_kind_problem(path, kind)
+        if problem:
+            parser.error(f"--{model_flag}: {problem}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and os.path.isdir(os.path.expanduser(vae_path)):
+        problem = vae_kind_problem(os.path.expanduser(vae_path))
+        if problem:
+            parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
+
+
 def validate_args(parser, args):
+    check_model_kinds(parser, args, "sd")
     check_common_args(parser, args)
     check_shard_args(parser, args)
     if args.w_min > args.w_max:
@@ -465,33 +589,106 @@ class SampleFilter:
     min_aesthetic_score: float = None
 
     def reject_by_metadata(self, meta):
-        """Reason string when the json alone rejects the sample (checked before the image is decoded)."""
-        width = meta.get("original_width", meta.get("width"))
-        height = meta.get("original_height", meta.get("height"))
-        if self.min_image_size and width is not None and height is not None:
-            if min(float(width), float(height)) < self.min_image_size:
+        """Reason string when the json alone rejects the sample (checked before the image is decoded).
+        MalformedMetadata when a field a filter needs is not a number."""
+        if self.min_image_size:
+            width = metadata_number(meta, "original_width", "width")
+            height = metadata_number(meta, "original_height", "height")
+            if width is not None and height is not None and min(width, height) < self.min_image_size:
                 return "too small"
-        pwatermark = meta.get("pwatermark")
-        if self.max_watermark_probability is not None and pwatermark is not None:
-            if float(pwatermark) > self.max_watermark_probability:
+        if self.max_watermark_probability is not None:
+            pwatermark = metadata_number(meta, "pwatermark")
+            if pwatermark is not None and pwatermark > self.max_watermark_probability:
                 return "watermark"
-        aesthetic = meta.get("aesthetic", meta.get("aesthetic_score"))
-        if self.min_aesthetic_score is not None and aesthetic is not None:
-            if float(aesthetic) < self.min_aesthetic_score:
+        if self.min_aesthetic_score is not None:
+            aesthetic = metadata_number(meta, "aesthetic", "aesthetic_score")
+            if aesthetic is not None and aesthetic < self.min_aesthetic_score:
                 return "aesthetic"
         return None
 
 
+# Copied from train_lcm_distill_sd_wds.MalformedMetadata
+class MalformedMetadata(ValueError):
+    """A sample's metadata holds something its reader cannot use (the sample is skipped and counted)."""
+
+
+# Copied from train_lcm_distill_sd_wds.metadata_number
+def metadata_number(meta, *keys):
+    """The first of `keys` present in a sample's metadata, as a finite float, or None when none is present.
+
+    Numeric strings count as numbers (CSV cells are strings) and an empty string as absent (an empty CSV
+    cell); anything else that is not a finite number (other strings, null, lists, objects, booleans, NaN)
+    raises MalformedMetadata, so the sample is skipped instead of stopping the run."""
+    for key in keys:
+        if key not in meta or meta[key] == "":
+            continue
+        value = meta[key]
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise MalformedMetadata(f"json {key!r} is not a number: {value!r}"[:200])
+        return number
+    return None
+
+
 # Copied from train_lcm_distill_sd_wds.original_size_from_metadata
 def original_size_from_metadata(meta):
-    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None."""
-    width = meta.get("original_width", meta.get("width"))
-    height = meta.get("original_height", meta.get("height"))
-    try:
-        size = (int(height), int(width))
-    except (TypeError, ValueError):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None
+    when absent or not positive. MalformedMetadata when present but not a number (or absurdly large)."""
+    width = metadata_number(meta, "original_width", "width")
+    height = metadata_number(meta, "original_height", "height")
+    if width is None or height is None:
         return None
+    if max(width, height) >= 2**31:  # would overflow the int64 micro-conditioning tensors downstream
+        raise MalformedMetadata(f"json size {width:g} x {height:g} is not a real image size")
+    size = (int(height), int(width))
     return size if min(size) > 0 else None
+
+
+# Copied from train_lcm_distill_sd_wds.caption_from_metadata
+def caption_from_metadata(meta):
+    """The caption of a sample without a .txt: json 'caption', else 'text'; '' when neither is present.
+    MalformedMetadata when it is a list or an object (a number is taken as its text)."""
+    for key in ("caption", "text"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, dict)):
+            raise MalformedMetadata(f"json {key!r} is not text: {value!r}"[:200])
+        return str(value).strip()
+    return ""
+
+
+# Copied from train_lcm_distill_sd_wds.to_rgb
+def to_rgb(image):
+    """8-bit RGB of any decoded image, EXIF orientation applied.
+
+    `convert("RGB")` clips instead of scaling: a 16-bit PNG (modes I;16 / I) becomes nearly white, a float
+    image nearly black. Those are scaled to 8 bits here (16-bit by 1/257, float from [0, 1] or, beyond, as
+    16-bit). Transparent pixels are composited over white rather than showing whatever colour they hide."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        elif image.mode != "F" or array.size and np.nanmax(array) > 255.0:
+            array = array / 257.0
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBA", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -519,14 +716,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     * Each (rank, worker) reader takes every S-th shard (S = readers), so readers never see the same sample.
       Fewer shards than readers is a clear error: reading every shard on every reader would multiply I/O.
     * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
-      the counts ride along with each batch (`n_corrupt`, `n_filtered`) so the main process can log them.
+      samples whose metadata holds what cannot be used (`n_malformed`) too; the counts (`new_data_counts`)
+      ride along with each batch so the main process can log them. Samples without any caption are counted.
     * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
-      in a whole pass over its data, raises DataError.
+      in a whole pass over its data, raises DataError; a shard that sends no byte for `shard_read_timeout`
+      seconds is abandoned and counted (`n_stalled`).
     """
 
     def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
                  proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
-                 skip_batches=0, max_rejects_before_first=500):
+                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0, needs_original_size=False):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
@@ -540,6 +739,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer_size = shuffle_buffer_size
         self.skip_batches = skip_batches
         self.max_rejects_before_first = max_rejects_before_first
+        self.shard_read_timeout = shard_read_timeout
+        self.needs_original_size = needs_original_size  # SDXL: the json's size feeds the micro-conditioning
+        self.warned_uncaptioned = False
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -547,7 +749,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader = self.rank * num_workers + worker_id
         num_readers = self.world_size * num_workers
         rng = random.Random(f"{self.seed}-{reader}-{num_readers}")
-        counts = {"n_corrupt": 0, "n_filtered": 0}
+        counts = new_data_counts()
         to_skip = batches_already_read(self.skip_batches, worker_id, num_workers)
         batch = []
         for sample in self._samples(reader, num_readers, rng, counts):
@@ -586,7 +788,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if delivered == 0 and rejects_in_a_row >= self.max_rejects_before_first:
                         raise DataError(
                             f"no usable sample in the first {rejects_in_a_row} read from {len(shards)} shard(s) "
-                            f"({counts['n_corrupt']} unreadable, {counts['n_filtered']} filtered out): check the "
+                            f"({describe_data_counts(counts)}): check the "
                             "shards and the filters (--min_image_size, --max_watermark_probability, "
                             "--min_aesthetic_score)"
                         )
@@ -599,18 +801,33 @@ class ShardStream(torch.utils.data.IterableDataset):
                     break
             if produced == 0:
                 raise DataError(
-                    f"a whole pass over {len(shards)} shard(s) gave no usable sample ({counts['n_corrupt']} "
-                    f"unreadable, {counts['n_filtered']} filtered out): {', '.join(shards[:3])}"
+                    f"a whole pass over {len(shards)} shard(s) gave no usable sample "
+                    f"({describe_data_counts(counts)}): {', '.join(shards[:3])}"
                 )
 
-    @staticmethod
-    def _raw_samples(shards, counts):
+    def _raw_samples(self, shards, counts):
+        stalled = set()
+
         def count_and_continue(exn):
+            if isinstance(exn, ShardStalled):  # raised again by every later read of that shard: count it once
+                if exn.url not in stalled:
+                    stalled.add(exn.url)
+                    counts["n_stalled"] += 1
+                    logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn.message}")
+                return True
             counts["n_corrupt"] += 1
             logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
             return True
 
-        return tarfile_samples([{"url": url} for url in shards], handler=count_and_continue)
+        def opened():
+            for url in shards:
+                try:
+                    yield {"url": url, "stream": open_shard(url, self.shard_read_timeout)}
+                except Exception as exn:  # a missing file, a command that cannot start
+                    count_and_continue(exn)
+
+        files = tar_file_expander(opened(), handler=count_and_continue)
+        return group_by_keys(files, handler=count_and_continue)
 
     def _shuffled(self, samples, rng):
         if self.shuffle_buffer_size <= 1:
@@ -632,8 +849,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 meta = json.loads(sample["json"])
             except (ValueError, UnicodeDecodeError):
-                meta = {}
-        if self.sample_filter.reject_by_metadata(meta) is not None:
+                meta = {}  # unparsable metadata: the sample is kept, judged by its image alone
+        try:
+            if not isinstance(meta, dict):
+                raise MalformedMetadata(f"json is a {type(meta).__name__}, not an object")
+            rejected = self.sample_filter.reject_by_metadata(meta) is not None
+            # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
+            meta_size = original_size_from_metadata(meta) if self.needs_original_size else None
+            caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
+                       else caption_from_metadata(meta))
+        except MalformedMetadata:
+            counts["n_malformed"] += 1
+            return None
+        if rejected:
             counts["n_filtered"] += 1
             return None
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -641,25 +869,124 @@ class ShardStream(torch.utils.data.IterableDataset):
             counts["n_corrupt"] += 1
             return None
         try:
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = to_rgb(Image.open(io.BytesIO(sample[image_key])))
         except Exception:  # PIL raises many types for truncated or non-image bytes
             counts["n_corrupt"] += 1
             return None
         if self.sample_filter.min_image_size and min(image.size) < self.sample_filter.min_image_size:
             counts["n_filtered"] += 1
             return None
-        if "txt" in sample:
-            caption = sample["txt"].decode("utf-8", errors="replace").strip()
-        else:
-            caption = str(meta.get("caption", meta.get("text", "")))
+        if not caption:
+            counts["n_uncaptioned"] += 1
+            if not self.warned_uncaptioned:
+                self.warned_uncaptioned = True
+                logging.getLogger(__name__).warning(
+                    f"samples without a caption (no .txt, no json 'caption' or 'text'), e.g. {sample.get('__key__')} "
+                    f"in {sample.get('__url__')}: they train unconditionally; counted as data/uncaptioned")
         if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
             caption = ""
         pixels, original_size, crop_top_left = self.transform(image, rng)
-        # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
-        original_size = original_size_from_metadata(meta) or original_size
+        original_size = meta_size or original_size
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
                 "crop_top_left": crop_top_left}
+
+
+# Copied from train_lcm_distill_sd_wds.new_data_counts
+def new_data_counts():
+    """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
+    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
+
+
+# Copied from train_lcm_distill_sd_wds.describe_data_counts
+def describe_data_counts(counts):
+    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
+    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
+    return ", ".join(parts)
+
+
+# Copied from train_lcm_distill_sd_wds.data_count_logs
+def data_count_logs(counts):
+    """The data counts as tracker values."""
+    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
+# Copied from train_lcm_distill_sd_wds.ShardStalled
+class ShardStalled(OSError):
+    """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
+
+    def __init__(self, url, timeout):
+        self.message = f"no data for {timeout:g} s from {url} (--shard_read_timeout)"
+        super().__init__(self.message)
+        self.url = url  # webdataset appends context to args; the handler reads these attributes instead
+
+
+# Copied from train_lcm_distill_sd_wds.WatchedCommand
+class WatchedCommand(io.RawIOBase):
+    """The stdout of a shell command (a 'pipe:' shard, or curl for an http(s) one), read under a deadline: a read
+    that receives nothing for `timeout` seconds kills the command and raises ShardStalled, as does every later
+    read. A command that exits non-zero raises OSError at its end of data."""
+
+    def __init__(self, command, url, timeout):
+        super().__init__()
+        self.url, self.timeout = url, timeout
+        # its own session, so that killing it also kills what the shell started (curl, sleep, ...)
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0,
+                                        start_new_session=True)
+        self.stalled = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.stalled:
+            raise ShardStalled(self.url, self.timeout)
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+        if not ready:
+            self.stalled = True
+            self._kill()
+            raise ShardStalled(self.url, self.timeout)
+        data = os.read(self.process.stdout.fileno(), len(buffer))
+        if not data:
+            status = self.process.wait()
+            if status != 0:
+                raise OSError(f"{self.url}: the command exited with status {status}")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _kill(self):
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self):
+        if not self.closed:
+            self._kill()
+            self.process.stdout.close()
+        super().close()
+
+
+# Copied from train_lcm_distill_sd_wds.open_shard
+def open_shard(url, timeout):
+    """A readable binary stream of one shard: 'pipe:' commands and http(s) urls run under the read watchdog
+    (http through curl with its own stall limits), local paths are opened, other schemes go to webdataset."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(WatchedCommand(url[len("pipe:"):], url, timeout), buffer_size=1 << 20)
+    if url.startswith(("http://", "https://")):
+        # curl drops a connection slowed to a trickle (under 1 KB/s for twice the timeout), which the watchdog,
+        # waiting for silence, would not; --fail keeps an HTTP error page from being read as a tar
+        command = (f"curl --fail --silent --show-error --location --retry 3 --connect-timeout 30 --speed-limit 1024 "
+                   f"--speed-time {2 * max(1, math.ceil(timeout))} {shlex.quote(url)}")
+        return io.BufferedReader(WatchedCommand(command, url, timeout), buffer_size=1 << 20)
+    if url.startswith("file:"):
+        url = url[len("file:"):]
+    if not is_remote_url(url):
+        return open(os.path.expanduser(url), "rb")
+    return gopen(url)
 
 
 # Copied from train_lcm_distill_sd_wds.defer_stop_signals
@@ -736,6 +1063,8 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
+        shard_read_timeout=args.shard_read_timeout,
+        needs_original_size=False,
     )
     return torch.utils.data.DataLoader(
         stream,
@@ -1636,7 +1965,7 @@ def main(args):
     # ---- data first: a source that yields nothing fails now, not after minutes of model loading
     resume_dir = resolve_resume_checkpoint(args)
     global_step = 0
-    data_counts = {"n_corrupt": 0, "n_filtered": 0}
+    data_counts = new_data_counts()
     record = run_record("lcm-lora", stream_topology(args, accelerator.num_processes))
     if resume_dir is not None:
         state = read_training_state(resume_dir)
@@ -1751,7 +2080,7 @@ def main(args):
             step_started = now
             logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/samples_per_sec": samples_per_sec,
-                    "data/skipped_unreadable": data_counts["n_corrupt"], "data/filtered": data_counts["n_filtered"]}
+                    **data_count_logs(data_counts)}
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}",
                                  skipped=data_counts["n_corrupt"])
@@ -1776,9 +2105,8 @@ def main(args):
     accelerator.wait_for_everyone()
     full_state = full_state_dict(accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
     if accelerator.is_main_process:
-        if data_counts["n_corrupt"] or data_counts["n_filtered"]:
-            logger.info(f"data: {data_counts['n_corrupt']} unreadable samples skipped, "
-                        f"{data_counts['n_filtered']} filtered out")
+        if any(data_counts.values()):
+            logger.info(f"data: {describe_data_counts(data_counts)}")
         save_lora_files(base_unet, args.output_dir, dtype=weight_dtype_for(args.save_precision), full_state=full_state)
         path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
         validation_image = os.path.relpath(path, args.output_dir) if path else None

@@ -300,7 +300,7 @@ def parse_error(capsys, argv):
          "--train_shards_path_or_url: shard not found: /no/such/shard.tar"),
         (["--train_shards_path_or_url", "{shards}", "--max_train_steps", "1", "--caption_column", "text"],
          "--image_column and --caption_column apply to --train_data_dir only"),
-        (["--train_data_dir", "{images}", "--lambda_kd_feat", "-1"], "--lambda_kd_feat must be >= 0"),
+        (["--train_data_dir", "{images}", "--lambda_kd_feat", "-1"], "--lambda_kd_feat: must be >= 0"),
         (["--train_data_dir", "{images}", "--lambda_sd", "0", "--lambda_kd_output", "0", "--lambda_kd_feat", "0"],
          "nothing would be learned"),
     ],

@@ -125,7 +125,7 @@ def parse_error(capsys, argv):
          "--pre_compute_text_embeddings cannot be used with --train_text_encoder"),
         (["--no_cache", "--pre_compute_text_embeddings"], "--pre_compute_text_embeddings contradicts --no_cache"),
         (["--resolution", "100"], "--resolution must be a positive multiple of 8"),
-        (["--rank", "0"], "--rank must be >= 1"),
+        (["--rank", "0"], "--rank: must be >= 1"),
     ],
 )
 def test_bad_flags_are_one_line_errors(assets, instance_dir, capsys, tmp_path, extra, message):
@@ -240,7 +240,8 @@ def test_second_run_reuses_class_images_and_caches_everything(prior_run, assets,
     result = run_in_process(SCRIPT, flags)
     assert "generating" not in result.stdout
     assert sorted((p.name, p.stat().st_mtime_ns) for p in prior_run["class_dir"].iterdir()) == before
-    assert "cached 4 instance and 3 class latents (with mirror images), and the prompt embeddings" in result.stdout
+    assert ("cached 4 instance and 3 class latents (19 crops, with mirror images), and the prompt embeddings"
+            in result.stdout)
     state = load_file(str(tmp_path / "again" / db.LORA_WEIGHT_NAME))
     assert {k.split(".")[0] for k in state} == {"unet"}
 

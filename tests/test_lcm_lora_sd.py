@@ -280,9 +280,9 @@ def parse_error(capsys, argv):
     [
         (["--lora_target_modules", "to_q,attn_qkv"], "unknown module kind 'attn_qkv'; valid kinds: to_q, to_k"),
         (["--lora_target_modules", ","], "--lora_target_modules: names no module kind"),
-        (["--lora_rank", "0"], "--lora_rank must be >= 1, got 0"),
-        (["--lora_alpha", "-1"], "--lora_alpha must be > 0"),
-        (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--lora_rank", "0"], "--lora_rank: must be >= 1, got 0"),
+        (["--lora_alpha", "-1"], "--lora_alpha: must be > 0"),
+        (["--lora_dropout", "1"], "--lora_dropout: must be < 1"),
         (["--w_min", "9", "--w_max", "3"], "--w_min (9.0) must not exceed --w_max (3.0)"),
         (["--ema_decay", "0.9"], "unrecognized arguments: --ema_decay"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),

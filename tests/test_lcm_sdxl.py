@@ -185,7 +185,7 @@ def test_lora_mode_resume_equals_uninterrupted_run(lora_xl_run, tmp_path):
         (["--use_lora", "--ema_decay", "0.9"], "--ema_decay applies only without --use_lora"),
         (["--lora_rank", "8"], "--lora_rank applies only with --use_lora"),
         (["--use_lora", "--lora_target_modules", "qkv"], "unknown module kind 'qkv'"),
-        (["--use_lora", "--lora_rank", "0"], "--lora_rank must be >= 1"),
+        (["--use_lora", "--lora_rank", "0"], "--lora_rank: must be >= 1"),
         (["--w_min", "20"], "--w_min (20.0) must not exceed --w_max (15.0)"),
     ],
 )

@@ -73,27 +73,49 @@ def _parse_csv_value(value):
     return value
 
 
+def _read_text(path):
+    """A metadata file's text: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), else Windows-1252
+    (Excel's plain "CSV" on Windows)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        print(f"make_wds_shards.py: warning: {path} is not UTF-8; read as Windows-1252", file=sys.stderr)
+        return raw.decode("cp1252", errors="replace")
+
+
 def _read_table(path):
-    """Rows (dicts) and column names of one metadata.jsonl / metadata.csv file."""
+    """Rows (line number, dict) and column names of one metadata.jsonl / metadata.csv file.
+
+    CSV as spreadsheets write it: byte-order mark, CRLF, quoted cells with commas or line breaks, and ';' or
+    tab separators (the one whose header names file_name)."""
+    text = _read_text(path)
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_number}: expected a JSON object per line")
-                rows.append(row)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object per line")
+            rows.append((line_number, row))
+        columns = list(dict.fromkeys(key for _, row in rows for key in row))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [{k: _parse_csv_value(v) for k, v in row.items()} for row in reader]
-            columns = list(reader.fieldnames or [])
+        header = text.splitlines()[0] if text.strip() else ""
+        delimiter = next((d for d in (",", ";", "\t") if "file_name" in next(csv.reader([header], delimiter=d), [])),
+                         ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            # file_name stays text ("001.png" is not a number); a short row's missing cells are None
+            rows = [(reader.line_num, {k: v if k == "file_name" else _parse_csv_value(v)
+                                       for k, v in row.items() if k is not None}) for row in reader]
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: {e}") from None
+        columns = list(reader.fieldnames or [])
     return rows, columns
 
 
@@ -126,8 +148,10 @@ def read_metadata(input_dir, caption_column=None, skip_dir=None):
         else:
             column = next((c for c in DEFAULT_CAPTION_COLUMNS if c in columns), None)
         rel_folder = os.path.relpath(folder, input_dir)
-        for row in rows:
-            rel_path = os.path.normpath(os.path.join(rel_folder, str(row["file_name"]))).replace(os.sep, "/")
+        for line_number, row in rows:
+            if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
+                raise ValueError(f"{path}:{line_number}: no 'file_name' (the image's path) in this row")
+            rel_path = os.path.normpath(os.path.join(rel_folder, row["file_name"].strip())).replace(os.sep, "/")
             caption = row.get(column) if column is not None else None
             extras = {k: v for k, v in row.items() if k not in ("file_name", column)}
             metadata[rel_path] = (None if caption is None else str(caption), extras)
