@@ -1321,19 +1321,21 @@ class DataError(RuntimeError):
 def close_batches(loader_iterator):
     """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
     alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
     shutdown = getattr(loader_iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
 
 
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+def exit_on_data_error(error):
+    """Stop the run with one line if `error` is a DataError, also one raised in a DataLoader worker (that arrives
+    re-raised with the worker's whole traceback as its message, the original message on the last line);
+    re-raise any other error unchanged."""
     text = str(error).strip()
     if not isinstance(error, DataError) and "DataError" not in text:
         raise error
     last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+    raise SystemExit(f"error: {last_line.split('DataError: ', 1)[-1]}") from None
 
 
 def describe_data_counts(counts):
@@ -1456,7 +1458,7 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
         batches = itertools.chain([next(loader_iterator)], loader_iterator)
     except (DataError, RuntimeError) as error:
         close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
 
 
@@ -1543,7 +1545,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 method.validate(global_step)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     finally:
         stop.restore()
         close_batches(data.loader_iterator)

@@ -245,10 +245,13 @@ def test_sample_filter():
     assert f.reject_by_metadata({"width": 512, "height": 512, "pwatermark": 0.1, "aesthetic": 6.0}) is None
 
 
-def test_data_error_message_from_worker_traceback():
+def test_data_errors_exit_with_one_line_also_from_a_worker_traceback():
     wrapped = lcd.DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
                             "last):\n  File \"x.py\", line 1\nDataError: a whole pass over 1 shard(s) gave nothing")
-    assert lcd.data_error_message(wrapped) == "error: a whole pass over 1 shard(s) gave nothing"
-    assert lcd.data_error_message(lcd.DataError("no usable sample")) == "error: no usable sample"
+    for error, line in ((wrapped, "error: a whole pass over 1 shard(s) gave nothing"),
+                        (lcd.DataError("no usable sample"), "error: no usable sample")):
+        with pytest.raises(SystemExit) as exit_:
+            lcd.exit_on_data_error(error)
+        assert exit_.value.code == line
     with pytest.raises(KeyError):
-        lcd.data_error_message(KeyError("unrelated"))
+        lcd.exit_on_data_error(KeyError("unrelated"))
