@@ -656,7 +656,10 @@ def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = No
         _apply_fixes([f for _, f in fixes])
         for mismatch, _ in fixes:
             mismatch.fixed = True
-            repaired.append(mismatch)
+            # A copy further down a chain can be rewritten in more than one pass; say so once.
+            key = (mismatch.path, mismatch.line, mismatch.reference)
+            if all((m.path, m.line, m.reference) != key for m in repaired):
+                repaired.append(mismatch)
     raise AssertionError("unreachable")
 
 
