@@ -27,10 +27,47 @@ is dedented by the indentation of its own first line, so a method may be copied 
 top-level function and vice versa.  Apart from that the text must match exactly (trailing
 whitespace included); only line endings and the presence of a final newline are ignored.
 
+Regions.  A larger block of shared code (the training engine, say) is marked as a region in
+its source script and copied whole into the others::
+
+    # region ENGINE -- identical in the four stream scripts      (in the source script)
+    ...
+    # endregion ENGINE
+
+    # region ENGINE copied from train_lcm_distill_sd_wds         (in a copy)
+    ...
+    # endregion ENGINE
+
+    # region DATA copied from train_lcm_distill_sd_wds with foo->bar, Baz->Qux
+
+Markers are whole-line comments at column 0.  NAME is ``[A-Z][A-Z0-9_]*``; a copy names the
+module (``<root>/<module>.py``) holding the region of the same NAME, with optional renames as
+above.  Any start or end marker may end in `` -- description``.  The compared text is every line
+strictly between the start and end markers, taken as is (not dedented); it must match exactly after renames,
+line endings ignored.  A source region may hold definitions that are marked copies of something
+else (they are checked as usual); a definition marker inside a copied region is redundant and
+not checked on its own, since the region comparison covers it.  A region may be copied from a
+region that is itself a copy, as long as the chain ends in a source region (a cycle or a
+missing link is an error).  Errors, reported as ``file:line``: an unterminated region, an end
+marker without its start, nested regions, a region name used twice in one file, a comment that
+looks like a region marker but does not follow the syntax (or is indented), and a copy naming
+a file or region that does not exist.
+
+``--stats`` prints, per scanned file, these line counts (and a total row):
+
+- ``lines``: all physical lines;
+- ``copied``: lines inside checked copies (the compared text of definition copies and region
+  copies, each line counted once; a copy's own markers are not included);
+- ``regions``: lines inside source regions (between their markers);
+- ``main()``: lines of the top-level ``main`` function, ``-`` if there is none;
+- ``own``: lines in none of the above three sets nor in the source text of a checked copy in
+  another file: the script's own code, plus its imports, blank lines and markers.
+
 Usage (CI runs the first form from the repository root)::
 
     python tools/check_copies.py                 # check; exit 1 on drift or a broken marker
     python tools/check_copies.py --fix           # rewrite drifted copies from their sources
+    python tools/check_copies.py --stats         # check, then print line counts per script
     python tools/check_copies.py --root DIR [PATH ...]   # other root, extra files/dirs to scan
 
 The module is standard-library only and importing it has no side effects; tests call
@@ -79,10 +116,11 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[1]
 class Mismatch:
     """One marked copy that does not match its source, or a marker that cannot be checked.
 
-    ``line`` is the 1-based line of the ``# Copied from`` comment.  ``diff`` is a unified
+    ``line`` is the 1-based line of the ``# Copied from`` comment or ``# region`` marker.  ``diff`` is a unified
     diff from the expected text (source with renames applied) to the copy, cut to
     ``MAX_DIFF_LINES`` lines.  ``error`` is non-empty when the marker is broken (unknown
-    module or object, malformed renames, not above a def/class, unparsable file); such
+    module, object or region, malformed renames, not above a def/class, broken region
+    markers, unparsable file); such
     entries have no diff and cannot be fixed.  ``fixed`` is set by ``--fix``.
     """
 
@@ -694,7 +732,8 @@ def _describe(mismatch: Mismatch, shown_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0: all copies match or were fixed)."""
     parser = argparse.ArgumentParser(
-        description="Check that '# Copied from module.name' blocks match their source.",
+        description="Check that '# Copied from module.name' blocks and '# region NAME copied from module' "
+        "regions match their source.",
     )
     parser.add_argument(
         "paths",
