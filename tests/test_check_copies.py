@@ -460,3 +460,224 @@ def test_real_repository_is_clean():
     result = run_cli(cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert SUMMARY.search(result.stdout), result.stdout
+
+
+# ------------------------------------------------------------------------------ regions
+
+
+REGION_SOURCE = """
+import torch
+
+
+# region ENGINE -- identical in the stream scripts
+def step(unet, batch):
+    loss = unet(batch)
+    return loss
+
+
+LOSS_SCALE = 2
+# endregion ENGINE
+
+
+def main():
+    step(None, None)
+    return 0
+"""
+
+REGION_COPY = """
+import torch
+
+
+# region ENGINE copied from train_a
+def step(unet, batch):
+    loss = unet(batch)
+    return loss
+
+
+LOSS_SCALE = 2
+# endregion ENGINE
+
+
+def main():
+    return 1
+"""
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> Path:
+    write(tmp_path, "train_a.py", REGION_SOURCE)
+    write(tmp_path, "train_b.py", REGION_COPY)
+    return tmp_path
+
+
+def test_region_copy_matches(regions: Path):
+    assert cc.check_copies(regions) == []
+    assert cc.run(regions).copies_checked == 1
+
+
+def test_region_copy_drift_is_reported_at_its_start_marker(regions: Path):
+    copy = regions / "train_b.py"
+    copy.write_text(copy.read_text().replace("LOSS_SCALE = 2", "LOSS_SCALE = 3"))
+    (mismatch,) = cc.check_copies(regions)
+    assert (mismatch.path, mismatch.line) == (str(copy), line_of(copy, "# region ENGINE"))
+    assert mismatch.reference == "region train_a.ENGINE"
+    assert "-LOSS_SCALE = 2" in mismatch.diff and "+LOSS_SCALE = 3" in mismatch.diff
+    assert "copy of region train_a.ENGINE differs from its source" in mismatch.describe()
+
+
+def test_region_marker_lines_are_not_compared(regions: Path):
+    # Descriptions after " -- " and the markers themselves may differ; line endings are ignored.
+    copy = regions / "train_b.py"
+    text = copy.read_text().replace("# region ENGINE copied from train_a", "# region ENGINE copied from train_a -- x")
+    copy.write_bytes(text.replace("\n", "\r\n").encode())
+    assert cc.check_copies(regions) == []
+
+
+def test_region_renames(regions: Path):
+    copy = regions / "train_b.py"
+    marker = "copied from train_a with unet->student, LOSS->GAIN"
+    copy.write_text(copy.read_text().replace("copied from train_a", marker))
+    assert len(cc.check_copies(regions)) == 1
+    renamed = REGION_COPY.replace("unet", "student").replace("LOSS_SCALE", "GAIN_SCALE")
+    copy.write_text(renamed.replace("copied from train_a", marker))
+    assert cc.check_copies(regions) == []
+
+
+def test_region_chain(regions: Path):
+    chained = REGION_COPY.replace("copied from train_a", "copied from train_b")
+    write(regions, "train_c.py", chained)
+    assert cc.check_copies(regions) == []
+    # Compared with the immediate source: drift in b is reported for b and for c.
+    copy = regions / "train_b.py"
+    copy.write_text(copy.read_text().replace("LOSS_SCALE = 2", "LOSS_SCALE = 3"))
+    assert sorted(Path(m.path).name for m in cc.check_copies(regions)) == ["train_b.py", "train_c.py"]
+
+
+def test_region_chain_cycle_is_an_error(regions: Path):
+    source = regions / "train_a.py"
+    source.write_text(source.read_text().replace("# region ENGINE --", "# region ENGINE copied from train_b --"))
+    problems = cc.check_copies(regions)
+    assert sorted(Path(p.path).name for p in problems) == ["train_a.py", "train_b.py"]
+    assert all("refers to itself" in p.error for p in problems)
+
+
+def test_region_copy_of_a_broken_chain_is_an_error(regions: Path):
+    write(regions, "train_c.py", REGION_COPY.replace("copied from train_a", "copied from train_b"))
+    copy = regions / "train_b.py"
+    copy.write_text(copy.read_text().replace("copied from train_a", "copied from train_gone"))
+    problems = cc.check_copies(regions)
+    assert [(Path(p.path).name, "train_gone" in p.error) for p in problems] == [
+        ("train_b.py", True),
+        ("train_c.py", True),
+    ]
+    assert "via region train_b.ENGINE" in problems[1].error
+
+
+def test_definition_markers_inside_regions(regions: Path):
+    # In a source region a definition marker is checked as usual; in a copied region it is
+    # redundant, so a drifted definition there is reported once, by the region.
+    write(regions, "train_s.py", "def step(unet, batch):\n    loss = unet(batch)\n    return loss\n")
+    marked = REGION_SOURCE.replace("def step", "# Copied from train_s.step\ndef step")
+    write(regions, "train_a.py", marked)
+    write(regions, "train_b.py", marked.replace("# region ENGINE --", "# region ENGINE copied from train_a --"))
+    report = cc.run(regions)
+    assert report.mismatches == [] and report.copies_checked == 2  # a: def; b: region (def skipped)
+    copy = regions / "train_b.py"
+    copy.write_text(copy.read_text().replace("return loss", "return -loss"))
+    (mismatch,) = cc.check_copies(regions)
+    assert mismatch.reference == "region train_a.ENGINE"
+
+
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("# region ENGINE\nX = 1\n", 1, "region ENGINE is never closed"),
+        ("X = 1\n# endregion ENGINE\n", 2, "'# endregion ENGINE' without a matching '# region'"),
+        ("# region A\n# region B\n# endregion B\n# endregion A\n", 2, "regions cannot nest"),
+        ("# region A\n# endregion A\n# region A\n# endregion A\n", 3, "duplicate region A (first one at line 1)"),
+        ("# region engine\n# endregion engine\n", 1, "malformed region marker"),
+        ("#region ENGINE\n", 1, "malformed region marker"),
+        ("def f():\n    # region ENGINE\n    pass\n", 2, "must start at column 0"),
+        ("# region A copied from train_a with x=>y\n# endregion A\n", 1, "malformed rename"),
+        ("# region A copied from train_missing\n# endregion A\n", 1, "source module 'train_missing'"),
+        ("# region NOPE copied from train_a\n# endregion NOPE\n", 1, "has no region NOPE"),
+        ("# region ENGINE copied from train_c\n# endregion ENGINE\n", 1, "refers to itself"),
+    ],
+)
+def test_broken_region_markers(regions: Path, text: str, line: int, message: str):
+    copy = write(regions, "train_c.py", text)
+    problems = [p for p in cc.check_copies(regions) if p.path == str(copy)]
+    assert problems and all(p.error and not p.diff for p in problems)
+    assert (problems[0].line, message in problems[0].error) == (line, True), problems[0].error
+    assert cc.main(["--root", str(regions), "--fix"]) == 1
+
+
+def test_copy_of_a_broken_source_region_says_so(regions: Path):
+    source = regions / "train_a.py"
+    source.write_text(source.read_text().replace("# endregion ENGINE\n", ""))
+    problems = cc.check_copies(regions)
+    assert [Path(p.path).name for p in problems] == ["train_a.py", "train_b.py"]
+    assert "region markers there are broken" in problems[1].error
+
+
+def test_region_text_in_a_string_is_not_a_marker(regions: Path):
+    write(regions, "train_c.py", 'HELP = """\n# region ENGINE copied from train_nowhere\n"""\n')
+    assert cc.check_copies(regions) == []
+
+
+def test_fix_rewrites_region_copies_with_renames_and_crlf(regions: Path):
+    copy = regions / "train_b.py"
+    head = "import torch\r\n\r\n\r\n# region ENGINE copied from train_a with unet->net\r\n"
+    tail = "# endregion ENGINE\r\n\r\n\r\ndef main():\r\n    return 1\r\n"
+    copy.write_bytes((head + "old = 1\r\n" + tail).encode())
+    (fixed,) = cc.check_copies(regions, fix=True)
+    assert fixed.fixed and fixed.reference == "region train_a.ENGINE"
+    body = "def step(net, batch):\n    loss = net(batch)\n    return loss\n\n\nLOSS_SCALE = 2\n"
+    assert copy.read_bytes() == (head + body.replace("\n", "\r\n") + tail).encode()
+    assert cc.check_copies(regions) == []
+
+
+def test_fix_fills_an_empty_region_and_settles_chains(regions: Path):
+    write(regions, "train_b.py", "# region ENGINE copied from train_a\n# endregion ENGINE\nX = 1\n")
+    write(regions, "train_c.py", "# region ENGINE copied from train_b\nstale = 0\n# endregion ENGINE\n")
+    fixed = cc.check_copies(regions, fix=True)
+    assert sorted(Path(m.path).name for m in fixed) == ["train_b.py", "train_c.py"]
+    assert all(m.fixed for m in fixed)
+    body = "def step(unet, batch):\n    loss = unet(batch)\n    return loss\n\n\nLOSS_SCALE = 2\n"
+    assert (regions / "train_c.py").read_text() == (
+        "# region ENGINE copied from train_b\n" + body + "# endregion ENGINE\n"
+    )
+    assert (regions / "train_b.py").read_text().endswith("# endregion ENGINE\nX = 1\n")
+
+
+# ------------------------------------------------------------------------------ --stats
+
+
+def test_stats_counts(regions: Path):
+    write(regions, "train_c.py", "# Copied from train_a.step\ndef step(unet, batch):\n    return 0\n")
+    stats = {Path(s.path).name: s for s in cc.run(regions).stats}
+    a, b, c = stats["train_a.py"], stats["train_b.py"], stats["train_c.py"]
+    # a: 16 lines; its region holds 6, main() 3; own = everything outside the region.
+    assert (a.lines, a.copied, a.regions, a.main, a.own) == (16, 0, 6, 3, 10)
+    # b: the copied region's 6 lines are copied; c: the def copy (2 lines; the marker is its
+    # own line), no main().
+    assert (b.lines, b.copied, b.regions, b.main, b.own) == (15, 6, 0, 2, 9)
+    assert (c.lines, c.copied, c.regions, c.main, c.own) == (3, 2, 0, None, 1)
+
+
+def test_stats_count_overlapping_copies_once(regions: Path):
+    # The definition marker inside the copied region is not checked, so its lines count once.
+    text = REGION_COPY.replace("def step", "# Copied from train_a.step\ndef step")
+    write(regions, "train_b.py", text)
+    (stats,) = [s for s in cc.run(regions).stats if s.path.endswith("train_b.py")]
+    assert stats.copied == 7  # the region's content, the marker line included
+
+
+def test_cli_stats_table(regions: Path):
+    result = run_cli("--root", str(regions), "--stats", cwd=regions)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+    assert rows["train_a.py"] == ["16", "0", "6", "3", "10"]
+    assert rows["train_b.py"] == ["15", "6", "0", "2", "9"]
+    assert rows["total"] == ["31", "6", "6", "5", "19"]
+    assert "main()" in result.stdout.splitlines()[1]

@@ -27,10 +27,47 @@ is dedented by the indentation of its own first line, so a method may be copied 
 top-level function and vice versa.  Apart from that the text must match exactly (trailing
 whitespace included); only line endings and the presence of a final newline are ignored.
 
+Regions.  A larger block of shared code (the training engine, say) is marked as a region in
+its source script and copied whole into the others::
+
+    # region ENGINE -- identical in the four stream scripts      (in the source script)
+    ...
+    # endregion ENGINE
+
+    # region ENGINE copied from train_lcm_distill_sd_wds         (in a copy)
+    ...
+    # endregion ENGINE
+
+    # region DATA copied from train_lcm_distill_sd_wds with foo->bar, Baz->Qux
+
+Markers are whole-line comments at column 0.  NAME is ``[A-Z][A-Z0-9_]*``; a copy names the
+module (``<root>/<module>.py``) holding the region of the same NAME, with optional renames as
+above.  Any start or end marker may end in `` -- description``.  The compared text is every line
+strictly between the start and end markers, taken as is (not dedented); it must match exactly after renames,
+line endings ignored.  A source region may hold definitions that are marked copies of something
+else (they are checked as usual); a definition marker inside a copied region is redundant and
+not checked on its own, since the region comparison covers it.  A region may be copied from a
+region that is itself a copy, as long as the chain ends in a source region (a cycle or a
+missing link is an error).  Errors, reported as ``file:line``: an unterminated region, an end
+marker without its start, nested regions, a region name used twice in one file, a comment that
+looks like a region marker but does not follow the syntax (or is indented), and a copy naming
+a file or region that does not exist.
+
+``--stats`` prints, per scanned file, these line counts (and a total row):
+
+- ``lines``: all physical lines;
+- ``copied``: lines inside checked copies (the compared text of definition copies and region
+  copies, each line counted once; a copy's own markers are not included);
+- ``regions``: lines inside source regions (between their markers);
+- ``main()``: lines of the top-level ``main`` function, ``-`` if there is none;
+- ``own``: lines in none of the above three sets nor in the source text of a checked copy in
+  another file: the script's own code, plus its imports, blank lines and markers.
+
 Usage (CI runs the first form from the repository root)::
 
     python tools/check_copies.py                 # check; exit 1 on drift or a broken marker
     python tools/check_copies.py --fix           # rewrite drifted copies from their sources
+    python tools/check_copies.py --stats         # check, then print line counts per script
     python tools/check_copies.py --root DIR [PATH ...]   # other root, extra files/dirs to scan
 
 The module is standard-library only and importing it has no side effects; tests call
@@ -42,6 +79,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import io
 import os
 import re
@@ -51,6 +89,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER_PREFIX = "# Copied from"
+# Region markers: whole-line comments at column 0.  A name is upper case so that it reads as a
+# label and cannot be confused with a Python name in a definition marker.
+_REGION_START_RE = re.compile(
+    r"# region (?P<name>[A-Z][A-Z0-9_]*)"
+    r"(?: copied from (?P<module>[A-Za-z_]\w*)(?: with (?P<renames>.+?))?)?"
+    r"(?: -- .*)?"
+)
+_REGION_END_RE = re.compile(r"# endregion (?P<name>[A-Z][A-Z0-9_]*)(?: -- .*)?")
+# Anything that looks like an attempt at a region marker (``#region``, ``# endregion engine``)
+# but does not match the grammar is reported, so that a typo cannot silently leave code unchecked.
+_REGION_LIKE_RE = re.compile(r"#\s*(?:end)?region\b")
+REGION_SYNTAX = "'# region NAME [copied from MODULE [with old->new, ...]] [-- description]' or '# endregion NAME'"
 # A reference is a dotted name with at least two parts: module and object.
 _REFERENCE_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 # Lines of a diff shown per mismatch; the full diff is what `--fix` would apply anyway.
@@ -66,10 +116,11 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[1]
 class Mismatch:
     """One marked copy that does not match its source, or a marker that cannot be checked.
 
-    ``line`` is the 1-based line of the ``# Copied from`` comment.  ``diff`` is a unified
+    ``line`` is the 1-based line of the ``# Copied from`` comment or ``# region`` marker.  ``diff`` is a unified
     diff from the expected text (source with renames applied) to the copy, cut to
     ``MAX_DIFF_LINES`` lines.  ``error`` is non-empty when the marker is broken (unknown
-    module or object, malformed renames, not above a def/class, unparsable file); such
+    module, object or region, malformed renames, not above a def/class, broken region
+    markers, unparsable file); such
     entries have no diff and cannot be fixed.  ``fixed`` is set by ``--fix``.
     """
 
@@ -86,12 +137,25 @@ class Mismatch:
 
 
 @dataclass
+class FileStats:
+    """Line counts of one scanned file, for ``--stats`` (see the module docstring)."""
+
+    path: str
+    lines: int
+    copied: int
+    regions: int
+    main: int | None  # None: the file has no top-level main()
+    own: int
+
+
+@dataclass
 class Report:
     """Result of one run: what went wrong plus the counts for the summary line."""
 
     mismatches: list[Mismatch] = field(default_factory=list)
     copies_checked: int = 0
     files_checked: int = 0
+    stats: list[FileStats] = field(default_factory=list)  # as the files are after any --fix
 
     def summary(self) -> str:
         drift = [m for m in self.mismatches if not m.error]
@@ -123,12 +187,35 @@ class _Object:
 
 
 @dataclass
+class _Region:
+    """A well-formed region: 1-based lines of its start and end markers.
+
+    ``module`` is set for a copy (``copied from MODULE``) and ``rename_text`` holds the raw
+    ``with ...`` part, parsed only when the copy is checked so a bad rename is reported there.
+    """
+
+    name: str
+    start: int
+    end: int
+    module: str | None = None
+    rename_text: str | None = None
+
+    @property
+    def content(self) -> range:
+        """Line numbers strictly between the markers: the compared text."""
+        return range(self.start + 1, self.end)
+
+
+@dataclass
 class _ParsedFile:
     path: str
     lines: list[str]  # physical lines with their original line endings
     by_qualname: dict[str, _Object]  # top-level defs/classes and class members
     by_start: dict[int, _Object]  # every def/class, keyed by its first line
     markers: list[tuple[int, str]]  # (line, comment text) of each "# Copied from" comment
+    regions: dict[str, _Region] = field(default_factory=dict)  # well-formed regions by name
+    broken_regions: set[str] = field(default_factory=set)  # names whose markers are broken
+    region_errors: list[tuple[int, str, str]] = field(default_factory=list)  # (line, name, message)
 
 
 def _read_lines(text: str) -> list[str]:
@@ -175,14 +262,83 @@ def _parse_file(path: str) -> _ParsedFile:
     # Markers are real comments on a line of their own; using the tokenizer means text that
     # merely looks like a marker inside a string (e.g. a help message) is not picked up.
     markers = []
+    region_comments = []
     for token in tokenize.generate_tokens(io.StringIO(text, newline="").readline):
-        if (
-            token.type == tokenize.COMMENT
-            and token.string.startswith(MARKER_PREFIX)
-            and token.line.strip() == token.string.strip()
-        ):
+        if token.type != tokenize.COMMENT or token.line.strip() != token.string.strip():
+            continue
+        if token.string.startswith(MARKER_PREFIX):
             markers.append((token.start[0], token.string.rstrip()))
-    return _ParsedFile(path, lines, by_qualname, by_start, markers)
+        elif _REGION_LIKE_RE.match(token.string):
+            region_comments.append((token.start[0], token.start[1], token.string.rstrip()))
+    parsed = _ParsedFile(path, lines, by_qualname, by_start, markers)
+    _parse_regions(parsed, region_comments)
+    return parsed
+
+
+def _parse_regions(parsed: _ParsedFile, comments: list[tuple[int, int, str]]) -> None:
+    """Pair region markers into ``parsed.regions``; structural problems go to ``region_errors``.
+
+    A region involved in a structural problem (nested, duplicated, unterminated) is left out
+    of ``regions`` and its name put in ``broken_regions``: comparing a region whose extent is
+    uncertain would only produce a misleading diff.
+    """
+    errors = parsed.region_errors
+    stack: list[tuple[_Region, bool]] = []  # open regions, innermost last; flag: still valid
+    closed: list[_Region] = []
+    for line, column, comment in comments:
+        if column != 0:
+            errors.append((line, "", f"region marker {comment!r} must start at column 0"))
+            continue
+        start = _REGION_START_RE.fullmatch(comment)
+        end = _REGION_END_RE.fullmatch(comment)
+        if start:
+            region = _Region(start["name"], line, 0, start["module"], start["renames"])
+            if stack:
+                outer = stack[-1][0]
+                errors.append(
+                    (line, region.name, f"region {region.name} starts inside region {outer.name} "
+                     f"(line {outer.start}); regions cannot nest")
+                )
+                stack = [(r, False) for r, _ in stack]
+                parsed.broken_regions.update(r.name for r, _ in stack)
+                parsed.broken_regions.add(region.name)
+            stack.append((region, not stack))
+        elif end:
+            names = [r.name for r, _ in stack]
+            if end["name"] not in names:
+                errors.append((line, end["name"], f"'# endregion {end['name']}' without a matching '# region'"))
+                continue
+            # Regions opened after the one being closed are never closed themselves.
+            while stack[-1][0].name != end["name"]:
+                region, _ = stack.pop()
+                errors.append((region.start, region.name, _unterminated(region)))
+                parsed.broken_regions.add(region.name)
+            region, valid = stack.pop()
+            region.end = line
+            if valid:
+                closed.append(region)
+        else:
+            errors.append((line, "", f"malformed region marker {comment!r}: expected {REGION_SYNTAX}"))
+    for region, _ in stack:
+        errors.append((region.start, region.name, _unterminated(region)))
+        parsed.broken_regions.add(region.name)
+
+    first_start: dict[str, int] = {}
+    for region in closed:
+        if region.name in first_start:
+            errors.append(
+                (region.start, region.name,
+                 f"duplicate region {region.name} (first one at line {first_start[region.name]})")
+            )
+            parsed.broken_regions.add(region.name)
+        else:
+            first_start[region.name] = region.start
+    errors.sort(key=lambda error: error[0])
+    parsed.regions = {r.name: r for r in closed if r.name not in parsed.broken_regions}
+
+
+def _unterminated(region: _Region) -> str:
+    return f"region {region.name} is never closed (no '# endregion {region.name}' after it)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,15 +359,19 @@ def _parse_marker(comment: str) -> tuple[str, list[tuple[str, str]]]:
         raise _BadMarker(
             f"malformed marker {comment!r}: expected '{MARKER_PREFIX} module.name [with old->new, ...]'"
         )
+    return reference, _parse_renames(rename_text, comment) if has_with else []
+
+
+def _parse_renames(rename_text: str, comment: str) -> list[tuple[str, str]]:
+    """``"a->b, c->d"`` -> ``[("a", "b"), ("c", "d")]``; ``comment`` is quoted in errors."""
     renames = []
-    if has_with:
-        for item in rename_text.split(","):
-            old, arrow, new = item.partition("->")
-            old, new = old.strip(), new.strip()
-            if not arrow or not old:
-                raise _BadMarker(f"malformed rename {item.strip()!r} in {comment!r}: expected 'old->new'")
-            renames.append((old, new))
-    return reference, renames
+    for item in rename_text.split(","):
+        old, arrow, new = item.partition("->")
+        old, new = old.strip(), new.strip()
+        if not arrow or not old:
+            raise _BadMarker(f"malformed rename {item.strip()!r} in {comment!r}: expected 'old->new'")
+        renames.append((old, new))
+    return renames
 
 
 def _normalise(line: str, indent: str) -> tuple[bool, str]:
@@ -228,6 +388,15 @@ def _normalise(line: str, indent: str) -> tuple[bool, str]:
     if indent.startswith(line):
         return False, ""
     return False, line
+
+
+@dataclass
+class _Coverage:
+    """Lines (1-based) of one checked copy, and of the source text it was compared with."""
+
+    copy_lines: range
+    source_path: str  # real path
+    source_lines: range
 
 
 @dataclass
@@ -252,7 +421,7 @@ def _check_marker(
     marker_line: int,
     comment: str,
     load,
-) -> tuple[Mismatch | None, _Fix | None]:
+) -> tuple[Mismatch | None, _Fix | None, _Coverage]:
     """Compare one marked copy with its source; raises ``_BadMarker`` if it cannot be checked."""
     reference, renames = _parse_marker(comment)
     target = copy_file.by_start.get(marker_line + 1)
@@ -281,8 +450,11 @@ def _check_marker(
         expected.append((had_indent, text))
     copy_raw = copy_file.lines[target.start - 1 : target.end]
     actual = [_normalise(raw, target.indent)[1] for raw in copy_raw]
+    coverage = _Coverage(
+        range(target.start, target.end + 1), os.path.realpath(source_path), range(source.start, source.end + 1)
+    )
     if [text for _, text in expected] == actual:
-        return None, None
+        return None, None, coverage
 
     mismatch = Mismatch(
         path=copy_file.path,
@@ -302,7 +474,71 @@ def _check_marker(
     last = copy_raw[-1]
     new_lines = [(target.indent + text if had_indent else text) + newline for had_indent, text in expected]
     new_lines[-1] = new_lines[-1].rstrip("\r\n") + last[len(last.rstrip("\r\n")) :]
-    return mismatch, _Fix(copy_file.path, target.start, target.end, new_lines)
+    return mismatch, _Fix(copy_file.path, target.start, target.end, new_lines), coverage
+
+
+def _check_region(
+    root: str, copy_file: _ParsedFile, region: _Region, load
+) -> tuple[Mismatch | None, _Fix | None, _Coverage]:
+    """Compare one copied region with its source region; raises ``_BadMarker`` if it cannot."""
+    label = f"region {region.module}.{region.name}"
+    comment = copy_file.lines[region.start - 1].rstrip("\r\n")
+    renames = _parse_renames(region.rename_text, comment) if region.rename_text else []
+
+    # Follow the chain (a copy of a copy of ...) to make sure it ends in a real source region;
+    # the comparison itself is only against the immediate source, as for definitions.
+    seen = [os.path.realpath(copy_file.path)]
+    current_file, current, source_file, source = copy_file, region, None, None
+    while current.module is not None:
+        path = os.path.normpath(os.path.join(root, current.module + ".py"))
+        what = label if current is region else f"region {current.module}.{region.name} (via {label})"
+        if not os.path.isfile(path):
+            raise _BadMarker(f"source module {current.module!r} of {what} not found (no file {path})")
+        if os.path.realpath(path) in seen:
+            chain = " -> ".join(Path(p).stem for p in seen + [path]) + f" (region {region.name})"
+            raise _BadMarker(f"{label} refers to itself: {chain}")
+        seen.append(os.path.realpath(path))
+        try:
+            next_file = load(path)
+        except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+            raise _BadMarker(f"cannot read source module {path} of {what}: {exc}") from exc
+        found = next_file.regions.get(region.name)
+        if found is None:
+            broken = region.name in next_file.broken_regions
+            raise _BadMarker(
+                f"{path} has no region {region.name} (from {what})"
+                + ("; its region markers there are broken" if broken else "")
+            )
+        if source is None:
+            source_file, source = next_file, found
+        current_file, current = next_file, found
+
+    expected = []
+    for raw in source_file.lines[source.start : source.end - 1]:
+        text = raw.rstrip("\r\n")
+        for old, new in renames:
+            text = text.replace(old, new)
+        expected.append(text)
+    actual = [raw.rstrip("\r\n") for raw in copy_file.lines[region.start : region.end - 1]]
+    coverage = _Coverage(region.content, os.path.realpath(source_file.path), source.content)
+    if expected == actual:
+        return None, None, coverage
+    mismatch = Mismatch(
+        path=copy_file.path,
+        line=region.start,
+        reference=label,
+        diff=_diff(
+            expected,
+            actual,
+            f"{label} (source{', renames applied' if renames else ''})",
+            f"{copy_file.path}:{region.start} (copy)",
+        ),
+    )
+    first = copy_file.lines[region.start - 1]
+    newline = first[len(first.rstrip("\r\n")) :] or "\n"
+    # Content lines always end with a newline: the end marker follows them.
+    new_lines = [text + newline for text in expected]
+    return mismatch, _Fix(copy_file.path, region.start + 1, region.end - 1, new_lines), coverage
 
 
 def _files_to_scan(root: str, paths: list[str] | None) -> list[str]:
@@ -334,6 +570,7 @@ def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatc
 
     report = Report(files_checked=len(files))
     fixes = []
+    coverages: list[tuple[str, _Coverage]] = []  # (real path of the copy, what it covers)
     for path in files:
         try:
             copy_file = load(path)
@@ -341,18 +578,75 @@ def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatc
             line = getattr(exc, "lineno", None) or 1
             report.mismatches.append(Mismatch(path, line, "", error=f"cannot read file: {exc}"))
             continue
+        for line, name, message in copy_file.region_errors:
+            report.mismatches.append(Mismatch(path, line, f"region {name}" if name else "region", error=message))
+        copied_regions = [r for r in copy_file.regions.values() if r.module is not None]
+        checks = []  # (line, reference, check); run in line order so messages come out sorted
+        for region in copied_regions:
+            check = functools.partial(_check_region, root, copy_file, region, load)
+            checks.append((region.start, f"region {region.module}.{region.name}", check))
         for marker_line, comment in copy_file.markers:
+            # Inside a copied region the region comparison already covers the definition, and
+            # reporting the same drift twice would only add noise.
+            if any(marker_line in r.content for r in copied_regions):
+                continue
+            reference = comment[len(MARKER_PREFIX) :].strip().partition(" with ")[0]
+            check = functools.partial(_check_marker, root, copy_file, marker_line, comment, load)
+            checks.append((marker_line, reference, check))
+        checks.sort(key=lambda item: item[0])
+        for line, reference, check in checks:
             report.copies_checked += 1
             try:
-                mismatch, fix = _check_marker(root, copy_file, marker_line, comment, load)
+                mismatch, fix, coverage = check()
             except _BadMarker as exc:
-                reference = comment[len(MARKER_PREFIX) :].strip().partition(" with ")[0]
-                report.mismatches.append(Mismatch(path, marker_line, reference, error=str(exc)))
+                report.mismatches.append(Mismatch(path, line, reference, error=str(exc)))
                 continue
+            coverages.append((os.path.realpath(path), coverage))
             if mismatch is not None:
                 report.mismatches.append(mismatch)
                 fixes.append((mismatch, fix))
+    report.stats = _stats(files, load, coverages)
     return report, fixes
+
+
+def _stats(files: list[str], load, coverages: list[tuple[str, _Coverage]]) -> list[FileStats]:
+    """Line counts per readable file in ``files``; ``coverages`` are the checked copies."""
+    result = []
+    for path in files:
+        try:
+            parsed = load(path)
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue  # already reported as an error
+        real = os.path.realpath(path)
+        copied = {n for copy, cov in coverages if copy == real for n in cov.copy_lines}
+        regions = {n for r in parsed.regions.values() if r.module is None for n in r.content}
+        sourced = {n for _, cov in coverages if cov.source_path == real for n in cov.source_lines}
+        main = parsed.by_qualname.get("main")
+        result.append(
+            FileStats(
+                path=path,
+                lines=len(parsed.lines),
+                copied=len(copied),
+                regions=len(regions),
+                main=None if main is None else main.end - main.start + 1,
+                own=len(parsed.lines) - len(copied | regions | sourced),
+            )
+        )
+    return result
+
+
+def format_stats(stats: list[FileStats]) -> str:
+    """The ``--stats`` table: one row per file and a total row."""
+    names = [_display(s.path) for s in stats]
+    width = max([len(name) for name in names] + [len("total")])
+    columns = ("lines", "copied", "regions", "main()", "own")
+    rows = [f"{'file':<{width}}  " + "  ".join(f"{c:>7}" for c in columns)]
+    for name, s in zip(names, stats):
+        values = (s.lines, s.copied, s.regions, "-" if s.main is None else s.main, s.own)
+        rows.append(f"{name:<{width}}  " + "  ".join(f"{v:>7}" for v in values))
+    totals = [sum(getattr(s, c) or 0 for s in stats) for c in ("lines", "copied", "regions", "main", "own")]
+    rows.append(f"{'total':<{width}}  " + "  ".join(f"{v:>7}" for v in totals))
+    return "\n".join(rows)
 
 
 def _apply_fixes(fixes: list[_Fix]) -> None:
@@ -395,11 +689,15 @@ def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = No
             result = Report(copies_checked=report.copies_checked, files_checked=report.files_checked)
         if not fix or not fixes or attempt == MAX_FIX_PASSES:
             result.mismatches = repaired + report.mismatches
+            result.stats = report.stats
             return result
         _apply_fixes([f for _, f in fixes])
         for mismatch, _ in fixes:
             mismatch.fixed = True
-            repaired.append(mismatch)
+            # A copy further down a chain can be rewritten in more than one pass; say so once.
+            key = (mismatch.path, mismatch.line, mismatch.reference)
+            if all((m.path, m.line, m.reference) != key for m in repaired):
+                repaired.append(mismatch)
     raise AssertionError("unreachable")
 
 
@@ -434,7 +732,8 @@ def _describe(mismatch: Mismatch, shown_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0: all copies match or were fixed)."""
     parser = argparse.ArgumentParser(
-        description="Check that '# Copied from module.name' blocks match their source.",
+        description="Check that '# Copied from module.name' blocks and '# region NAME copied from module' "
+        "regions match their source.",
     )
     parser.add_argument(
         "paths",
@@ -448,6 +747,11 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the repository containing this tool)",
     )
     parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their sources")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="also print line counts per file: total, in checked copies, in source regions, main(), own",
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         parser.error(f"--root {args.root!r} is not a directory")
@@ -458,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         if mismatch.diff and not mismatch.fixed:
             print(mismatch.diff)
     print(report.summary())
+    if args.stats:
+        print(format_stats(report.stats))
     failed = any(m.error or not m.fixed for m in report.mismatches)
     return 1 if failed else 0
 
