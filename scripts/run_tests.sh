@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: set up .venv if needed, check the `# Copied from` blocks, run pytest on 2 workers.
+# The test suite: set up .venv if needed, check the copies (`# Copied from` definitions and `# region` copies),
+# run pytest on 2 workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
