@@ -19,7 +19,6 @@ The training step is `lcd_loss` (one screen, mirrors the paper); everything else
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import importlib.util
 import io
@@ -59,7 +58,8 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from huggingface_hub import create_repo, upload_folder
+from diffusers.training_utils import free_memory
+from huggingface_hub import ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -564,9 +564,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
     grid.save(path)
     log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return path
 
 
@@ -574,17 +572,12 @@ def model_card_text(args, repo_id, validation_image=None):
     """The README.md of the output directory (and of the Hub repo)."""
     guidance = args.validation_guidance_scale
     image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
+                                 license="creativeml-openrail-m", inference=True,
+                                 tags=["stable-diffusion", "text-to-image", "diffusers", "lcm",
+                                       "latent-consistency-distillation"]).to_yaml()
     return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: creativeml-openrail-m
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- lcm
-- latent-consistency-distillation
-inference: true
+{front_matter}
 ---
 
 # {repo_id}: a Latent Consistency Model distilled from {args.pretrained_teacher_model}
