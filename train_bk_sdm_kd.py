@@ -331,7 +331,7 @@ def student_unet_config(teacher_config, unet_config_name):
 
 
 def teacher_key_for(student_key, student_config, teacher_config):
-    """The teacher tensor a student tensor is initialised from (SPEC section 7).
+    """The teacher tensor a student tensor is initialised from; every kept layer starts as the teacher's.
 
     Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
     layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
