@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -45,6 +46,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 try:
     import fcntl
@@ -77,6 +79,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = get_logger(__name__)
 
+
+
 UNET_CONFIG_NAMES = ("bk_base", "bk_small", "bk_tiny")
 DEFAULT_VALIDATION_PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -85,42 +89,18 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SCRIPT_NAME = "train_bk_sdm_kd.py"  # what its checkpoints record (see main)
+
+
+# ==========================================================================================================
+# METHOD: BK-SDM block-removal knowledge distillation (Kim et al., 2023). What to edit for a new
+# teacher or method: its flags, the student's architecture, the loss, the models, what is saved and validated.
+# ==========================================================================================================
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Arguments
+# Flags and their checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.OneLineErrorParser
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# Copied from train_lcm_distill_sd_wds.bounded
-def bounded(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
-    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if low is not None and (value < low or low_open and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
-        if high is not None and (value > high or high_open and value == high):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
-    return parse
 
 
 def parse_args(input_args=None):
@@ -262,29 +242,589 @@ def parse_args(input_args=None):
     return args
 
 
-# Copied from train_lcm_distill_sd_wds.looks_like_local_path
+def validate_args(parser, args):
+    check_model_kinds(parser, args, "sd")
+    check_common_args(parser, args)
+    if (args.train_shards_path_or_url is None) == (args.train_data_dir is None):
+        parser.error("give exactly one data source: --train_shards_path_or_url or --train_data_dir")
+    if args.train_shards_path_or_url is not None:
+        if args.image_column is not None or args.caption_column is not None:
+            parser.error("--image_column and --caption_column apply to --train_data_dir only (shards hold the "
+                         "image in .jpg/.png/.webp and the caption in .txt or the json)")
+        check_shard_args(parser, args)
+    else:
+        args.image_column = args.image_column or "file_name"
+        args.caption_column = args.caption_column or "text"
+        check_image_folder_args(parser, args)
+    for name in ("lambda_sd", "lambda_kd_output", "lambda_kd_feat"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
+        parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error("--ema_decay must be in [0, 1)")
+    if args.vae_encode_batch_size < 1:
+        parser.error("--vae_encode_batch_size must be >= 1")
+    if args.num_validation_inference_steps < 1:
+        parser.error("--num_validation_inference_steps must be >= 1")
+
+
+def check_image_folder_args(parser, args):
+    check_stream_args(parser, args)
+    try:
+        read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
+    except DataError as error:
+        parser.error(f"--train_data_dir: {error}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Students: block removal and weight copy (BK-SDM paper, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------
+
+
+SD_DOWN_BLOCKS = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+SD_UP_BLOCKS = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+# config entries that hold one value per resolution level, in down-block order (up blocks read them reversed)
+PER_LEVEL_KEYS = ("block_out_channels", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+                  "transformer_layers_per_block", "only_cross_attention", "layers_per_block")
+
+
+def check_sd_teacher_config(config):
+    """The block removal assumes the SD 1.x / 2.x UNet layout; say so in one line for anything else."""
+    layout = (list(config["down_block_types"]), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+              list(config["up_block_types"]), config["layers_per_block"])
+    expected = (SD_DOWN_BLOCKS, "UNetMidBlock2DCrossAttn", SD_UP_BLOCKS, 2)
+    if layout != expected:
+        raise ValueError(
+            f"BK-SDM students are defined for the SD 1.x/2.x UNet (down {SD_DOWN_BLOCKS}, a cross-attention mid "
+            f"block, up {SD_UP_BLOCKS}, 2 layers per block); this teacher has down {layout[0]}, mid {layout[1]}, "
+            f"up {layout[2]}, {layout[3]} layers per block"
+        )
+
+
+def student_unet_config(teacher_config, unet_config_name):
+    """The student's UNet config, derived from the teacher's by removing blocks.
+
+    bk_base: one resnet (+ attention) per down block; up blocks keep two of their three.
+    bk_small: bk_base without the mid block.
+    bk_tiny: bk_small without the innermost level (down block 3, up block 0); down block 2 becomes the last
+    one and so loses its downsampler.
+    """
+    if unet_config_name not in UNET_CONFIG_NAMES:
+        raise ValueError(f"unknown --unet_config_name {unet_config_name!r}; "
+                         f"choose one of {', '.join(UNET_CONFIG_NAMES)}")
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    check_sd_teacher_config(config)
+    config["layers_per_block"] = 1
+    if unet_config_name in ("bk_small", "bk_tiny"):
+        config["mid_block_type"] = None
+    if unet_config_name == "bk_tiny":
+        num_levels = len(config["down_block_types"]) - 1
+        config["down_block_types"] = list(config["down_block_types"])[:num_levels]
+        config["up_block_types"] = list(config["up_block_types"])[1:]
+        for key in PER_LEVEL_KEYS:
+            if isinstance(config.get(key), (list, tuple)):
+                config[key] = list(config[key])[:num_levels]
+        if isinstance(config.get("reverse_transformer_layers_per_block"), (list, tuple)):
+            config["reverse_transformer_layers_per_block"] = list(config["reverse_transformer_layers_per_block"])[1:]
+    return config
+
+
+def teacher_key_for(student_key, student_config, teacher_config):
+    """The teacher tensor a student tensor is initialised from; every kept layer starts as the teacher's.
+
+    Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
+    layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
+    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name.
+    """
+    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    match = re.fullmatch(r"up_blocks\.(\d+)\.(.+)", student_key)
+    if match is None:
+        return student_key
+    block, rest = int(match.group(1)) + up_shift, match.group(2)
+    layer = re.fullmatch(r"(resnets|attentions)\.(\d+)\.(.+)", rest)
+    if layer is not None:
+        index = int(layer.group(2))
+        student_last, teacher_last = student_config["layers_per_block"], teacher_config["layers_per_block"]
+        if index == student_last:
+            index = teacher_last
+        rest = f"{layer.group(1)}.{index}.{layer.group(3)}"
+    return f"up_blocks.{block}.{rest}"
+
+
+def copy_weights_from_teacher(student, teacher):
+    """Load every student tensor from its teacher tensor; one-line ValueError if any is missing or misshaped.
+    Returns {student key: teacher key}."""
+    teacher_state = teacher.state_dict()
+    mapping, problems, state = {}, [], {}
+    for key, tensor in student.state_dict().items():
+        source = teacher_key_for(key, student.config, teacher.config)
+        if source not in teacher_state:
+            problems.append(f"{key} (teacher has no {source})")
+        elif teacher_state[source].shape != tensor.shape:
+            problems.append(f"{key} {tuple(tensor.shape)} vs teacher {source} {tuple(teacher_state[source].shape)}")
+        else:
+            mapping[key], state[key] = source, teacher_state[source]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"weight copy from the teacher left {len(problems)} student tensor(s) uncovered: "
+                         f"{problems[0]}{more}")
+    student.load_state_dict(state, strict=True)
+    return mapping
+
+
+def feature_pairs(student_config, teacher_config):
+    """(student module, teacher module) whose outputs feature KD matches, paired by position.
+
+    Every down block and up block. bk_tiny: its last down block has no downsampler, so its output is
+    compared through attention 0's proj_out with the teacher's down block 2 attention 1 proj_out (the same
+    point before the teacher's downsampler); its up block i pairs with the teacher's up block i + 1.
+    """
+    num_down = len(student_config["down_block_types"])
+    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(num_down)]
+    if up_shift:
+        last = num_down - 1
+        pairs[last] = (f"down_blocks.{last}.attentions.0.proj_out",
+                       f"down_blocks.{last}.attentions.{teacher_config['layers_per_block'] - 1}.proj_out")
+    pairs += [(f"up_blocks.{i}", f"up_blocks.{i + up_shift}") for i in range(len(student_config["up_block_types"]))]
+    return pairs
+
+
+class FeatureRecorder:
+    """Forward hooks keeping the output of named submodules, registered on the unwrapped model so that a
+    DDP (or other) wrapper's name prefix never matters. A block returning a tuple gives its [0]."""
+
+    def __init__(self, model, names):
+        modules = dict(model.named_modules())
+        missing = [name for name in names if name not in modules]
+        if missing:
+            raise ValueError(f"no module {missing[0]} in {type(model).__name__} to take features from")
+        self.features = {}
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.features[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def pop(self):
+        features, self.features = self.features, {}
+        return features
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BK-SDM loss (Eq. 1-3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KDContext:
+    """What a BK-SDM step needs besides the batch."""
+
+    unet: torch.nn.Module  # the student, possibly wrapped (DDP)
+    teacher_unet: torch.nn.Module  # frozen, eval, in the mixed-precision dtype
+    noise_scheduler: DDPMScheduler
+    student_features: FeatureRecorder
+    teacher_features: FeatureRecorder
+    pairs: list
+    lambda_sd: float
+    lambda_kd_output: float
+    lambda_kd_feat: float
+    autocast: callable
+
+
+def bk_sdm_loss(ctx, latents, prompt_embeds):
+    """One BK-SDM step (Kim et al., Eq. 1-3). Returns the total loss and its three terms (all fp32).
+
+    L = lambda_sd * ||eps_s - target||^2 + lambda_out * ||eps_s - eps_t||^2 + lambda_feat * sum_l ||f_s^l - f_t^l||^2
+    """
+    # 1. Noise latents at a uniform timestep, as in ordinary SD training.
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
+    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
+        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
+    with torch.no_grad():
+        teacher_pred = unet_forward(ctx.teacher_unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
+    teacher_features = ctx.teacher_features.pop()
+
+    # 3. Student under autocast; its hooks record the matching block outputs, which must carry grad.
+    with ctx.autocast():
+        student_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
+    student_features = ctx.student_features.pop()
+    no_grad = [name for name, feature in student_features.items() if not feature.requires_grad]
+    if torch.is_grad_enabled() and no_grad:
+        raise RuntimeError(f"student feature {no_grad[0]} carries no gradient: feature KD would not train it")
+
+    # 4. The three terms, in fp32: task loss, output KD, feature KD summed over the paired blocks.
+    loss_sd = F.mse_loss(student_pred.float(), target.float())
+    loss_kd_output = F.mse_loss(student_pred.float(), teacher_pred.float())
+    loss_kd_feat = sum(F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t in ctx.pairs)
+    loss = ctx.lambda_sd * loss_sd + ctx.lambda_kd_output * loss_kd_output + ctx.lambda_kd_feat * loss_kd_feat
+    return loss, {"loss_sd": loss_sd.detach(), "loss_kd_output": loss_kd_output.detach(),
+                  "loss_kd_feat": loss_kd_feat.detach()}
+
+
+def ema_decay_at(step, max_decay):
+    """EMA decay of optimiser step `step` (1-based): warms up as (1 + t) / (10 + t), capped at `max_decay`."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models, checkpoints and outputs of the method
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.encode_latents
+@torch.no_grad()
+def encode_latents(vae, pixel_values, batch_size):
+    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+# Copied from train_lcm_distill_sd_wds.encode_prompts
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts):
+    input_ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+
+
+def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):
+    """The BK-SDM student (fp32), initialised from the teacher's kept layers unless told otherwise."""
+    student = UNet2DConditionModel.from_config(student_unet_config(teacher_unet.config, unet_config_name))
+    if copy_weight_from_teacher:
+        copy_weights_from_teacher(student, teacher_unet)
+    return student
+
+
+def load_models(args):
+    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
+    teacher = args.pretrained_teacher_model
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
+                                                    cache_dir=args.cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
+                                              cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
+                                                 variant=args.variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
+                                        variant=args.variant, cache_dir=args.cache_dir)
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
+                                                        variant=args.variant, cache_dir=args.cache_dir)
+    try:
+        unet = make_student_unet(teacher_unet, args.unet_config_name, args.copy_weight_from_teacher)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet
+
+
+# Copied from train_lcm_distill_sd_wds.load_unet_weights
+def load_unet_weights(checkpoint_dir, subfolder):
+    return UNet2DConditionModel.from_pretrained(checkpoint_dir, subfolder=subfolder).state_dict()
+
+
+def checkpoint_hooks(accelerator, ema_unet):
+    """accelerate's save/load pre-hooks: checkpoints hold loadable diffusers folders, unet/ (the student, full
+    weights even when DeepSpeed/FSDP shard it) and, with --use_ema, unet_ema/ (which accelerate does not know
+    about, so it is restored from there in every regime; only the main process keeps one)."""
+
+    def save_model_hook(models, weights, output_dir):
+        save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
+        if accelerator.is_main_process and ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the student from their own files
+            models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
+        if ema_unet is not None:
+            ema_unet.load_state_dict(load_unet_weights(input_dir, "unet_ema"))
+
+    return save_model_hook, load_model_hook
+
+
+def save_output_pipeline(args, unet, ema_unet):
+    """The teacher's pipeline with the student UNet, saved to --output_dir (plus unet_ema/ with --use_ema).
+
+    VAE and text encoder are re-read from the teacher in their stored precision (training held them in the
+    mixed-precision dtype)."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
+        cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(args.output_dir)
+    if ema_unet is not None:
+        ema_unet.save_pretrained(os.path.join(args.output_dir, "unet_ema"))
+    del pipeline
+
+
+def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet, weight_dtype):
+    """One image per validation prompt from `unet` in the teacher's pipeline (DPM-Solver++, fixed seed)."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                                            revision=args.teacher_revision, cache_dir=args.cache_dir)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                         enabled=weight_dtype != torch.float32):
+        for prompt in prompts:
+            generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
+                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                   width=args.resolution, generator=generator).images[0])
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return images
+
+
+def log_validation(args, accelerator, models, step, weight_dtype, teacher_images):
+    """A grid of validation prompts (rows) x models (columns: teacher, student, student EMA), saved as PNG and
+    logged. `models` maps column name -> UNet; the teacher's images are made once and kept in `teacher_images`."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    if not prompts:
+        return None
+    vae, text_encoder, tokenizer = models.pop("vae"), models.pop("text_encoder"), models.pop("tokenizer")
+    if not teacher_images:
+        teacher_images.extend(generate_validation_images(args, accelerator, vae, text_encoder, tokenizer,
+                                                         models.pop("teacher"), weight_dtype))
+    models.pop("teacher", None)
+    columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet,
+                                                             weight_dtype) for unet in models.values()]
+    grid = make_image_grid([list(row) for row in zip(*columns)])
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
+    grid.save(path)
+    log_grid_to_trackers(accelerator, "validation/" + "_".join(["teacher", *models]), grid, step)
+    return path
+
+
+def model_card_text(args, repo_id, parameter_counts, validation_image=None):
+    """The README.md of the output directory (and of the Hub repo)."""
+    teacher_params, student_params = parameter_counts["teacher"], parameter_counts["student"]
+    removed = {
+        "bk_base": "the second resnet/attention pair of every down block and one of three in every up block",
+        "bk_small": "as bk_base, and the mid block",
+        "bk_tiny": "as bk_small, and the innermost level (down block 3 and up block 0)",
+    }[args.unet_config_name]
+    image_line = (f"\n![validation grid: prompts x (teacher, student{', EMA' if args.use_ema else ''})]"
+                  f"({validation_image})\n" if validation_image else "")
+    ema_note = "`unet_ema/` holds the EMA of the student's weights; " if args.use_ema else ""
+    return f"""---
+base_model: {args.pretrained_teacher_model}
+library_name: diffusers
+license: creativeml-openrail-m
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- bk-sdm
+- knowledge-distillation
+inference: true
+---
+
+# {repo_id}: a block-removed ({args.unet_config_name}) student of {args.pretrained_teacher_model}
+
+This pipeline's UNet was compressed by block removal and knowledge distillation (BK-SDM; Kim et al., 2023,
+arXiv:2305.15798) from the teacher `{args.pretrained_teacher_model}` by `train_bk_sdm_kd.py`. The VAE, text
+encoder, tokenizer and scheduler are the teacher's.
+{image_line}
+## Architecture
+
+| UNet | parameters |
+|---|---|
+| teacher | {teacher_params:,} |
+| student ({args.unet_config_name}) | {student_params:,} ({100 * (1 - student_params / teacher_params):.1f}% fewer) |
+
+Removed from the teacher's UNet: {removed}. The student started from
+{"the teacher's weights for every kept layer" if args.copy_weight_from_teacher else "random weights"}.
+
+## Inference
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[0]
+```
+
+{ema_note}`unet/` (what the pipeline loads) holds the trained student.
+
+## Training
+
+| setting | value |
+|---|---|
+| teacher | `{args.pretrained_teacher_model}` |
+| data | `{args.train_shards_path_or_url or args.train_data_dir}` |
+| resolution | {args.resolution} |
+| steps | {args.max_train_steps} |
+| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| loss | {args.lambda_sd} x task + {args.lambda_kd_output} x output KD + {args.lambda_kd_feat} x feature KD |
+| EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
+| mixed precision | {args.mixed_precision} |
+"""
+
+
+class BlockRemovalDistillation:
+    """BK-SDM (Kim et al., 2023): the frozen teacher and its VAE / text encoder in the mixed-precision dtype, the
+    block-removed student in fp32 (and with --use_ema its EMA, kept by the main process only, which saves and
+    validates it), and forward hooks that record the paired block outputs of both UNets for feature KD."""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator = args, accelerator
+        device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
+        noise_scheduler, self.tokenizer, self.text_encoder, self.vae, self.teacher_unet, unet = load_models(args)
+        # after the weight copy, so the EMA starts there too
+        self.ema_unet = copy.deepcopy(unet) if args.use_ema and accelerator.is_main_process else None
+        counts = self.parameter_counts = {"teacher": count_parameters(self.teacher_unet),
+                                          "student": count_parameters(unet)}
+        logger.info(f"{args.unet_config_name} student: {counts['student']:,} UNet parameters, teacher "
+                    f"{counts['teacher']:,} ({100 * (1 - counts['student'] / counts['teacher']):.1f}% fewer)")
+        for frozen in (self.vae, self.text_encoder, self.teacher_unet, self.ema_unet):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+                frozen.eval()
+        unet.train()
+        self.vae.to(device, dtype=self.weight_dtype)
+        self.text_encoder.to(device, dtype=self.weight_dtype)
+        self.teacher_unet.to(device, dtype=self.weight_dtype)
+        if self.ema_unet is not None:
+            self.ema_unet.to(device)
+        if args.enable_xformers_memory_efficient_attention:
+            for model in (unet, self.teacher_unet):
+                model.enable_xformers_memory_efficient_attention()
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # add_noise without a copy
+        self.modules = [unet]
+
+        # hooks on the unwrapped modules, before any wrapper exists: their names never carry a DDP prefix
+        pairs = feature_pairs(unet.config, self.teacher_unet.config)
+        self.student_features = FeatureRecorder(unet, [s for s, _ in pairs])
+        self.teacher_features = FeatureRecorder(self.teacher_unet, [t for _, t in pairs])
+        self.ctx = KDContext(
+            unet=unet, teacher_unet=self.teacher_unet, noise_scheduler=noise_scheduler,
+            student_features=self.student_features, teacher_features=self.teacher_features, pairs=pairs,
+            lambda_sd=args.lambda_sd, lambda_kd_output=args.lambda_kd_output, lambda_kd_feat=args.lambda_kd_feat,
+            autocast=accelerator.autocast,
+        )
+        self.teacher_images = []  # the teacher column of the validation grid, generated once
+
+    def use_prepared(self, modules):
+        self.modules = list(modules)
+        self.ctx.unet = modules[0]
+
+    def optimizer_params(self):
+        return self.modules[0].parameters()
+
+    def loss(self, batch):
+        latents = encode_latents(self.vae, batch["pixel_values"], self.args.vae_encode_batch_size)
+        prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, batch["captions"])
+        return bk_sdm_loss(self.ctx, latents, prompt_embeds)  # terms logged as train/loss_sd, ...
+
+    def after_update(self, step):
+        if self.ema_unet is not None:
+            student = self.accelerator.unwrap_model(self.modules[0])
+            update_ema(self.ema_unet.parameters(), student.parameters(), ema_decay_at(step, self.args.ema_decay))
+
+    def checkpoint_hooks(self, accelerator):
+        return checkpoint_hooks(accelerator, self.ema_unet)
+
+    def validate(self, step):
+        models = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                  "teacher": self.teacher_unet, "student": self.modules[0]}
+        if self.ema_unet is not None:
+            models["student_ema"] = self.ema_unet
+        path = log_validation(self.args, self.accelerator, models, step, self.weight_dtype, self.teacher_images)
+        self.student_features.pop(), self.teacher_features.pop()  # what the validation passes recorded
+        return path
+
+    def save_outputs(self):
+        unet = self.modules[0]
+        full_state = full_state_dict(self.accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
+        if self.accelerator.is_main_process:
+            student = self.accelerator.unwrap_model(unet)
+            if full_state is not None:  # the unwrapped student may hold only this rank's shard
+                student = UNet2DConditionModel.from_config(student.config)
+                student.load_state_dict(full_state)
+            save_output_pipeline(self.args, student, self.ema_unet)
+
+    def model_card(self, repo_id, validation_image):
+        return model_card_text(self.args, repo_id, self.parameter_counts, validation_image)
+
+    def close(self):
+        self.student_features.remove()
+        self.teacher_features.remove()
+
+
+# ==========================================================================================================
+# region ENGINE copied from train_lcm_distill_sd_wds
+# ==========================================================================================================
+
+
+# ----------------------------------------
+# Flags and checks every script shares
+# ----------------------------------------
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-# Copied from train_lcm_distill_sd_wds.expand_shard_urls
-def expand_shard_urls(spec):
-    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
-    urls = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if part:
-            urls.extend(braceexpand(part))
-    return urls
-
-
-# Copied from train_lcm_distill_sd_wds.is_remote_url
-def is_remote_url(url):
-    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
-
-
-# Copied from train_lcm_distill_sd_wds.check_common_args
 def check_common_args(parser, args):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
@@ -338,7 +878,6 @@ def check_common_args(parser, args):
     check_output_dir(parser, args)
 
 
-# Copied from train_lcm_distill_sd_wds.check_output_dir
 def check_output_dir(parser, args, min_free_bytes=2**30):
     """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
     an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
@@ -375,43 +914,6 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                      f"at least {min_free_bytes / 2**30:.0f} GiB")
 
 
-# Copied from train_lcm_distill_sd_wds.check_shard_args
-def check_shard_args(parser, args):
-    urls = expand_shard_urls(args.train_shards_path_or_url)
-    if not urls:
-        parser.error("--train_shards_path_or_url names no shard")
-    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
-    if args.max_train_steps is None and args.max_train_samples is None:
-        parser.error(
-            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
-            "(samples per epoch) with --num_train_epochs"
-        )
-    check_stream_args(parser, args)
-
-
-# Copied from train_lcm_distill_sd_wds.check_stream_args
-def check_stream_args(parser, args):
-    """Checks of the sample stream's own flags, whatever its source."""
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        parser.error("--max_train_samples must be >= 1")
-    if args.min_image_size < 0:
-        parser.error("--min_image_size must be >= 0")
-    if args.shuffle_buffer_size < 0:
-        parser.error("--shuffle_buffer_size must be >= 0")
-
-
-def check_image_folder_args(parser, args):
-    check_stream_args(parser, args)
-    try:
-        read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
-    except DataError as error:
-        parser.error(f"--train_data_dir: {error}")
-
-
-# Copied from train_lcm_distill_sd_wds.read_config_class
 def read_config_class(path):
     """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
     try:
@@ -422,7 +924,6 @@ def read_config_class(path):
     return str(config.get("_class_name", "")) if isinstance(config, dict) else None
 
 
-# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
 def pipeline_kind_problem(path, kind):
     """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
 
@@ -466,7 +967,6 @@ def pipeline_kind_problem(path, kind):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.vae_kind_problem
 def vae_kind_problem(path):
     """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -478,7 +978,6 @@ def vae_kind_problem(path):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.check_model_kinds
 def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
     """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
     downloaded here."""
@@ -494,44 +993,705 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
             parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
 
 
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sd")
-    check_common_args(parser, args)
-    if (args.train_shards_path_or_url is None) == (args.train_data_dir is None):
-        parser.error("give exactly one data source: --train_shards_path_or_url or --train_data_dir")
-    if args.train_shards_path_or_url is not None:
-        if args.image_column is not None or args.caption_column is not None:
-            parser.error("--image_column and --caption_column apply to --train_data_dir only (shards hold the "
-                         "image in .jpg/.png/.webp and the caption in .txt or the json)")
-        check_shard_args(parser, args)
-    else:
-        args.image_column = args.image_column or "file_name"
-        args.caption_column = args.caption_column or "text"
-        check_image_folder_args(parser, args)
-    for name in ("lambda_sd", "lambda_kd_output", "lambda_kd_feat"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
-        parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error("--ema_decay must be in [0, 1)")
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be >= 1")
-    if args.num_validation_inference_steps < 1:
-        parser.error("--num_validation_inference_steps must be >= 1")
+# ----------------------------------------
+# Precision
+# ----------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: WebDataset shards, or an image folder read as one-image shards by the same deterministic stream
-# ----------------------------------------------------------------------------------------------------------
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-# Copied from train_lcm_distill_sd_wds.DataError
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
+@torch.no_grad()
+def update_ema(target_params, source_params, decay):
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    target_params, source_params = list(target_params), list(source_params)
+    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, was_training):
+            model.train(mode)
+
+
+# ----------------------------------------
+# Checkpoints
+# ----------------------------------------
+
+
+def list_checkpoints(output_dir):
+    """checkpoint-<step> directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def complete_checkpoints(output_dir):
+    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
+    return [name for name in list_checkpoints(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
+
+
+def rotate_checkpoints(output_dir, total_limit):
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
+    a save that fails never leaves the run without the checkpoints it had."""
+    if total_limit is None:
+        return
+    checkpoints = complete_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def resolve_resume_checkpoint(args):
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        for name in reversed(list_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "training_state.json")):
+                return path
+            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
+        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
+        return None
+    path = args.resume_from_checkpoint
+    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+
+
+def read_training_state(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
+        return json.load(f)
+
+
+class OutputDirLock:
+    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
+    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
+    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
+    """
+
+    FILE_NAME = ".output_dir.lock"
+    held = {}  # real path of an output dir -> the open file whose flock this process holds
+
+    @classmethod
+    def acquire(cls, parser, output_dir):
+        key = os.path.realpath(output_dir)
+        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+            return
+        path = os.path.join(output_dir, cls.FILE_NAME)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_file = open(path, "a+")
+        except OSError as error:
+            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "an unknown process"
+            lock_file.close()
+            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
+                         "wait for it to end or choose another --output_dir")
+        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
+            lock_file.close()
+            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                           "nothing stops a second run from writing into it")
+            return
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock_file.flush()
+        cls.held[key] = lock_file
+
+    @classmethod
+    def release_all(cls):
+        """Let the next run in: the end of a run (or of a run inside a test process)."""
+        while cls.held:
+            cls.held.popitem()[1].close()
+
+
+def shard_list_digest(urls):
+    """A short stand-in for a shard list in training_state.json (lists of thousands of urls stay out of it)."""
+    return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
+
+
+def run_record(method, topology):
+    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
+
+    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
+    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
+    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+
+
+def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
+    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
+    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
+    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    Checkpoints from before these were recorded are taken as they are."""
+    theirs = (state.get("script"), state.get("method"))
+    ours = (record["script"], record["method"])
+    if theirs[0] is not None and theirs != ours:
+        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
+                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    recorded = state.get("topology") or {}
+    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
+               if key in recorded and recorded[key] != value]
+    if not changed:
+        return
+    if not allow_topology_change:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
+                         "settings, or pass --allow_topology_change to resume with an approximate data position")
+    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
+                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
+
+
+def is_sharded(accelerator):
+    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
+    and may hold only a shard of their weights on each rank."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
+    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
+    accumulation follows the flag, as the training loop does."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+
+def full_state_dict(accelerator, model):
+    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
+
+    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
+    if not is_sharded(accelerator):
+        return None
+    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
+
+
+def save_model_folder(accelerator, model, path):
+    """Write a prepared diffusers model as a loadable folder holding its full, unsharded weights.
+    Call it on every rank (the gather of `full_state_dict`); only the main process writes."""
+    state_dict = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if state_dict is None:
+        unwrapped.save_pretrained(path)
+        return
+    os.makedirs(path, exist_ok=True)
+    unwrapped.save_config(path)
+    save_file(state_dict, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+
+    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
+    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    save_path = final_path + ".tmp"
+    if accelerator.is_main_process:
+        for name in os.listdir(args.output_dir):  # left by a run that died while saving
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(save_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(save_path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, **training_state}, f, indent=2)
+        if os.path.isdir(final_path):  # the same step saved by an earlier run
+            shutil.rmtree(final_path)
+        os.replace(save_path, final_path)
+        logger.info(f"saved checkpoint {final_path}")
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
+    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
+
+    @property
+    def flag(self):
+        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
+        return 0.0 if self.received is None else 1.0
+
+    def exit_after(self, accelerator, step, checkpoint):
+        name = self.received.name if self.received is not None else "a stop signal to another process"
+        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
+                          "--resume_from_checkpoint latest")
+        accelerator.end_training()
+        raise SystemExit(128 + int(self.received or signal.SIGTERM))
+
+
+class NonFiniteGuard:
+    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit, output_dir):
+        self.limit = limit
+        self.output_dir = output_dir
+        self.in_a_row = 0
+
+    def apply(self, loss, step):
+        """True when the step may update the weights; SystemExit when the limit is reached."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
+        return False
+
+
+# ----------------------------------------
+# Trackers, images, hub
+# ----------------------------------------
+
+
+def make_image_grid(rows):
+    """rows: list of lists of PIL images of one size -> one PIL image."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+def log_grid_to_trackers(accelerator, name, grid, step):
+    """Log one image to every tracker (not only the first, as the reference scripts did)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(grid)]}, step=step)
+
+
+def tracker_names(report_to):
+    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
+    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
+    (comet, mlflow, ...), unconfigured, after the models have loaded."""
+    if report_to in ("", "none"):
+        return None
+    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
+
+
+def tracker_config(args):
+    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def tracker_init_kwargs(args):
+    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
+    (by default it would write ./wandb in whatever directory the job was started from)."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
+def report_peak_memory(accelerator, step):
+    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
+    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
+    None (and nothing logged) off CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
+    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
+    return peak
+
+
+def push_output_to_hub(args, commit_message="End of training"):
+    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
+                                   OutputDirLock.FILE_NAME],
+                  token=args.hub_token)
+    return repo_id
+
+
+# ----------------------------------------
+# What the loop needs of the data
+# ----------------------------------------
+
+
 class DataError(RuntimeError):
     """The data source cannot feed training (nothing readable, or every sample filtered out)."""
 
 
-# Copied from train_lcm_distill_sd_wds.ImageTransform
+def close_batches(loader_iterator):
+    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
+    alive), they would linger until interpreter exit."""
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def data_error_message(error):
+    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
+    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
+        raise error
+    last_line = text.splitlines()[-1] if text else "data error"
+    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+
+
+def describe_data_counts(counts):
+    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
+    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
+    return ", ".join(parts)
+
+
+def data_count_logs(counts):
+    """The data counts as tracker values."""
+    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
+# ----------------------------------------
+# The training loop
+# ----------------------------------------
+
+
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+@dataclass
+class TrainingData:
+    """Where a run starts: the batch stream (already positioned after what a resumed run trained on), the
+    per-sample counters it carries (skipped, filtered, ...), and what a checkpoint records about the run."""
+
+    batches: object  # an endless iterator of batch dicts
+    loader_iterator: object  # closed at the end (DataLoader workers)
+    counts: dict
+    record: dict  # method and topology: a resume must match them (check_resume_compatible)
+    resume_dir: object = None
+    global_step: int = 0
+    samples_per_epoch: int = 0  # sizes the run when --max_train_steps is not given
+
+
+class TrainingMethod(Protocol):
+    """What the engine trains through; each script's METHOD section implements it (a class with these methods).
+
+    `modules` are the trained networks: the engine passes them and the optimiser to `accelerator.prepare` and
+    hands the prepared (DDP / DeepSpeed-wrapped) ones back through `use_prepared` before the first step."""
+
+    modules: list
+
+    def use_prepared(self, modules): ...
+
+    def optimizer_params(self):
+        """The parameters (or parameter groups) the optimiser steps."""
+
+    def loss(self, batch):
+        """(loss to back-propagate, {term name: detached value} logged as train/<name>) for one micro-batch."""
+
+    def after_update(self, step):
+        """After each optimiser step that was applied (1-based step): EMA updates."""
+
+    def checkpoint_hooks(self, accelerator):
+        """accelerate's (save, load) state pre-hooks for what the method keeps beyond accelerate's own state."""
+
+    def validate(self, step):
+        """Main process: sample, save and log validation images; the path of the image for the model card."""
+
+    def save_outputs(self):
+        """Every process (under DeepSpeed/FSDP saving gathers shards): write the trained model files."""
+
+    def model_card(self, repo_id, validation_image): ...
+
+    def close(self):
+        """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def start_run(args):
+    """The Accelerator, logging, seeds and TF32: what every run sets up before it reads data or loads a model."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    configure_deepspeed(accelerator, args)
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def open_training_data(args, accelerator, record, make_dataloader, counts, samples_per_epoch):
+    """The resume point and the batch stream, before any model loads: a data source that yields nothing, or a
+    checkpoint of another run, fails now rather than after minutes of loading."""
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
+        global_step = state["global_step"]
+        counts = {key: state.get(key, 0) for key in counts}
+    # a resumed stream skips the batches the checkpointed run already trained on
+    loader = make_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
+    loader_iterator = iter(loader)
+    try:
+        batches = itertools.chain([next(loader_iterator)], loader_iterator)
+    except (DataError, RuntimeError) as error:
+        close_batches(loader_iterator)
+        raise SystemExit(data_error_message(error)) from None
+    return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
+
+
+def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
+    """The training loop shared by every script: optimiser and schedule, accumulation, the non-finite guard,
+    EMA via the method, logs, checkpoints, stop signals, validation, then the final save, model card and push."""
+    device = accelerator.device
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    optimizer = make_optimizer(args, method.optimizer_params(), learning_rate)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
+    method.use_prepared(modules)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    save_hook, load_hook = method.checkpoint_hooks(accelerator)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    global_step, counts = data.global_step, data.counts
+    if data.resume_dir is not None:
+        accelerator.print(f"resuming from {data.resume_dir} at step {global_step}")
+        accelerator.load_state(data.resume_dir)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
+
+    logger.info(f"***** Running {title}: {args.max_train_steps} steps, {total_batch_size} samples per step "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation) *****")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    trained_params = [p for group in optimizer.param_groups for p in group["params"]]
+    step_started = time.perf_counter()
+    stop = StopOnSignal().install()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
+    try:
+        while global_step < args.max_train_steps:
+            running, apply_update = None, True
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(data.batches)
+                counts = {key: value + batch[key] for key, value in counts.items()}
+                with accelerator.accumulate(*method.modules):
+                    loss, terms = method.loss(batch)
+                    values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())])
+                    running = values if running is None else running + values
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
+                        # was asked to stop; a non-finite loss skips the update before it touches the weights
+                        stats = torch.cat([running / args.gradient_accumulation_steps,
+                                           torch.tensor([stop.flag], device=device)])
+                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        apply_update = nonfinite.apply(means[0], global_step + 1)
+                        if apply_update and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                    if apply_update:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            if apply_update:
+                method.after_update(global_step)
+
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {f"train/{name}": value for name, value in zip(["loss", *terms], means)}
+            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec,
+                         **data_count_logs(counts)})
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}",
+                                 samples_s=f"{samples_per_sec:.2f}", **({"skipped": counts["n_corrupt"]}
+                                                                        if "n_corrupt" in counts else {}))
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                checkpoint = save_checkpoint(accelerator, args, global_step, {**counts, **data.record})
+            if stop_requested:
+                stop.exit_after(accelerator, global_step, checkpoint)
+            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
+                method.validate(global_step)
+                step_started = time.perf_counter()  # validation time is not training throughput
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+    finally:
+        stop.restore()
+        close_batches(data.loader_iterator)
+        progress.close()
+        method.close()
+
+    report_peak_memory(accelerator, global_step)
+    accelerator.wait_for_everyone()
+    method.save_outputs()
+    if accelerator.is_main_process:
+        if any(counts.values()):
+            logger.info(f"data: {describe_data_counts(counts)}")
+        path = method.validate(global_step)
+        validation_image = os.path.relpath(path, args.output_dir) if path else None
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(method.model_card(repo_id, validation_image))
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
+    OutputDirLock.release_all()
+
+
+# endregion ENGINE
+
+
+# ==========================================================================================================
+# region DATA copied from train_lcm_distill_sd_wds
+# ==========================================================================================================
+
+
+def expand_shard_urls(spec):
+    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
+    urls = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand(part))
+    return urls
+
+
+def is_remote_url(url):
+    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
+
+
+def check_shard_args(parser, args):
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    if not urls:
+        parser.error("--train_shards_path_or_url names no shard")
+    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
+    if args.max_train_steps is None and args.max_train_samples is None:
+        parser.error(
+            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
+            "(samples per epoch) with --num_train_epochs"
+        )
+    check_stream_args(parser, args)
+
+
+def check_stream_args(parser, args):
+    """Checks of the sample stream's own flags, whatever its source."""
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1")
+    if args.min_image_size < 0:
+        parser.error("--min_image_size must be >= 0")
+    if args.shuffle_buffer_size < 0:
+        parser.error("--shuffle_buffer_size must be >= 0")
+
+
 class ImageTransform:
     """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
 
@@ -571,7 +1731,6 @@ class ImageTransform:
         return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
 
 
-# Copied from train_lcm_distill_sd_wds.SampleFilter
 @dataclass
 class SampleFilter:
     """Metadata filters; LAION-style json keys. A sample without a key is kept (nothing to judge it by)."""
@@ -599,12 +1758,10 @@ class SampleFilter:
         return None
 
 
-# Copied from train_lcm_distill_sd_wds.MalformedMetadata
 class MalformedMetadata(ValueError):
     """A sample's metadata holds something its reader cannot use (the sample is skipped and counted)."""
 
 
-# Copied from train_lcm_distill_sd_wds.metadata_number
 def metadata_number(meta, *keys):
     """The first of `keys` present in a sample's metadata, as a finite float, or None when none is present.
 
@@ -629,7 +1786,19 @@ def metadata_number(meta, *keys):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.caption_from_metadata
+def original_size_from_metadata(meta):
+    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None
+    when absent or not positive. MalformedMetadata when present but not a number (or absurdly large)."""
+    width = metadata_number(meta, "original_width", "width")
+    height = metadata_number(meta, "original_height", "height")
+    if width is None or height is None:
+        return None
+    if max(width, height) >= 2**31:  # would overflow the int64 micro-conditioning tensors downstream
+        raise MalformedMetadata(f"json size {width:g} x {height:g} is not a real image size")
+    size = (int(height), int(width))
+    return size if min(size) > 0 else None
+
+
 def caption_from_metadata(meta):
     """The caption of a sample without a .txt: json 'caption', else 'text'; '' when neither is present.
     MalformedMetadata when it is a list or an object (a number is taken as its text)."""
@@ -643,7 +1812,6 @@ def caption_from_metadata(meta):
     return ""
 
 
-# Copied from train_lcm_distill_sd_wds.to_rgb
 def to_rgb(image):
     """8-bit RGB of any decoded image, EXIF orientation applied.
 
@@ -668,21 +1836,9 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-# Copied from train_lcm_distill_sd_wds.original_size_from_metadata
-def original_size_from_metadata(meta):
-    """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None
-    when absent or not positive. MalformedMetadata when present but not a number (or absurdly large)."""
-    width = metadata_number(meta, "original_width", "width")
-    height = metadata_number(meta, "original_height", "height")
-    if width is None or height is None:
-        return None
-    if max(width, height) >= 2**31:  # would overflow the int64 micro-conditioning tensors downstream
-        raise MalformedMetadata(f"json size {width:g} x {height:g} is not a real image size")
-    size = (int(height), int(width))
-    return size if min(size) > 0 else None
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-# Copied from train_lcm_distill_sd_wds.batches_already_read
 def batches_already_read(total_batches, worker_id, num_workers):
     """How many of a rank's first `total_batches` batches came from this worker.
 
@@ -694,7 +1850,6 @@ def batches_already_read(total_batches, worker_id, num_workers):
     return (total_batches - worker_id + num_workers - 1) // num_workers
 
 
-# Copied from train_lcm_distill_sd_wds.ShardStream
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
 
@@ -879,6 +2034,154 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "crop_top_left": crop_top_left}
 
 
+def new_data_counts():
+    """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
+    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
+
+
+class ShardStalled(OSError):
+    """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
+
+    def __init__(self, url, timeout):
+        self.message = f"no data for {timeout:g} s from {url} (--shard_read_timeout)"
+        super().__init__(self.message)
+        self.url = url  # webdataset appends context to args; the handler reads these attributes instead
+
+
+class WatchedCommand(io.RawIOBase):
+    """The stdout of a shell command (a 'pipe:' shard, or curl for an http(s) one), read under a deadline: a read
+    that receives nothing for `timeout` seconds kills the command and raises ShardStalled, as does every later
+    read. A command that exits non-zero raises OSError at its end of data."""
+
+    def __init__(self, command, url, timeout):
+        super().__init__()
+        self.url, self.timeout = url, timeout
+        # its own session, so that killing it also kills what the shell started (curl, sleep, ...)
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0,
+                                        start_new_session=True)
+        self.stalled = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.stalled:
+            raise ShardStalled(self.url, self.timeout)
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+        if not ready:
+            self.stalled = True
+            self._kill()
+            raise ShardStalled(self.url, self.timeout)
+        data = os.read(self.process.stdout.fileno(), len(buffer))
+        if not data:
+            status = self.process.wait()
+            if status != 0:
+                raise OSError(f"{self.url}: the command exited with status {status}")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _kill(self):
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self):
+        if not self.closed:
+            self._kill()
+            self.process.stdout.close()
+        super().close()
+
+
+def open_shard(url, timeout):
+    """A readable binary stream of one shard: 'pipe:' commands and http(s) urls run under the read watchdog
+    (http through curl with its own stall limits), local paths are opened, other schemes go to webdataset."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(WatchedCommand(url[len("pipe:"):], url, timeout), buffer_size=1 << 20)
+    if url.startswith(("http://", "https://")):
+        # curl drops a connection slowed to a trickle (under 1 KB/s for twice the timeout), which the watchdog,
+        # waiting for silence, would not; --fail keeps an HTTP error page from being read as a tar
+        command = (f"curl --fail --silent --show-error --location --retry 3 --connect-timeout 30 --speed-limit 1024 "
+                   f"--speed-time {2 * max(1, math.ceil(timeout))} {shlex.quote(url)}")
+        return io.BufferedReader(WatchedCommand(command, url, timeout), buffer_size=1 << 20)
+    if url.startswith("file:"):
+        url = url[len("file:"):]
+    if not is_remote_url(url):
+        return open(os.path.expanduser(url), "rb")
+    return gopen(url)
+
+
+def defer_stop_signals(worker_id, grace_seconds=30):
+    """DataLoader workers outlive a stop signal sent to the whole process group (SLURM, Ctrl-C, torchrun), so
+    the training process can finish its step and checkpoint: SIGINT is ignored, SIGTERM ends the worker only
+    after `grace_seconds` (the trainer shuts its workers down itself well before that)."""
+    def exit_after_grace(signum, frame):
+        timer = threading.Timer(grace_seconds, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, exit_after_grace)
+
+
+def collate_samples(samples, counts):
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "original_sizes": torch.tensor([s["original_size"] for s in samples]),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
+        **counts,
+    }
+
+
+def stream_topology(args, num_processes):
+    """What decides which samples each step of a shard stream reads (see ShardStream): a resumed run must
+    match it, or the skip count lands elsewhere in the data. Keys as users know them (see run_record)."""
+    data_dir = getattr(args, "train_data_dir", None)  # train_bk_sdm_kd.py's other data source
+    if data_dir is not None:
+        data = {"--train_data_dir": os.path.realpath(data_dir)}
+    else:
+        data = {"--train_shards_path_or_url": shard_list_digest(expand_shard_urls(args.train_shards_path_or_url))}
+    return {"processes": num_processes, "--dataloader_num_workers": args.dataloader_num_workers,
+            "--train_batch_size": args.train_batch_size,
+            "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed, **data,
+            "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0):
+    stream = ShardStream(
+        expand_shard_urls(args.train_shards_path_or_url),
+        batch_size=args.train_batch_size,
+        transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
+        sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
+        seed=args.seed if args.seed is not None else 0,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
+        max_samples_per_pass=args.max_train_samples,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        skip_batches=skip_batches,
+        shard_read_timeout=args.shard_read_timeout,
+        needs_original_size=False,
+    )
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
+        worker_init_fn=defer_stop_signals,
+    )
+
+
+# endregion DATA
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image folder: read as one-image shards by the same deterministic stream
+# ----------------------------------------------------------------------------------------------------------
+
+
 def read_metadata_rows(data_dir, image_column="file_name"):
     """(metadata file name, [(line number, row)]) of an image folder: metadata.jsonl, else metadata.csv.
 
@@ -984,186 +2287,23 @@ class ImageFolderStream(ShardStream):
                    "txt": caption.encode("utf-8"), "json": json.dumps(row).encode("utf-8")}
 
 
-# Copied from train_lcm_distill_sd_wds.new_data_counts
-def new_data_counts():
-    """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
-    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
-
-
-# Copied from train_lcm_distill_sd_wds.describe_data_counts
-def describe_data_counts(counts):
-    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
-    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
-             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
-    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
-    return ", ".join(parts)
-
-
-# Copied from train_lcm_distill_sd_wds.data_count_logs
-def data_count_logs(counts):
-    """The data counts as tracker values."""
-    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
-             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
-    return {name: counts.get(key, 0) for key, name in names.items()}
-
-
-# Copied from train_lcm_distill_sd_wds.ShardStalled
-class ShardStalled(OSError):
-    """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
-
-    def __init__(self, url, timeout):
-        self.message = f"no data for {timeout:g} s from {url} (--shard_read_timeout)"
-        super().__init__(self.message)
-        self.url = url  # webdataset appends context to args; the handler reads these attributes instead
-
-
-# Copied from train_lcm_distill_sd_wds.WatchedCommand
-class WatchedCommand(io.RawIOBase):
-    """The stdout of a shell command (a 'pipe:' shard, or curl for an http(s) one), read under a deadline: a read
-    that receives nothing for `timeout` seconds kills the command and raises ShardStalled, as does every later
-    read. A command that exits non-zero raises OSError at its end of data."""
-
-    def __init__(self, command, url, timeout):
-        super().__init__()
-        self.url, self.timeout = url, timeout
-        # its own session, so that killing it also kills what the shell started (curl, sleep, ...)
-        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0,
-                                        start_new_session=True)
-        self.stalled = False
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        if self.stalled:
-            raise ShardStalled(self.url, self.timeout)
-        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
-        if not ready:
-            self.stalled = True
-            self._kill()
-            raise ShardStalled(self.url, self.timeout)
-        data = os.read(self.process.stdout.fileno(), len(buffer))
-        if not data:
-            status = self.process.wait()
-            if status != 0:
-                raise OSError(f"{self.url}: the command exited with status {status}")
-        buffer[:len(data)] = data
-        return len(data)
-
-    def _kill(self):
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def close(self):
-        if not self.closed:
-            self._kill()
-            self.process.stdout.close()
-        super().close()
-
-
-# Copied from train_lcm_distill_sd_wds.open_shard
-def open_shard(url, timeout):
-    """A readable binary stream of one shard: 'pipe:' commands and http(s) urls run under the read watchdog
-    (http through curl with its own stall limits), local paths are opened, other schemes go to webdataset."""
-    if url.startswith("pipe:"):
-        return io.BufferedReader(WatchedCommand(url[len("pipe:"):], url, timeout), buffer_size=1 << 20)
-    if url.startswith(("http://", "https://")):
-        # curl drops a connection slowed to a trickle (under 1 KB/s for twice the timeout), which the watchdog,
-        # waiting for silence, would not; --fail keeps an HTTP error page from being read as a tar
-        command = (f"curl --fail --silent --show-error --location --retry 3 --connect-timeout 30 --speed-limit 1024 "
-                   f"--speed-time {2 * max(1, math.ceil(timeout))} {shlex.quote(url)}")
-        return io.BufferedReader(WatchedCommand(command, url, timeout), buffer_size=1 << 20)
-    if url.startswith("file:"):
-        url = url[len("file:"):]
-    if not is_remote_url(url):
-        return open(os.path.expanduser(url), "rb")
-    return gopen(url)
-
-
-# Copied from train_lcm_distill_sd_wds.defer_stop_signals
-def defer_stop_signals(worker_id, grace_seconds=30):
-    """DataLoader workers outlive a stop signal sent to the whole process group (SLURM, Ctrl-C, torchrun), so
-    the training process can finish its step and checkpoint: SIGINT is ignored, SIGTERM ends the worker only
-    after `grace_seconds` (the trainer shuts its workers down itself well before that)."""
-    def exit_after_grace(signum, frame):
-        timer = threading.Timer(grace_seconds, os._exit, args=(0,))
-        timer.daemon = True
-        timer.start()
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, exit_after_grace)
-
-
-# Copied from train_lcm_distill_sd_wds.close_batches
-def close_batches(loader_iterator):
-    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
-    alive), they would linger until interpreter exit."""
-    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-# Copied from train_lcm_distill_sd_wds.data_error_message
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
-    text = str(error).strip()
-    if not isinstance(error, DataError) and "DataError" not in text:
-        raise error
-    last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
-
-
-# Copied from train_lcm_distill_sd_wds.collate_samples
-def collate_samples(samples, counts):
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
-        "original_sizes": torch.tensor([s["original_size"] for s in samples]),
-        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
-        **counts,
-    }
-
-
-# Copied from train_lcm_distill_sd_wds.stream_topology
-def stream_topology(args, num_processes):
-    """What decides which samples each step of a shard stream reads (see ShardStream): a resumed run must
-    match it, or the skip count lands elsewhere in the data. Keys as users know them (see run_record)."""
-    data_dir = getattr(args, "train_data_dir", None)  # train_bk_sdm_kd.py's other data source
-    if data_dir is not None:
-        data = {"--train_data_dir": os.path.realpath(data_dir)}
-    else:
-        data = {"--train_shards_path_or_url": shard_list_digest(expand_shard_urls(args.train_shards_path_or_url))}
-    return {"processes": num_processes, "--dataloader_num_workers": args.dataloader_num_workers,
-            "--train_batch_size": args.train_batch_size,
-            "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed, **data,
-            "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
-
-
-def make_train_dataloader(args, accelerator, skip_batches=0):
-    """The batch stream of either data source; returns (dataloader, samples per epoch or None)."""
-    common = dict(
+def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, samples_per_epoch):
+    """The batch stream of an image folder: `entries` (read_image_folder) as one-image shards of the same
+    deterministic, resumable stream as the shards (the DataLoader settings are make_train_dataloader's)."""
+    stream = ImageFolderStream(
+        entries,
         batch_size=args.train_batch_size,
         transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
         sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
         seed=args.seed if args.seed is not None else 0,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        max_samples_per_pass=samples_per_epoch,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
     )
-    if args.train_data_dir is not None:
-        entries = read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
-        samples_per_epoch = min(len(entries), args.max_train_samples or len(entries))
-        stream = ImageFolderStream(entries, max_samples_per_pass=samples_per_epoch, **common)
-    else:
-        samples_per_epoch = args.max_train_samples
-        stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
-                             max_samples_per_pass=samples_per_epoch, **common)
-    dataloader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
         num_workers=args.dataloader_num_workers,
@@ -1171,1037 +2311,28 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
         worker_init_fn=defer_stop_signals,
     )
-    return dataloader, samples_per_epoch
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Students: block removal and weight copy (SPEC section 7; BK-SDM paper, Fig. 2)
-# ----------------------------------------------------------------------------------------------------------
-
-SD_DOWN_BLOCKS = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-SD_UP_BLOCKS = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-# config entries that hold one value per resolution level, in down-block order (up blocks read them reversed)
-PER_LEVEL_KEYS = ("block_out_channels", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
-                  "transformer_layers_per_block", "only_cross_attention", "layers_per_block")
-
-
-def check_sd_teacher_config(config):
-    """The block removal assumes the SD 1.x / 2.x UNet layout; say so in one line for anything else."""
-    layout = (list(config["down_block_types"]), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
-              list(config["up_block_types"]), config["layers_per_block"])
-    expected = (SD_DOWN_BLOCKS, "UNetMidBlock2DCrossAttn", SD_UP_BLOCKS, 2)
-    if layout != expected:
-        raise ValueError(
-            f"BK-SDM students are defined for the SD 1.x/2.x UNet (down {SD_DOWN_BLOCKS}, a cross-attention mid "
-            f"block, up {SD_UP_BLOCKS}, 2 layers per block); this teacher has down {layout[0]}, mid {layout[1]}, "
-            f"up {layout[2]}, {layout[3]} layers per block"
-        )
-
-
-def student_unet_config(teacher_config, unet_config_name):
-    """The student's UNet config, derived from the teacher's by removing blocks.
-
-    bk_base: one resnet (+ attention) per down block; up blocks keep two of their three.
-    bk_small: bk_base without the mid block.
-    bk_tiny: bk_small without the innermost level (down block 3, up block 0); down block 2 becomes the last
-    one and so loses its downsampler.
-    """
-    if unet_config_name not in UNET_CONFIG_NAMES:
-        raise ValueError(f"unknown --unet_config_name {unet_config_name!r}; choose one of {', '.join(UNET_CONFIG_NAMES)}")
-    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-    check_sd_teacher_config(config)
-    config["layers_per_block"] = 1
-    if unet_config_name in ("bk_small", "bk_tiny"):
-        config["mid_block_type"] = None
-    if unet_config_name == "bk_tiny":
-        num_levels = len(config["down_block_types"]) - 1
-        config["down_block_types"] = list(config["down_block_types"])[:num_levels]
-        config["up_block_types"] = list(config["up_block_types"])[1:]
-        for key in PER_LEVEL_KEYS:
-            if isinstance(config.get(key), (list, tuple)):
-                config[key] = list(config[key])[:num_levels]
-        if isinstance(config.get("reverse_transformer_layers_per_block"), (list, tuple)):
-            config["reverse_transformer_layers_per_block"] = list(config["reverse_transformer_layers_per_block"])[1:]
-    return config
-
-
-def teacher_key_for(student_key, student_config, teacher_config):
-    """The teacher tensor a student tensor is initialised from (SPEC section 7).
-
-    Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
-    layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
-    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name.
-    """
-    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
-    match = re.fullmatch(r"up_blocks\.(\d+)\.(.+)", student_key)
-    if match is None:
-        return student_key
-    block, rest = int(match.group(1)) + up_shift, match.group(2)
-    layer = re.fullmatch(r"(resnets|attentions)\.(\d+)\.(.+)", rest)
-    if layer is not None:
-        index = int(layer.group(2))
-        student_last, teacher_last = student_config["layers_per_block"], teacher_config["layers_per_block"]
-        if index == student_last:
-            index = teacher_last
-        rest = f"{layer.group(1)}.{index}.{layer.group(3)}"
-    return f"up_blocks.{block}.{rest}"
-
-
-def copy_weights_from_teacher(student, teacher):
-    """Load every student tensor from its teacher tensor; one-line ValueError if any is missing or misshaped.
-    Returns {student key: teacher key}."""
-    teacher_state = teacher.state_dict()
-    mapping, problems, state = {}, [], {}
-    for key, tensor in student.state_dict().items():
-        source = teacher_key_for(key, student.config, teacher.config)
-        if source not in teacher_state:
-            problems.append(f"{key} (teacher has no {source})")
-        elif teacher_state[source].shape != tensor.shape:
-            problems.append(f"{key} {tuple(tensor.shape)} vs teacher {source} {tuple(teacher_state[source].shape)}")
-        else:
-            mapping[key], state[key] = source, teacher_state[source]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"weight copy from the teacher left {len(problems)} student tensor(s) uncovered: "
-                         f"{problems[0]}{more}")
-    student.load_state_dict(state, strict=True)
-    return mapping
-
-
-def feature_pairs(student_config, teacher_config):
-    """(student module, teacher module) whose outputs feature KD matches, paired by position.
-
-    Every down block and up block. bk_tiny: its last down block has no downsampler, so its output is
-    compared through attention 0's proj_out with the teacher's down block 2 attention 1 proj_out (the same
-    point before the teacher's downsampler); its up block i pairs with the teacher's up block i + 1.
-    """
-    num_down = len(student_config["down_block_types"])
-    up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
-    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(num_down)]
-    if up_shift:
-        last = num_down - 1
-        pairs[last] = (f"down_blocks.{last}.attentions.0.proj_out",
-                       f"down_blocks.{last}.attentions.{teacher_config['layers_per_block'] - 1}.proj_out")
-    pairs += [(f"up_blocks.{i}", f"up_blocks.{i + up_shift}") for i in range(len(student_config["up_block_types"]))]
-    return pairs
-
-
-class FeatureRecorder:
-    """Forward hooks keeping the output of named submodules, registered on the unwrapped model so that a
-    DDP (or other) wrapper's name prefix never matters. A block returning a tuple gives its [0]."""
-
-    def __init__(self, model, names):
-        modules = dict(model.named_modules())
-        missing = [name for name in names if name not in modules]
-        if missing:
-            raise ValueError(f"no module {missing[0]} in {type(model).__name__} to take features from")
-        self.features = {}
-        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            self.features[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def pop(self):
-        features, self.features = self.features, {}
-        return features
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# BK-SDM loss
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.cast_floats
-def cast_floats(value, dtype):
-    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.to(dtype)
-    return value
-
-
-# Copied from train_lcm_distill_sd_wds.unet_forward
-def unet_forward(unet, sample, timesteps, **conditioning):
-    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
-
-    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
-    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
-    """
-    dtype = next(unet.parameters()).dtype
-    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
-
-
-@dataclass
-class KDContext:
-    """What a BK-SDM step needs besides the batch."""
-
-    unet: torch.nn.Module  # the student, possibly wrapped (DDP)
-    teacher_unet: torch.nn.Module  # frozen, eval, in the mixed-precision dtype
-    noise_scheduler: DDPMScheduler
-    student_features: FeatureRecorder
-    teacher_features: FeatureRecorder
-    pairs: list
-    lambda_sd: float
-    lambda_kd_output: float
-    lambda_kd_feat: float
-    autocast: callable
-
-
-def bk_sdm_loss(ctx, latents, prompt_embeds):
-    """One BK-SDM step (Kim et al., Eq. 1-3). Returns the total loss and its three terms (all fp32).
-
-    L = lambda_sd * ||eps_s - target||^2 + lambda_out * ||eps_s - eps_t||^2 + lambda_feat * sum_l ||f_s^l - f_t^l||^2
-    """
-    # 1. Noise latents at a uniform timestep, as in ordinary SD training.
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
-    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
-        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-
-    # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
-    with torch.no_grad():
-        teacher_pred = unet_forward(ctx.teacher_unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
-    teacher_features = ctx.teacher_features.pop()
-
-    # 3. Student under autocast; its hooks record the matching block outputs, which must carry grad.
-    with ctx.autocast():
-        student_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
-    student_features = ctx.student_features.pop()
-    no_grad = [name for name, feature in student_features.items() if not feature.requires_grad]
-    if torch.is_grad_enabled() and no_grad:
-        raise RuntimeError(f"student feature {no_grad[0]} carries no gradient: feature KD would not train it")
-
-    # 4. The three terms, in fp32: task loss, output KD, feature KD summed over the paired blocks.
-    loss_sd = F.mse_loss(student_pred.float(), target.float())
-    loss_kd_output = F.mse_loss(student_pred.float(), teacher_pred.float())
-    loss_kd_feat = sum(F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t in ctx.pairs)
-    loss = ctx.lambda_sd * loss_sd + ctx.lambda_kd_output * loss_kd_output + ctx.lambda_kd_feat * loss_kd_feat
-    return loss, {"loss_sd": loss_sd.detach(), "loss_kd_output": loss_kd_output.detach(),
-                  "loss_kd_feat": loss_kd_feat.detach()}
-
-
-def ema_decay_at(step, max_decay):
-    """EMA decay of optimiser step `step` (1-based): warms up as (1 + t) / (10 + t), capped at `max_decay`."""
-    return min(max_decay, (1 + step) / (10 + step))
-
-
-# Copied from train_lcm_distill_sd_wds.update_ema
-@torch.no_grad()
-def update_ema(target_params, source_params, decay):
-    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
-    target_params, source_params = list(target_params), list(source_params)
-    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.weight_dtype_for
-def weight_dtype_for(mixed_precision):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-# Copied from train_lcm_distill_sd_wds.encode_latents
-@torch.no_grad()
-def encode_latents(vae, pixel_values, batch_size):
-    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
-    return torch.cat(latents).float() * vae.config.scaling_factor
-
-
-# Copied from train_lcm_distill_sd_wds.encode_prompts
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts):
-    input_ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0].float()
-
-
-def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):
-    """The BK-SDM student (fp32), initialised from the teacher's kept layers unless told otherwise."""
-    student = UNet2DConditionModel.from_config(student_unet_config(teacher_unet.config, unet_config_name))
-    if copy_weight_from_teacher:
-        copy_weights_from_teacher(student, teacher_unet)
-    return student
-
-
-def load_models(args):
-    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
-    teacher = args.pretrained_teacher_model
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
-                                                    cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
-                                              cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir)
-    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
-                                        variant=args.variant, cache_dir=args.cache_dir)
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                        variant=args.variant, cache_dir=args.cache_dir)
-    try:
-        unet = make_student_unet(teacher_unet, args.unet_config_name, args.copy_weight_from_teacher)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.list_checkpoints
-def list_checkpoints(output_dir):
-    """checkpoint-<step> directories in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-# Copied from train_lcm_distill_sd_wds.complete_checkpoints
-def complete_checkpoints(output_dir):
-    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
-    return [name for name in list_checkpoints(output_dir)
-            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
-
-
-# Copied from train_lcm_distill_sd_wds.rotate_checkpoints
-def rotate_checkpoints(output_dir, total_limit):
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
-    if total_limit is None:
-        return
-    checkpoints = complete_checkpoints(output_dir)
-    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
-        shutil.rmtree(os.path.join(output_dir, name))
-
-
-# Copied from train_lcm_distill_sd_wds.resolve_resume_checkpoint
-def resolve_resume_checkpoint(args):
-    """The checkpoint directory to resume from, or None to start fresh."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for name in reversed(list_checkpoints(args.output_dir)):
-            path = os.path.join(args.output_dir, name)
-            if os.path.isfile(os.path.join(path, "training_state.json")):
-                return path
-            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
-        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
-        return None
-    path = args.resume_from_checkpoint
-    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
-
-
-# Copied from train_lcm_distill_sd_wds.read_training_state
-def read_training_state(checkpoint_dir):
-    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
-        return json.load(f)
-
-
-# Copied from train_lcm_distill_sd_wds.OutputDirLock
-class OutputDirLock:
-    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
-    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
-    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
-    """
-
-    FILE_NAME = ".output_dir.lock"
-    held = {}  # real path of an output dir -> the open file whose flock this process holds
-
-    @classmethod
-    def acquire(cls, parser, output_dir):
-        key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
-            return
-        path = os.path.join(output_dir, cls.FILE_NAME)
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock_file = open(path, "a+")
-        except OSError as error:
-            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "an unknown process"
-            lock_file.close()
-            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
-                         "wait for it to end or choose another --output_dir")
-        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
-            lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
-            return
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        lock_file.flush()
-        cls.held[key] = lock_file
-
-    @classmethod
-    def release_all(cls):
-        """Let the next run in: the end of a run (or of a run inside a test process)."""
-        while cls.held:
-            cls.held.popitem()[1].close()
-
-
-# Copied from train_lcm_distill_sd_wds.shard_list_digest
-def shard_list_digest(urls):
-    """A short stand-in for a shard list in training_state.json (lists of thousands of urls stay out of it)."""
-    return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
-
-
-# Copied from train_lcm_distill_sd_wds.run_record with train_lcm_distill_sd_wds.py->train_bk_sdm_kd.py
-def run_record(method, topology):
-    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
-
-    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
-    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_bk_sdm_kd.py", "method": method, "topology": topology}  # survives a rename
-
-
-# Copied from train_lcm_distill_sd_wds.check_resume_compatible
-def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
-    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
-    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
-    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
-    Checkpoints from before these were recorded are taken as they are."""
-    theirs = (state.get("script"), state.get("method"))
-    ours = (record["script"], record["method"])
-    if theirs[0] is not None and theirs != ours:
-        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
-                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
-    recorded = state.get("topology") or {}
-    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
-               if key in recorded and recorded[key] != value]
-    if not changed:
-        return
-    if not allow_topology_change:
-        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
-                         "settings, or pass --allow_topology_change to resume with an approximate data position")
-    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
-                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
-
-
-# Copied from train_lcm_distill_sd_wds.is_sharded
-def is_sharded(accelerator):
-    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
-    and may hold only a shard of their weights on each rank."""
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-# Copied from train_lcm_distill_sd_wds.configure_deepspeed
-def configure_deepspeed(accelerator, args):
-    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
-    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
-    accumulation follows the flag, as the training loop does."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-
-
-# Copied from train_lcm_distill_sd_wds.full_state_dict
-def full_state_dict(accelerator, model):
-    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
-
-    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
-    if not is_sharded(accelerator):
-        return None
-    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
-
-
-# Copied from train_lcm_distill_sd_wds.save_model_folder
-def save_model_folder(accelerator, model, path):
-    """Write a prepared diffusers model as a loadable folder holding its full, unsharded weights.
-    Call it on every rank (the gather of `full_state_dict`); only the main process writes."""
-    state_dict = full_state_dict(accelerator, model)
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    if state_dict is None:
-        unwrapped.save_pretrained(path)
-        return
-    os.makedirs(path, exist_ok=True)
-    unwrapped.save_config(path)
-    save_file(state_dict, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-
-
-# Copied from train_lcm_distill_sd_wds.save_checkpoint
-def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
-
-    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
-    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
-    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    save_path = final_path + ".tmp"
-    if accelerator.is_main_process:
-        for name in os.listdir(args.output_dir):  # left by a run that died while saving
-            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(save_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(save_path, "training_state.json"), "w") as f:
-            json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        if os.path.isdir(final_path):  # the same step saved by an earlier run
-            shutil.rmtree(final_path)
-        os.replace(save_path, final_path)
-        logger.info(f"saved checkpoint {final_path}")
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final_path
-
-
-# Copied from train_lcm_distill_sd_wds.StopOnSignal
-class StopOnSignal:
-    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
-    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, self.previous[signum])
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum)
-        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
-
-    @property
-    def flag(self):
-        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
-        return 0.0 if self.received is None else 1.0
-
-    def exit_after(self, accelerator, step, checkpoint):
-        name = self.received.name if self.received is not None else "a stop signal to another process"
-        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
-                          "--resume_from_checkpoint latest")
-        accelerator.end_training()
-        raise SystemExit(128 + int(self.received or signal.SIGTERM))
-
-
-# Copied from train_lcm_distill_sd_wds.NonFiniteGuard
-class NonFiniteGuard:
-    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
-
-    def __init__(self, limit, output_dir):
-        self.limit = limit
-        self.output_dir = output_dir
-        self.in_a_row = 0
-
-    def apply(self, loss, step):
-        """True when the step may update the weights; SystemExit when the limit is reached."""
-        if math.isfinite(loss):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
-        if self.in_a_row >= self.limit:
-            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
-        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation, model card, hub
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.make_image_grid
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
-
-
-# Copied from train_lcm_distill_sd_wds.log_grid_to_trackers
-def log_grid_to_trackers(accelerator, name, grid, step):
-    """Log one image to every tracker (not only the first, as the reference scripts did)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({name: wandb.Image(grid)}, step=step)
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [np.asarray(grid)]}, step=step)
-
-
-def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet, weight_dtype):
-    """One image per validation prompt from `unet` in the teacher's pipeline (DPM-Solver++, fixed seed)."""
-    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                                            revision=args.teacher_revision, cache_dir=args.cache_dir)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    images = []
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                         enabled=weight_dtype != torch.float32):
-        for prompt in prompts:
-            generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
-                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                   width=args.resolution, generator=generator).images[0])
-    del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return images
-
-
-def log_validation(args, accelerator, models, step, weight_dtype, teacher_images):
-    """A grid of validation prompts (rows) x models (columns: teacher, student, student EMA), saved as PNG and
-    logged. `models` maps column name -> UNet; the teacher's images are made once and kept in `teacher_images`."""
-    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
-    if not prompts:
-        return None
-    vae, text_encoder, tokenizer = models.pop("vae"), models.pop("text_encoder"), models.pop("tokenizer")
-    if not teacher_images:
-        teacher_images.extend(generate_validation_images(args, accelerator, vae, text_encoder, tokenizer,
-                                                         models.pop("teacher"), weight_dtype))
-    models.pop("teacher", None)
-    columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet,
-                                                             weight_dtype) for unet in models.values()]
-    grid = make_image_grid([list(row) for row in zip(*columns)])
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, "validation/" + "_".join(["teacher", *models]), grid, step)
-    return path
-
-
-def model_card_text(args, repo_id, parameter_counts, validation_image=None):
-    """The README.md of the output directory (and of the Hub repo)."""
-    teacher_params, student_params = parameter_counts["teacher"], parameter_counts["student"]
-    removed = {
-        "bk_base": "the second resnet/attention pair of every down block and one of three in every up block",
-        "bk_small": "as bk_base, and the mid block",
-        "bk_tiny": "as bk_small, and the innermost level (down block 3 and up block 0)",
-    }[args.unet_config_name]
-    image_line = (f"\n![validation grid: prompts x (teacher, student{', EMA' if args.use_ema else ''})]"
-                  f"({validation_image})\n" if validation_image else "")
-    ema_note = "`unet_ema/` holds the EMA of the student's weights; " if args.use_ema else ""
-    return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: creativeml-openrail-m
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- bk-sdm
-- knowledge-distillation
-inference: true
----
-
-# {repo_id}: a block-removed ({args.unet_config_name}) student of {args.pretrained_teacher_model}
-
-This pipeline's UNet was compressed by block removal and knowledge distillation (BK-SDM; Kim et al., 2023,
-arXiv:2305.15798) from the teacher `{args.pretrained_teacher_model}` by `train_bk_sdm_kd.py`. The VAE, text
-encoder, tokenizer and scheduler are the teacher's.
-{image_line}
-## Architecture
-
-| UNet | parameters |
-|---|---|
-| teacher | {teacher_params:,} |
-| student ({args.unet_config_name}) | {student_params:,} ({100 * (1 - student_params / teacher_params):.1f}% fewer) |
-
-Removed from the teacher's UNet: {removed}. The student started from
-{"the teacher's weights for every kept layer" if args.copy_weight_from_teacher else "random weights"}.
-
-## Inference
-
-```python
-import torch
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
-image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[0]
-```
-
-{ema_note}`unet/` (what the pipeline loads) holds the trained student.
-
-## Training
-
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url or args.train_data_dir}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| loss | {args.lambda_sd} x task + {args.lambda_kd_output} x output KD + {args.lambda_kd_feat} x feature KD |
-| EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
-| mixed precision | {args.mixed_precision} |
-"""
-
-
-# Copied from train_lcm_distill_sd_wds.push_output_to_hub
-def push_output_to_hub(args, commit_message="End of training"):
-    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
-                                   OutputDirLock.FILE_NAME],
-                  token=args.hub_token)
-    return repo_id
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_names
-def tracker_names(report_to):
-    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
-    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
-    (comet, mlflow, ...), unconfigured, after the models have loaded."""
-    if report_to in ("", "none"):
-        return None
-    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_config
-def tracker_config(args):
-    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
-    config = {}
-    for key, value in vars(args).items():
-        if key == "hub_token":
-            continue
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return config
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_init_kwargs
-def tracker_init_kwargs(args):
-    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
-    (by default it would write ./wandb in whatever directory the job was started from)."""
-    if os.environ.get("WANDB_DIR"):
-        return {}
-    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
-
-
-# Copied from train_lcm_distill_sd_wds.report_peak_memory
-def report_peak_memory(accelerator, step):
-    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
-    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
-    None (and nothing logged) off CUDA."""
-    if accelerator.device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    if accelerator.num_processes > 1:
-        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
-    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
-    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
-    return peak
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.make_optimizer
-def make_optimizer(args, params, learning_rate):
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-
-# Copied from train_lcm_distill_sd_wds.load_unet_weights
-def load_unet_weights(checkpoint_dir, subfolder):
-    return UNet2DConditionModel.from_pretrained(checkpoint_dir, subfolder=subfolder).state_dict()
-
-
-def checkpoint_hooks(accelerator, ema_unet):
-    """accelerate's save/load pre-hooks: checkpoints hold loadable diffusers folders, unet/ (the student, full
-    weights even when DeepSpeed/FSDP shard it) and, with --use_ema, unet_ema/ (which accelerate does not know
-    about, so it is restored from there in every regime; only the main process keeps one)."""
-
-    def save_model_hook(models, weights, output_dir):
-        save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
-        if accelerator.is_main_process and ema_unet is not None:
-            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the student from their own files
-            models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
-        if ema_unet is not None:
-            ema_unet.load_state_dict(load_unet_weights(input_dir, "unet_ema"))
-
-    return save_model_hook, load_model_hook
-
-
-def save_output_pipeline(args, unet, ema_unet):
-    """The teacher's pipeline with the student UNet, saved to --output_dir (plus unet_ema/ with --use_ema).
-
-    VAE and text encoder are re-read from the teacher in their stored precision (training held them in the
-    mixed-precision dtype)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
-        cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(args.output_dir)
-    if ema_unet is not None:
-        ema_unet.save_pretrained(os.path.join(args.output_dir, "unet_ema"))
-    del pipeline
+def data_source(args):
+    """(make_dataloader, samples per epoch) of the data given: the shard stream, or the image folder (whose
+    epoch is its images, or --max_train_samples of them)."""
+    if args.train_data_dir is None:
+        return make_train_dataloader, args.max_train_samples or 0
+    entries = read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
+    samples_per_epoch = min(len(entries), args.max_train_samples or len(entries))
+    return functools.partial(make_image_folder_dataloader, entries=entries,
+                             samples_per_epoch=samples_per_epoch), samples_per_epoch
 
 
 def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracker_names(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
-    configure_deepspeed(accelerator, args)
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data first: a source that yields nothing fails now, not after minutes of model loading
-    resume_dir = resolve_resume_checkpoint(args)
-    global_step = 0
-    data_counts = new_data_counts()
-    record = run_record(f"bk-sdm-{args.unet_config_name}", stream_topology(args, accelerator.num_processes))
-    if resume_dir is not None:
-        state = read_training_state(resume_dir)
-        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
-        global_step = state["global_step"]
-        data_counts = {k: state.get(k, 0) for k in data_counts}
-    # a resumed stream skips the batches the checkpointed run already trained on
-    train_dataloader, samples_per_epoch = make_train_dataloader(
-        args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
-    loader_iterator = iter(train_dataloader)
-    try:
-        batches = itertools.chain([next(loader_iterator)], loader_iterator)
-    except (DataError, RuntimeError) as error:
-        close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
-
-    # ---- models: frozen teacher parts in the mixed-precision dtype; the student (and its EMA) fp32
-    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet = load_models(args)
-    # after the weight copy, so it starts there too; only the main process saves and validates it
-    ema_unet = copy.deepcopy(unet) if args.use_ema and accelerator.is_main_process else None
-    parameter_counts = {"teacher": count_parameters(teacher_unet), "student": count_parameters(unet)}
-    logger.info(f"{args.unet_config_name} student: {parameter_counts['student']:,} UNet parameters, teacher "
-                f"{parameter_counts['teacher']:,} ({100 * (1 - parameter_counts['student'] / parameter_counts['teacher']):.1f}% fewer)")
-    for frozen in (vae, text_encoder, teacher_unet, ema_unet):
-        if frozen is not None:
-            frozen.requires_grad_(False)
-            frozen.eval()
-    unet.train()
-    device = accelerator.device
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    teacher_unet.to(device, dtype=weight_dtype)
-    if ema_unet is not None:
-        ema_unet.to(device)
-    if args.enable_xformers_memory_efficient_attention:
-        for model in (unet, teacher_unet):
-            model.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # add_noise without a per-step copy
-
-    # hooks on the unwrapped modules, before any wrapper exists: their names never carry a DDP prefix
-    pairs = feature_pairs(unet.config, teacher_unet.config)
-    student_features = FeatureRecorder(unet, [s for s, _ in pairs])
-    teacher_features = FeatureRecorder(teacher_unet, [t for _, t in pairs])
-
-    # ---- optimiser and schedule
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    optimizer = make_optimizer(args, unet.parameters(), learning_rate)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(samples_per_epoch / total_batch_size)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-
-    # Checkpoints hold loadable diffusers folders: unet/ (student) and unet_ema/ (EMA).
-    save_model_hook, load_model_hook = checkpoint_hooks(accelerator, ema_unet)
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    if resume_dir is not None:
-        accelerator.print(f"resuming from {resume_dir} at step {global_step}")
-        accelerator.load_state(resume_dir)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
-                                  init_kwargs=tracker_init_kwargs(args))
-
-    ctx = KDContext(
-        unet=unet, teacher_unet=teacher_unet, noise_scheduler=noise_scheduler, student_features=student_features,
-        teacher_features=teacher_features, pairs=pairs, lambda_sd=args.lambda_sd,
-        lambda_kd_output=args.lambda_kd_output, lambda_kd_feat=args.lambda_kd_feat, autocast=accelerator.autocast,
-    )
-    teacher_images = []  # the teacher column of the validation grid, generated once
-
-    def validation_models():
-        models = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "teacher": teacher_unet,
-                  "student": unet}
-        if ema_unet is not None:
-            models["student_ema"] = ema_unet
-        return models
-
-    logger.info(f"***** Running BK-SDM ({args.unet_config_name}): {args.max_train_steps} steps, {total_batch_size} "
-                f"samples per step ({args.train_batch_size} per process x {accelerator.num_processes} processes x "
-                f"{args.gradient_accumulation_steps} accumulation) *****")
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    step_started = time.perf_counter()
-    term_names = ("loss", "loss_sd", "loss_kd_output", "loss_kd_feat")
-    stop = StopOnSignal().install()
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
-    try:
-        while global_step < args.max_train_steps:
-            running = torch.zeros(len(term_names), device=device)
-            apply_update = True
-            for _ in range(args.gradient_accumulation_steps):
-                batch = next(batches)
-                data_counts = {k: v + batch[k] for k, v in data_counts.items()}
-                with accelerator.accumulate(unet):
-                    latents = encode_latents(vae, batch["pixel_values"], args.vae_encode_batch_size)
-                    prompt_embeds = encode_prompts(text_encoder, tokenizer, batch["captions"])
-                    loss, terms = bk_sdm_loss(ctx, latents, prompt_embeds)
-                    running += torch.stack([loss.detach(), *terms.values()])
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
-                        # was asked to stop; a non-finite loss skips the update before it touches the weights
-                        stats = torch.cat([running / args.gradient_accumulation_steps,
-                                           torch.tensor([stop.flag], device=device)])
-                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
-                        apply_update = nonfinite.apply(means[0], global_step + 1)
-                        if apply_update and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                    if apply_update:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            global_step += 1
-            if apply_update and ema_unet is not None:
-                update_ema(ema_unet.parameters(), accelerator.unwrap_model(unet).parameters(),
-                           ema_decay_at(global_step, args.ema_decay))
-
-            now = time.perf_counter()
-            samples_per_sec = total_batch_size / (now - step_started)
-            step_started = now
-            logs = {f"train/{name}": value for name, value in zip(term_names, means)}
-            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec,
-                         **data_count_logs(data_counts)})
-            progress.update(1)
-            progress.set_postfix(loss=f"{means[0]:.4g}", sd=f"{means[1]:.3g}", kd_out=f"{means[2]:.3g}",
-                                 kd_feat=f"{means[3]:.3g}", lr=f"{logs['train/lr']:.3g}",
-                                 samples_s=f"{samples_per_sec:.2f}")
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or stop_requested:
-                checkpoint = save_checkpoint(accelerator, args, global_step, {**data_counts, **record})
-            if stop_requested:
-                stop.exit_after(accelerator, global_step, checkpoint)
-            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
-                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
-                log_validation(args, accelerator, validation_models(), global_step, weight_dtype, teacher_images)
-                student_features.pop(), teacher_features.pop()  # what the validation passes recorded
-                step_started = time.perf_counter()  # validation time is not training throughput
-    except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
-    finally:
-        stop.restore()
-        close_batches(loader_iterator)
-        progress.close()
-        student_features.remove()
-        teacher_features.remove()
-
-    report_peak_memory(accelerator, global_step)
-    accelerator.wait_for_everyone()
-    full_state = full_state_dict(accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
-    if accelerator.is_main_process:
-        if any(data_counts.values()):
-            logger.info(f"data: {describe_data_counts(data_counts)}")
-        student = accelerator.unwrap_model(unet)
-        if full_state is not None:  # the unwrapped student may hold only this rank's shard
-            student = UNet2DConditionModel.from_config(student.config)
-            student.load_state_dict(full_state)
-        save_output_pipeline(args, student, ema_unet)
-        path = log_validation(args, accelerator, validation_models(), global_step, weight_dtype, teacher_images)
-        validation_image = os.path.relpath(path, args.output_dir) if path else None
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-            f.write(model_card_text(args, repo_id, parameter_counts, validation_image))
-        if args.push_to_hub:
-            push_output_to_hub(args)
-    accelerator.end_training()
-    OutputDirLock.release_all()
+    accelerator = start_run(args)
+    # the engine's run_record names the engine's source script; a checkpoint must name the script that wrote it
+    record = {**run_record(f"bk-sdm-{args.unet_config_name}", stream_topology(args, accelerator.num_processes)),
+              "script": SCRIPT_NAME}
+    make_dataloader, samples_per_epoch = data_source(args)
+    data = open_training_data(args, accelerator, record, make_dataloader, new_data_counts(), samples_per_epoch)
+    method = BlockRemovalDistillation(args, accelerator)
+    train(args, accelerator, method, data, title=f"BK-SDM ({args.unet_config_name})")
 
 
 if __name__ == "__main__":
