@@ -39,6 +39,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 try:
     import fcntl
@@ -77,39 +78,15 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CLASS_IMAGE_INFERENCE_STEPS = 50
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# METHOD: DreamBooth (Ruiz et al., 2022) as LoRA adapters, with prior preservation. What to edit for a new
+# base model or method: its flags, the loss, the models, what is saved and validated.
+# ==========================================================================================================
 
 
-# Copied from train_lcm_distill_sd_wds.OneLineErrorParser
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# Copied from train_lcm_distill_sd_wds.bounded
-def bounded(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
-    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if low is not None and (value < low or low_open and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
-        if high is not None and (value > high or high_open and value == high):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
-    return parse
+# ----------------------------------------
+# Flags and their checks
+# ----------------------------------------
 
 
 def parse_args(input_args=None):
@@ -165,7 +142,8 @@ def parse_args(input_args=None):
                        help="LoRA alpha (the update is scaled by alpha / r); default: equal to --rank.")
     group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
                        default=0.0, help="Dropout on the LoRA branch input.")
-    group.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
+    group.add_argument("--train_text_encoder", action="store_true",
+                       help="Also train LoRA adapters on the text encoder.")
     # ---- optimiser
     group = parser.add_argument_group("optimiser")
     group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-4)
@@ -244,95 +222,6 @@ def parse_args(input_args=None):
     return args
 
 
-# Copied from train_lcm_distill_sd_wds.looks_like_local_path
-def looks_like_local_path(name):
-    """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
-
-
-# Copied from train_lcm_distill_sd_wds.read_config_class
-def read_config_class(path):
-    """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return str(config.get("_class_name", "")) if isinstance(config, dict) else None
-
-
-# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
-def pipeline_kind_problem(path, kind):
-    """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
-
-    Reads config files only (model_index.json, unet/config.json), so the wrong model is named in one line before
-    any weight loads instead of a traceback after."""
-    expected = {"sd": "a Stable Diffusion 1.x/2.x pipeline", "sdxl": "an SDXL pipeline"}[kind]
-    if not os.listdir(path):
-        return f"{path} is empty; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index_path):
-        found = read_config_class(os.path.join(path, "config.json"))
-        what = f"a single {found} folder" if found else "not a diffusers pipeline folder (no model_index.json)"
-        return f"{path} is {what}; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
-    with open(index_path, encoding="utf-8") as f:
-        try:
-            index = json.load(f)
-        except ValueError:
-            return f"{index_path} is not valid JSON"
-    pipeline = str(index.get("_class_name", "?")) if isinstance(index, dict) else "?"
-    unet_config = {}
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
-            unet_config = json.load(f)
-    is_sdxl = (isinstance(index, dict) and "text_encoder_2" in index or "XL" in pipeline
-               or isinstance(unet_config, dict) and unet_config.get("addition_embed_type") == "text_time")
-    if kind == "sd" and is_sdxl:
-        return (f"{path} is an SDXL pipeline ({pipeline}); expected {expected} (for SDXL use "
-                "train_lcm_distill_sdxl_wds.py)")
-    if kind == "sdxl" and not is_sdxl:
-        return (f"{path} is a {pipeline} without SDXL's second text encoder and text_time conditioning; expected "
-                f"{expected} (for SD 1.x/2.x use train_lcm_distill_sd_wds.py or train_lcm_distill_lora_sd_wds.py)")
-    parts = ["scheduler", "tokenizer", "text_encoder", "vae", "unet"]
-    parts += ["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else []
-    for part in parts:
-        if not os.path.isdir(os.path.join(path, part)):
-            return f"{path} ({pipeline}) has no {part}/ folder; expected {expected} with {', '.join(parts)}"
-    unet_class = read_config_class(os.path.join(path, "unet", "config.json"))
-    if unet_class != "UNet2DConditionModel":
-        found = f"a {unet_class}" if unet_class else "no readable config.json"
-        return f"{path}/unet holds {found}; expected a UNet2DConditionModel"
-    return None
-
-
-# Copied from train_lcm_distill_sd_wds.vae_kind_problem
-def vae_kind_problem(path):
-    """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return f"{path} is a whole pipeline; pass its vae/ subfolder (expected an AutoencoderKL folder)"
-    found = read_config_class(os.path.join(path, "config.json"))
-    if found != "AutoencoderKL":
-        what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
-        return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
-    return None
-
-
-# Copied from train_lcm_distill_sd_wds.check_model_kinds
-def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
-    """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
-    downloaded here."""
-    path = os.path.expanduser(getattr(args, model_flag))
-    if os.path.isdir(path):
-        problem = pipeline_kind_problem(path, kind)
-        if problem:
-            parser.error(f"--{model_flag}: {problem}")
-    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
-    if vae_path and os.path.isdir(os.path.expanduser(vae_path)):
-        problem = vae_kind_problem(os.path.expanduser(vae_path))
-        if problem:
-            parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
-
-
 def validate_args(parser, args):
     """Fail at start-up, in one line, before any model is loaded."""
     check_model_kinds(parser, args, "sd", "pretrained_model_name_or_path")
@@ -396,10 +285,522 @@ def validate_args(parser, args):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
     if args.max_nonfinite_steps < 1:
         parser.error("--max_nonfinite_steps must be >= 1")
+    # the shared training loop builds the schedule with get_scheduler's defaults for these two: refuse rather
+    # than ignore another value
+    if args.lr_num_cycles != 1 or args.lr_power != 1.0:
+        parser.error("--lr_num_cycles and --lr_power other than 1 are not supported by this version of the "
+                     "training loop")
     check_output_dir(parser, args)
 
 
-# Copied from train_lcm_distill_sd_wds.check_output_dir
+def text_encoder_adapter_problem():
+    """Why transformers cannot add a LoRA adapter to the text encoder here, or None. (transformers 5.24 asks for
+    peft >= 0.22, which was not released when this was written; 5.23 works with peft 0.21.)"""
+    import peft
+    import transformers
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
+    needed = getattr(transformers_peft, "MIN_PEFT_VERSION", "0")
+    if Version(peft.__version__) < Version(needed):
+        return (f"transformers {transformers.__version__} needs peft >= {needed} for text-encoder adapters, this is "
+                f"peft {peft.__version__}: pip install 'transformers<5.24' or a newer peft")
+    return None
+
+
+
+# ----------------------------------------
+# The DreamBooth loss
+# ----------------------------------------
+
+
+@dataclass
+class DreamBoothContext:
+    unet: torch.nn.Module  # base UNet + LoRA (possibly wrapped)
+    noise_scheduler: DDPMScheduler
+    prior_loss_weight: float
+    autocast: callable
+
+
+def dreambooth_loss(ctx, latents, prompt_embeds, num_instance):
+    """Denoising loss on instance examples, plus prior_loss_weight x the same on class examples (which follow
+    the instance ones in the batch). Returns the loss and its two terms (fp32)."""
+    # 1. Noise the latents at a uniform timestep.
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
+    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
+        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    # 2. One UNet pass over instance and class examples together.
+    with ctx.autocast():
+        model_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
+
+    # 3. Instance loss, and the prior-preservation loss on the class half.
+    loss_instance = F.mse_loss(model_pred[:num_instance].float(), target[:num_instance].float())
+    if num_instance == latents.shape[0]:
+        return loss_instance, {"loss_instance": loss_instance.detach()}
+    loss_prior = F.mse_loss(model_pred[num_instance:].float(), target[num_instance:].float())
+    loss = loss_instance + ctx.prior_loss_weight * loss_prior
+    return loss, {"loss_instance": loss_instance.detach(), "loss_prior": loss_prior.detach()}
+
+
+
+# ----------------------------------------
+# Models and LoRA files
+# ----------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.encode_prompts
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts):
+    input_ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+
+
+# Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32
+def cast_lora_params_to_fp32(unet):
+    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def lora_config(args, target_modules):
+    # gaussian A, zero B: the adapted model starts exactly at the base model
+    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      init_lora_weights="gaussian", target_modules=target_modules)
+
+
+def load_models(args, weight_dtype):
+    """Base components; the UNet (and with --train_text_encoder the text encoder) frozen in `weight_dtype`
+    with trainable fp32 LoRA adapters."""
+    base = args.pretrained_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **common)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **common)
+    for model in (vae, text_encoder, unet):
+        model.requires_grad_(False)
+        model.to(dtype=weight_dtype)
+    unet.add_adapter(lora_config(args, UNET_LORA_TARGETS))
+    cast_lora_params_to_fp32(unet)
+    if args.train_text_encoder:
+        text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
+        cast_lora_params_to_fp32(text_encoder)
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+# Copied from train_lcm_distill_lora_sd_wds.lora_state_dict
+def lora_state_dict(unet, dtype=None, full_state=None):
+    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast; taken
+    from `full_state` (the gathered weights, see full_state_dict) where DeepSpeed/FSDP shard them."""
+    state = get_peft_model_state_dict(unet, state_dict=full_state)
+    return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
+
+
+# Copied from train_lcm_distill_lora_sd_wds.lora_adapter_metadata
+def lora_adapter_metadata(unet):
+    """The adapter's LoraConfig as a dict: stored in the file so that loading keeps alpha (the scale alpha/r)."""
+    return unet.peft_config["default"].to_dict()
+
+
+# Copied from train_lcm_distill_lora_sd_wds.peft_to_kohya_state_dict
+def peft_to_kohya_state_dict(peft_state_dict, alpha):
+    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
+    kohya = {}
+    for key, tensor in peft_state_dict.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            kohya[f"{name}.lora_down.weight"] = tensor
+            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
+        elif kind == "B.weight":
+            kohya[f"{name}.lora_up.weight"] = tensor
+        else:
+            raise ValueError(f"unexpected LoRA tensor {key}")
+    return kohya
+
+
+def text_encoder_kohya_state_dict(peft_state_dict, alpha):
+    """Text-encoder LoRA in kohya names, lora_te_text_model_encoder_layers_<i>_..., as A1111 and ComfyUI expect
+    for SD 1.x/2.x, whether or not this transformers version's CLIPTextModel has the text_model. level."""
+    renamed = {("" if key.startswith("text_model.") else "text_model.") + key: v for key, v in peft_state_dict.items()}
+    return {key.replace("lora_unet_", "lora_te_", 1): v for key, v in peft_to_kohya_state_dict(renamed, alpha).items()}
+
+
+def save_lora_files(unet, text_encoder, output_dir, dtype=None, kohya=True, full_states=(None, None)):
+    """The adapters in diffusers format (alpha kept in the metadata) and, optionally, kohya format (A1111,
+    ComfyUI). `text_encoder` is None when it was not trained; `full_states` are their gathered weights where
+    DeepSpeed/FSDP shard them."""
+    unet_state = lora_state_dict(unet, dtype, full_states[0])
+    te_state = lora_state_dict(text_encoder, dtype, full_states[1]) if text_encoder is not None else None
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
+        unet_lora_adapter_metadata=lora_adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=lora_adapter_metadata(text_encoder) if te_state else None,
+        weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+    )
+    if kohya:
+        config = unet.peft_config["default"]
+        state = peft_to_kohya_state_dict(unet_state, config.lora_alpha)
+        if te_state:
+            state.update(text_encoder_kohya_state_dict(te_state, text_encoder.peft_config["default"].lora_alpha))
+        save_file(state, os.path.join(output_dir, KOHYA_WEIGHT_NAME),
+                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                            "ss_network_alpha": str(config.lora_alpha)})
+
+
+def load_lora_checkpoint(unet, text_encoder, checkpoint_dir):
+    """Load adapters saved by `save_lora_files` (same LoRA config), keeping the LoRA parameters fp32."""
+    state = load_file(os.path.join(checkpoint_dir, LORA_WEIGHT_NAME))
+    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+        if model is None:
+            continue
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        mismatch = f"error: checkpoint {checkpoint_dir} does not match this run's LoRA config of the {prefix[:-1]}"
+        if not part:
+            raise SystemExit(f"{mismatch} (it holds no {prefix[:-1]} adapters; --train_text_encoder differs?)")
+        try:
+            result = set_peft_model_state_dict(model, part)
+        except RuntimeError:  # shape mismatch: another --rank
+            raise SystemExit(f"{mismatch} (another --rank?)") from None
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"{mismatch} (unexpected {result.unexpected_keys[0]})")
+        cast_lora_params_to_fp32(model)
+
+
+
+# ----------------------------------------
+# Validation and the model card
+# ----------------------------------------
+
+
+def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, step, weight_dtype):
+    """--num_validation_images images of --validation_prompt (DPM-Solver++, 25 steps, fixed seeds) as one PNG
+    row, logged to every tracker. Nothing is cast: trainable LoRA weights stay fp32 (autocast runs the mix)."""
+    if not args.validation_prompt:
+        return None
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                            revision=args.revision, cache_dir=args.cache_dir)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=None if text_encoder is None else accelerator.unwrap_model(text_encoder),
+        tokenizer=tokenizer, unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    if validation_embeds is not None:  # the text encoder was freed: embeddings computed at start-up
+        prompt = {"prompt_embeds": validation_embeds[0], "negative_prompt_embeds": validation_embeds[1]}
+    else:
+        prompt = {"prompt": args.validation_prompt}
+    images = []
+    with torch.no_grad(), eval_mode(pipeline.unet, pipeline.text_encoder), torch.autocast(
+            accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        for i in range(args.num_validation_images):
+            generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
+            images.append(pipeline(**prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
+                                   generator=generator).images[0])
+    grid = make_image_grid([images])
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
+    grid.save(path)
+    log_grid_to_trackers(accelerator, "validation", grid, step)
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path
+
+
+def model_card_text(args, repo_id, validation_image=None):
+    """The README.md of the output directory (and of the Hub repo)."""
+    image_line = f"\n![validation: {args.validation_prompt}]({validation_image})\n" if validation_image else ""
+    prior = (f"with prior preservation ({args.num_class_images} images of '{args.class_prompt}', weight "
+             f"{args.prior_loss_weight})" if args.with_prior_preservation else "without prior preservation")
+    return f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+license: creativeml-openrail-m
+instance_prompt: {json.dumps(args.instance_prompt)}
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- lora
+- dreambooth
+inference: true
+---
+
+# {repo_id}: DreamBooth LoRA for {args.pretrained_model_name_or_path}
+
+LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}) on the UNet{" and the text encoder" if args.train_text_encoder else ""},
+trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py`. Use the instance prompt
+`{args.instance_prompt}` to generate the subject.
+{image_line}
+## Inference
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{repo_id}")
+image = pipe("{args.instance_prompt} on the beach", num_inference_steps=25).images[0]
+```
+
+`{KOHYA_WEIGHT_NAME}` holds the same adapters in kohya format for AUTOMATIC1111 and ComfyUI.
+
+## Training
+
+| setting | value |
+|---|---|
+| base model | `{args.pretrained_model_name_or_path}` |
+| instance prompt | `{args.instance_prompt}` |
+| resolution | {args.resolution} |
+| steps | {args.max_train_steps} |
+| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| text encoder trained | {args.train_text_encoder} |
+| mixed precision | {args.mixed_precision} |
+"""
+
+
+
+# ----------------------------------------
+# The method the engine trains through
+# ----------------------------------------
+
+
+class DreamBoothLoRA:
+    """DreamBooth as LoRA adapters: the base UNet (and text encoder) frozen in the mixed-precision dtype with
+    fp32 adapters. Unless --no_cache, what does not train is computed once: latents of every image and crop,
+    and (without --train_text_encoder) the prompt embeddings, after which the text encoder is freed."""
+
+    def __init__(self, args, accelerator, examples):
+        self.args, self.accelerator, self.examples = args, accelerator, examples
+        device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
+        noise_scheduler, self.tokenizer, text_encoder, self.vae, unet = load_models(args, self.weight_dtype)
+        self.vae.to(device).eval()
+        text_encoder.to(device)
+        text_encoder.train(args.train_text_encoder)
+        unet.to(device).train()
+        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if args.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        instances, classes = examples.instances, examples.classes
+        prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
+        self.prompt_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids.to(device)
+        self.cached_prompt_embeds = self.validation_embeds = None
+        if args.cache:
+            for image_set in (instances, classes):
+                if image_set is not None:
+                    cache_latents(self.vae, image_set, examples.transform, args.random_flip, args.cached_crops)
+            if not args.train_text_encoder:
+                with torch.no_grad():
+                    self.cached_prompt_embeds = text_encoder(self.prompt_ids)[0]
+                    if args.validation_prompt:
+                        self.validation_embeds = (
+                            encode_prompts(text_encoder, self.tokenizer, [args.validation_prompt]),
+                            encode_prompts(text_encoder, self.tokenizer, [""]))
+                text_encoder = None  # freed: nothing needs it any more
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
+            logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
+                        f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
+                        f"{', and the prompt embeddings' if self.cached_prompt_embeds is not None else ''}")
+        self.text_encoder = text_encoder
+        self.modules = [unet, text_encoder] if args.train_text_encoder else [unet]
+        self.lora_params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.ctx = DreamBoothContext(unet=unet, noise_scheduler=noise_scheduler,
+                                     prior_loss_weight=args.prior_loss_weight, autocast=accelerator.autocast)
+        logger.info(f"DreamBooth LoRA: {len(instances.images)} instance images"
+                    f"{f', {len(classes.images)} class images (as many per step as instances)' if classes else ''}; "
+                    f"{sum(p.numel() for p in self.lora_params):,} LoRA parameters")
+
+    def use_prepared(self, modules):
+        self.modules = list(modules)  # wrapped: the text encoder runs through its DDP wrapper, too
+        self.ctx.unet = modules[0]
+        if self.args.train_text_encoder:
+            self.text_encoder = modules[1]
+
+    def optimizer_params(self):
+        return self.lora_params
+
+    def loss(self, batch):
+        """Latents and prompt embeddings of this rank's batch (instances, then as many classes), then the loss."""
+        args, examples = self.args, self.examples
+        positions, chosen, flips = batch["positions"], batch["examples"], batch["flips"]
+        latents = sample_latents(self.vae, examples.instances, [e % len(examples.instances.images) for e in chosen],
+                                 flips, examples.transform, positions, examples.seed, "instance", args.cache)
+        if examples.classes is not None:
+            class_latents = sample_latents(self.vae, examples.classes,
+                                           [e % len(examples.classes.images) for e in chosen], flips,
+                                           examples.transform, positions, examples.seed, "class", args.cache)
+            latents = torch.cat([latents, class_latents])
+        if self.cached_prompt_embeds is not None:
+            embeds = self.cached_prompt_embeds
+        else:
+            with torch.set_grad_enabled(args.train_text_encoder):
+                embeds = self.text_encoder(self.prompt_ids)[0]
+        prompt_embeds = embeds.repeat_interleave(len(positions), dim=0)  # instance rows, then class rows
+        return dreambooth_loss(self.ctx, latents, prompt_embeds.to(latents.dtype), len(positions))
+
+    def after_update(self, step):
+        pass  # no EMA
+
+    def trained_text_encoder(self):
+        return self.accelerator.unwrap_model(self.text_encoder) if self.args.train_text_encoder else None
+
+    def gathered_states(self):
+        """Every rank: under DeepSpeed/FSDP this gathers the trained models' shards (None, None otherwise)."""
+        return (full_state_dict(self.accelerator, self.modules[0]),
+                full_state_dict(self.accelerator, self.text_encoder) if self.args.train_text_encoder else None)
+
+    def checkpoint_hooks(self, accelerator):
+        """Checkpoints hold the adapters only, as a loadable diffusers LoRA file."""
+        def save_model_hook(models, weights, output_dir):
+            full_states = self.gathered_states()
+            if accelerator.is_main_process:
+                save_lora_files(accelerator.unwrap_model(self.modules[0]), self.trained_text_encoder(), output_dir,
+                                kohya=False, full_states=full_states)
+            weights.clear()
+
+        def load_model_hook(models, input_dir):
+            if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapters from their own files
+                models.clear()
+                load_lora_checkpoint(accelerator.unwrap_model(self.modules[0]), self.trained_text_encoder(), input_dir)
+
+        return save_model_hook, load_model_hook
+
+    def validate(self, step):
+        return log_validation(self.args, self.accelerator, self.vae, self.text_encoder, self.tokenizer,
+                              self.modules[0], self.validation_embeds, step, self.weight_dtype)
+
+    def save_outputs(self):
+        full_states = self.gathered_states()
+        if self.accelerator.is_main_process:
+            save_lora_files(self.accelerator.unwrap_model(self.modules[0]), self.trained_text_encoder(),
+                            self.args.output_dir, dtype=weight_dtype_for(self.args.save_precision),
+                            full_states=full_states)
+
+    def model_card(self, repo_id, validation_image):
+        return model_card_text(self.args, repo_id, validation_image)
+
+    def close(self):
+        pass
+
+
+# ==========================================================================================================
+# region ENGINE copied from train_lcm_distill_sd_wds
+# ==========================================================================================================
+
+
+# ----------------------------------------
+# Flags and checks every script shares
+# ----------------------------------------
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
+def looks_like_local_path(name):
+    """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def check_common_args(parser, args):
+    """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
+    if args.resolution % 8 != 0 or args.resolution <= 0:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.num_train_epochs < 1:
+        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0")
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be >= 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.validation_steps < 0:
+        parser.error("--validation_steps must be >= 0")
+    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
+        parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
+        os.path.expanduser(args.pretrained_teacher_model)
+    ):
+        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
+        parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (CUDA only)")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
+    if args.hub_token is not None and "wandb" in trackers:
+        parser.error(
+            "--hub_token together with --report_to wandb would leak the token into the wandb config; "
+            "log in with `huggingface-cli login` instead"
+        )
+    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
+            parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
+        path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+        if not os.path.isfile(os.path.join(path, "training_state.json")):
+            parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be >= 1")
+    check_output_dir(parser, args)
+
+
 def check_output_dir(parser, args, min_free_bytes=2**30):
     """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
     an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
@@ -436,24 +837,742 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                      f"at least {min_free_bytes / 2**30:.0f} GiB")
 
 
-def text_encoder_adapter_problem():
-    """Why transformers cannot add a LoRA adapter to the text encoder here, or None. (transformers 5.24 asks for
-    peft >= 0.22, which was not released when this was written; 5.23 works with peft 0.21.)"""
-    import peft
-    import transformers
-    from packaging.version import Version
-    from transformers.integrations import peft as transformers_peft
+def read_config_class(path):
+    """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return str(config.get("_class_name", "")) if isinstance(config, dict) else None
 
-    needed = getattr(transformers_peft, "MIN_PEFT_VERSION", "0")
-    if Version(peft.__version__) < Version(needed):
-        return (f"transformers {transformers.__version__} needs peft >= {needed} for text-encoder adapters, this is "
-                f"peft {peft.__version__}: pip install 'transformers<5.24' or a newer peft")
+
+def pipeline_kind_problem(path, kind):
+    """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
+
+    Reads config files only (model_index.json, unet/config.json), so the wrong model is named in one line before
+    any weight loads instead of a traceback after."""
+    expected = {"sd": "a Stable Diffusion 1.x/2.x pipeline", "sdxl": "an SDXL pipeline"}[kind]
+    if not os.listdir(path):
+        return f"{path} is empty; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        found = read_config_class(os.path.join(path, "config.json"))
+        what = f"a single {found} folder" if found else "not a diffusers pipeline folder (no model_index.json)"
+        return f"{path} is {what}; expected {expected} folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    with open(index_path, encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            return f"{index_path} is not valid JSON"
+    pipeline = str(index.get("_class_name", "?")) if isinstance(index, dict) else "?"
+    unet_config = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            unet_config = json.load(f)
+    is_sdxl = (isinstance(index, dict) and "text_encoder_2" in index or "XL" in pipeline
+               or isinstance(unet_config, dict) and unet_config.get("addition_embed_type") == "text_time")
+    if kind == "sd" and is_sdxl:
+        return (f"{path} is an SDXL pipeline ({pipeline}); expected {expected} (for SDXL use "
+                "train_lcm_distill_sdxl_wds.py)")
+    if kind == "sdxl" and not is_sdxl:
+        return (f"{path} is a {pipeline} without SDXL's second text encoder and text_time conditioning; expected "
+                f"{expected} (for SD 1.x/2.x use train_lcm_distill_sd_wds.py or train_lcm_distill_lora_sd_wds.py)")
+    parts = ["scheduler", "tokenizer", "text_encoder", "vae", "unet"]
+    parts += ["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else []
+    for part in parts:
+        if not os.path.isdir(os.path.join(path, part)):
+            return f"{path} ({pipeline}) has no {part}/ folder; expected {expected} with {', '.join(parts)}"
+    unet_class = read_config_class(os.path.join(path, "unet", "config.json"))
+    if unet_class != "UNet2DConditionModel":
+        found = f"a {unet_class}" if unet_class else "no readable config.json"
+        return f"{path}/unet holds {found}; expected a UNet2DConditionModel"
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: instance (and class) images, a deterministic example schedule, cached latent distributions
-# ----------------------------------------------------------------------------------------------------------
+def vae_kind_problem(path):
+    """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return f"{path} is a whole pipeline; pass its vae/ subfolder (expected an AutoencoderKL folder)"
+    found = read_config_class(os.path.join(path, "config.json"))
+    if found != "AutoencoderKL":
+        what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
+        return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
+    return None
+
+
+def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
+    """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
+    downloaded here."""
+    path = os.path.expanduser(getattr(args, model_flag))
+    if os.path.isdir(path):
+        problem = pipeline_kind_problem(path, kind)
+        if problem:
+            parser.error(f"--{model_flag}: {problem}")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path and os.path.isdir(os.path.expanduser(vae_path)):
+        problem = vae_kind_problem(os.path.expanduser(vae_path))
+        if problem:
+            parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
+
+
+# ----------------------------------------
+# Precision
+# ----------------------------------------
+
+
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
+@torch.no_grad()
+def update_ema(target_params, source_params, decay):
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    target_params, source_params = list(target_params), list(source_params)
+    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, was_training):
+            model.train(mode)
+
+
+# ----------------------------------------
+# Checkpoints
+# ----------------------------------------
+
+
+def list_checkpoints(output_dir):
+    """checkpoint-<step> directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def complete_checkpoints(output_dir):
+    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
+    return [name for name in list_checkpoints(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
+
+
+def rotate_checkpoints(output_dir, total_limit):
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
+    a save that fails never leaves the run without the checkpoints it had."""
+    if total_limit is None:
+        return
+    checkpoints = complete_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def resolve_resume_checkpoint(args):
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        for name in reversed(list_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "training_state.json")):
+                return path
+            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
+        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
+        return None
+    path = args.resume_from_checkpoint
+    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+
+
+def read_training_state(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
+        return json.load(f)
+
+
+class OutputDirLock:
+    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
+    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
+    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
+    """
+
+    FILE_NAME = ".output_dir.lock"
+    held = {}  # real path of an output dir -> the open file whose flock this process holds
+
+    @classmethod
+    def acquire(cls, parser, output_dir):
+        key = os.path.realpath(output_dir)
+        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+            return
+        path = os.path.join(output_dir, cls.FILE_NAME)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_file = open(path, "a+")
+        except OSError as error:
+            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "an unknown process"
+            lock_file.close()
+            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
+                         "wait for it to end or choose another --output_dir")
+        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
+            lock_file.close()
+            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                           "nothing stops a second run from writing into it")
+            return
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock_file.flush()
+        cls.held[key] = lock_file
+
+    @classmethod
+    def release_all(cls):
+        """Let the next run in: the end of a run (or of a run inside a test process)."""
+        while cls.held:
+            cls.held.popitem()[1].close()
+
+
+def shard_list_digest(urls):
+    """A short stand-in for a shard list in training_state.json (lists of thousands of urls stay out of it)."""
+    return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
+
+
+def run_record(method, topology):
+    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
+
+    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
+    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
+    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+
+
+def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
+    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
+    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
+    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    Checkpoints from before these were recorded are taken as they are."""
+    theirs = (state.get("script"), state.get("method"))
+    ours = (record["script"], record["method"])
+    if theirs[0] is not None and theirs != ours:
+        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
+                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    recorded = state.get("topology") or {}
+    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
+               if key in recorded and recorded[key] != value]
+    if not changed:
+        return
+    if not allow_topology_change:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
+                         "settings, or pass --allow_topology_change to resume with an approximate data position")
+    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
+                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
+
+
+def is_sharded(accelerator):
+    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
+    and may hold only a shard of their weights on each rank."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
+    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
+    accumulation follows the flag, as the training loop does."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+
+def full_state_dict(accelerator, model):
+    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
+
+    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
+    if not is_sharded(accelerator):
+        return None
+    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
+
+
+def save_model_folder(accelerator, model, path):
+    """Write a prepared diffusers model as a loadable folder holding its full, unsharded weights.
+    Call it on every rank (the gather of `full_state_dict`); only the main process writes."""
+    state_dict = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if state_dict is None:
+        unwrapped.save_pretrained(path)
+        return
+    os.makedirs(path, exist_ok=True)
+    unwrapped.save_config(path)
+    save_file(state_dict, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+
+    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
+    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    save_path = final_path + ".tmp"
+    if accelerator.is_main_process:
+        for name in os.listdir(args.output_dir):  # left by a run that died while saving
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(save_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(save_path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, **training_state}, f, indent=2)
+        if os.path.isdir(final_path):  # the same step saved by an earlier run
+            shutil.rmtree(final_path)
+        os.replace(save_path, final_path)
+        logger.info(f"saved checkpoint {final_path}")
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
+    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
+
+    @property
+    def flag(self):
+        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
+        return 0.0 if self.received is None else 1.0
+
+    def exit_after(self, accelerator, step, checkpoint):
+        name = self.received.name if self.received is not None else "a stop signal to another process"
+        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
+                          "--resume_from_checkpoint latest")
+        accelerator.end_training()
+        raise SystemExit(128 + int(self.received or signal.SIGTERM))
+
+
+class NonFiniteGuard:
+    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit, output_dir):
+        self.limit = limit
+        self.output_dir = output_dir
+        self.in_a_row = 0
+
+    def apply(self, loss, step):
+        """True when the step may update the weights; SystemExit when the limit is reached."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
+        return False
+
+
+# ----------------------------------------
+# Trackers, images, hub
+# ----------------------------------------
+
+
+def make_image_grid(rows):
+    """rows: list of lists of PIL images of one size -> one PIL image."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+def log_grid_to_trackers(accelerator, name, grid, step):
+    """Log one image to every tracker (not only the first, as the reference scripts did)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(grid)]}, step=step)
+
+
+def tracker_names(report_to):
+    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
+    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
+    (comet, mlflow, ...), unconfigured, after the models have loaded."""
+    if report_to in ("", "none"):
+        return None
+    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
+
+
+def tracker_config(args):
+    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def tracker_init_kwargs(args):
+    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
+    (by default it would write ./wandb in whatever directory the job was started from)."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
+def report_peak_memory(accelerator, step):
+    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
+    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
+    None (and nothing logged) off CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
+    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
+    return peak
+
+
+def push_output_to_hub(args, commit_message="End of training"):
+    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
+                                   OutputDirLock.FILE_NAME],
+                  token=args.hub_token)
+    return repo_id
+
+
+# ----------------------------------------
+# What the loop needs of the data
+# ----------------------------------------
+
+
+class DataError(RuntimeError):
+    """The data source cannot feed training (nothing readable, or every sample filtered out)."""
+
+
+def close_batches(loader_iterator):
+    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
+    alive), they would linger until interpreter exit."""
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def data_error_message(error):
+    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
+    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
+        raise error
+    last_line = text.splitlines()[-1] if text else "data error"
+    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+
+
+def describe_data_counts(counts):
+    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
+    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
+    return ", ".join(parts)
+
+
+def data_count_logs(counts):
+    """The data counts as tracker values."""
+    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
+# ----------------------------------------
+# The training loop
+# ----------------------------------------
+
+
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+@dataclass
+class TrainingData:
+    """Where a run starts: the batch stream (already positioned after what a resumed run trained on), the
+    per-sample counters it carries (skipped, filtered, ...), and what a checkpoint records about the run."""
+
+    batches: object  # an endless iterator of batch dicts
+    loader_iterator: object  # closed at the end (DataLoader workers)
+    counts: dict
+    record: dict  # method and topology: a resume must match them (check_resume_compatible)
+    resume_dir: object = None
+    global_step: int = 0
+    samples_per_epoch: int = 0  # sizes the run when --max_train_steps is not given
+
+
+class TrainingMethod(Protocol):
+    """What the engine trains through; each script's METHOD section implements it (a class with these methods).
+
+    `modules` are the trained networks: the engine passes them and the optimiser to `accelerator.prepare` and
+    hands the prepared (DDP / DeepSpeed-wrapped) ones back through `use_prepared` before the first step."""
+
+    modules: list
+
+    def use_prepared(self, modules): ...
+
+    def optimizer_params(self):
+        """The parameters (or parameter groups) the optimiser steps."""
+
+    def loss(self, batch):
+        """(loss to back-propagate, {term name: detached value} logged as train/<name>) for one micro-batch."""
+
+    def after_update(self, step):
+        """After each optimiser step that was applied (1-based step): EMA updates."""
+
+    def checkpoint_hooks(self, accelerator):
+        """accelerate's (save, load) state pre-hooks for what the method keeps beyond accelerate's own state."""
+
+    def validate(self, step):
+        """Main process: sample, save and log validation images; the path of the image for the model card."""
+
+    def save_outputs(self):
+        """Every process (under DeepSpeed/FSDP saving gathers shards): write the trained model files."""
+
+    def model_card(self, repo_id, validation_image): ...
+
+    def close(self):
+        """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def start_run(args):
+    """The Accelerator, logging, seeds and TF32: what every run sets up before it reads data or loads a model."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    configure_deepspeed(accelerator, args)
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def open_training_data(args, accelerator, record, make_dataloader, counts, samples_per_epoch):
+    """The resume point and the batch stream, before any model loads: a data source that yields nothing, or a
+    checkpoint of another run, fails now rather than after minutes of loading."""
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
+        global_step = state["global_step"]
+        counts = {key: state.get(key, 0) for key in counts}
+    # a resumed stream skips the batches the checkpointed run already trained on
+    loader = make_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
+    loader_iterator = iter(loader)
+    try:
+        batches = itertools.chain([next(loader_iterator)], loader_iterator)
+    except (DataError, RuntimeError) as error:
+        close_batches(loader_iterator)
+        raise SystemExit(data_error_message(error)) from None
+    return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
+
+
+def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
+    """The training loop shared by every script: optimiser and schedule, accumulation, the non-finite guard,
+    EMA via the method, logs, checkpoints, stop signals, validation, then the final save, model card and push."""
+    device = accelerator.device
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    optimizer = make_optimizer(args, method.optimizer_params(), learning_rate)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
+    method.use_prepared(modules)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    save_hook, load_hook = method.checkpoint_hooks(accelerator)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    global_step, counts = data.global_step, data.counts
+    if data.resume_dir is not None:
+        accelerator.print(f"resuming from {data.resume_dir} at step {global_step}")
+        accelerator.load_state(data.resume_dir)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
+
+    logger.info(f"***** Running {title}: {args.max_train_steps} steps, {total_batch_size} samples per step "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation) *****")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    trained_params = [p for group in optimizer.param_groups for p in group["params"]]
+    step_started = time.perf_counter()
+    stop = StopOnSignal().install()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
+    try:
+        while global_step < args.max_train_steps:
+            running, apply_update = None, True
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(data.batches)
+                counts = {key: value + batch[key] for key, value in counts.items()}
+                with accelerator.accumulate(*method.modules):
+                    loss, terms = method.loss(batch)
+                    values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())])
+                    running = values if running is None else running + values
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
+                        # was asked to stop; a non-finite loss skips the update before it touches the weights
+                        stats = torch.cat([running / args.gradient_accumulation_steps,
+                                           torch.tensor([stop.flag], device=device)])
+                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        apply_update = nonfinite.apply(means[0], global_step + 1)
+                        if apply_update and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                    if apply_update:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            if apply_update:
+                method.after_update(global_step)
+
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {f"train/{name}": value for name, value in zip(["loss", *terms], means)}
+            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec,
+                         **data_count_logs(counts)})
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}",
+                                 samples_s=f"{samples_per_sec:.2f}", **({"skipped": counts["n_corrupt"]}
+                                                                        if "n_corrupt" in counts else {}))
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                checkpoint = save_checkpoint(accelerator, args, global_step, {**counts, **data.record})
+            if stop_requested:
+                stop.exit_after(accelerator, global_step, checkpoint)
+            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
+                method.validate(global_step)
+                step_started = time.perf_counter()  # validation time is not training throughput
+    except (DataError, RuntimeError) as error:
+        raise SystemExit(data_error_message(error)) from None
+    finally:
+        stop.restore()
+        close_batches(data.loader_iterator)
+        progress.close()
+        method.close()
+
+    report_peak_memory(accelerator, global_step)
+    accelerator.wait_for_everyone()
+    method.save_outputs()
+    if accelerator.is_main_process:
+        if any(counts.values()):
+            logger.info(f"data: {describe_data_counts(counts)}")
+        path = method.validate(global_step)
+        validation_image = os.path.relpath(path, args.output_dir) if path else None
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(method.model_card(repo_id, validation_image))
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
+    OutputDirLock.release_all()
+
+
+# endregion ENGINE
+
+
+# ==========================================================================================================
+# DreamBooth's examples: instance (and class) images, a deterministic example schedule, cached latents
+# ==========================================================================================================
 
 
 # Copied from train_lcm_distill_sd_wds.to_rgb
@@ -661,11 +1780,6 @@ def sample_latents(vae, image_set, indices, flips, transform, positions, seed, k
     return ((mean + std * noise) * vae.config.scaling_factor).contiguous()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Class images for prior preservation
-# ----------------------------------------------------------------------------------------------------------
-
-
 def generate_class_images(args, accelerator):
     """Fill --class_data_dir up to --num_class_images with images of --class_prompt from the base model.
 
@@ -678,7 +1792,8 @@ def generate_class_images(args, accelerator):
     missing = args.num_class_images - len(paths)
     if missing <= 0:
         return 0
-    taken = {int(m.group(1)) for m in (re.fullmatch(r"(\d{5})-[0-9a-f]{10}\.jpg", os.path.basename(p)) for p in paths) if m}
+    names = (re.fullmatch(r"(\d{5})-[0-9a-f]{10}\.jpg", os.path.basename(p)) for p in paths)
+    taken = {int(m.group(1)) for m in names if m}
     free = list(itertools.islice((i for i in itertools.count() if i not in taken), missing))
     if args.prior_generation_precision is None:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
@@ -707,898 +1822,55 @@ def generate_class_images(args, accelerator):
     return missing
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The DreamBooth loss
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.cast_floats
-def cast_floats(value, dtype):
-    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.to(dtype)
-    return value
-
-
-# Copied from train_lcm_distill_sd_wds.unet_forward
-def unet_forward(unet, sample, timesteps, **conditioning):
-    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
-
-    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
-    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
-    """
-    dtype = next(unet.parameters()).dtype
-    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
-
-
-@dataclass
-class DreamBoothContext:
-    unet: torch.nn.Module  # base UNet + LoRA (possibly wrapped)
-    noise_scheduler: DDPMScheduler
-    prior_loss_weight: float
-    autocast: callable
-
-
-def dreambooth_loss(ctx, latents, prompt_embeds, num_instance):
-    """Denoising loss on instance examples, plus prior_loss_weight x the same on class examples (which follow
-    the instance ones in the batch). Returns the loss and its two terms (fp32)."""
-    # 1. Noise the latents at a uniform timestep.
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
-    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
-        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-
-    # 2. One UNet pass over instance and class examples together.
-    with ctx.autocast():
-        model_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
-
-    # 3. Instance loss, and the prior-preservation loss on the class half.
-    loss_instance = F.mse_loss(model_pred[:num_instance].float(), target[:num_instance].float())
-    if num_instance == latents.shape[0]:
-        return loss_instance, {"loss_instance": loss_instance.detach()}
-    loss_prior = F.mse_loss(model_pred[num_instance:].float(), target[num_instance:].float())
-    loss = loss_instance + ctx.prior_loss_weight * loss_prior
-    return loss, {"loss_instance": loss_instance.detach(), "loss_prior": loss_prior.detach()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models and LoRA files
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.weight_dtype_for
-def weight_dtype_for(mixed_precision):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-# Copied from train_lcm_distill_sd_wds.encode_prompts
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts):
-    input_ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0].float()
-
-
-# Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32
-def cast_lora_params_to_fp32(unet):
-    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-
-
-def lora_config(args, target_modules):
-    # gaussian A, zero B: the adapted model starts exactly at the base model
-    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=target_modules)
-
-
-def load_models(args, weight_dtype):
-    """Base components; the UNet (and with --train_text_encoder the text encoder) frozen in `weight_dtype`
-    with trainable fp32 LoRA adapters."""
-    base = args.pretrained_model_name_or_path
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **common)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **common)
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-        model.to(dtype=weight_dtype)
-    unet.add_adapter(lora_config(args, UNET_LORA_TARGETS))
-    cast_lora_params_to_fp32(unet)
-    if args.train_text_encoder:
-        text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
-        cast_lora_params_to_fp32(text_encoder)
-    return noise_scheduler, tokenizer, text_encoder, vae, unet
-
-
-# Copied from train_lcm_distill_lora_sd_wds.lora_state_dict
-def lora_state_dict(unet, dtype=None, full_state=None):
-    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast; taken
-    from `full_state` (the gathered weights, see full_state_dict) where DeepSpeed/FSDP shard them."""
-    state = get_peft_model_state_dict(unet, state_dict=full_state)
-    return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
-
-
-# Copied from train_lcm_distill_lora_sd_wds.lora_adapter_metadata
-def lora_adapter_metadata(unet):
-    """The adapter's LoraConfig as a dict: stored in the file so that loading keeps alpha (the scale alpha/r)."""
-    return unet.peft_config["default"].to_dict()
-
-
-# Copied from train_lcm_distill_lora_sd_wds.peft_to_kohya_state_dict
-def peft_to_kohya_state_dict(peft_state_dict, alpha):
-    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
-    kohya = {}
-    for key, tensor in peft_state_dict.items():
-        module, _, kind = key.rpartition(".lora_")
-        name = "lora_unet_" + module.replace(".", "_")
-        if kind == "A.weight":
-            kohya[f"{name}.lora_down.weight"] = tensor
-            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
-        elif kind == "B.weight":
-            kohya[f"{name}.lora_up.weight"] = tensor
-        else:
-            raise ValueError(f"unexpected LoRA tensor {key}")
-    return kohya
-
-
-def text_encoder_kohya_state_dict(peft_state_dict, alpha):
-    """Text-encoder LoRA in kohya names, lora_te_text_model_encoder_layers_<i>_..., as A1111 and ComfyUI expect
-    for SD 1.x/2.x, whether or not this transformers version's CLIPTextModel has the text_model. level."""
-    renamed = {("" if key.startswith("text_model.") else "text_model.") + key: v for key, v in peft_state_dict.items()}
-    return {key.replace("lora_unet_", "lora_te_", 1): v for key, v in peft_to_kohya_state_dict(renamed, alpha).items()}
-
-
-def save_lora_files(unet, text_encoder, output_dir, dtype=None, kohya=True, full_states=(None, None)):
-    """The adapters in diffusers format (alpha kept in the metadata) and, optionally, kohya format (A1111,
-    ComfyUI). `text_encoder` is None when it was not trained; `full_states` are their gathered weights where
-    DeepSpeed/FSDP shard them."""
-    unet_state = lora_state_dict(unet, dtype, full_states[0])
-    te_state = lora_state_dict(text_encoder, dtype, full_states[1]) if text_encoder is not None else None
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
-        unet_lora_adapter_metadata=lora_adapter_metadata(unet),
-        text_encoder_lora_adapter_metadata=lora_adapter_metadata(text_encoder) if te_state else None,
-        weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-    )
-    if kohya:
-        config = unet.peft_config["default"]
-        state = peft_to_kohya_state_dict(unet_state, config.lora_alpha)
-        if te_state:
-            state.update(text_encoder_kohya_state_dict(te_state, text_encoder.peft_config["default"].lora_alpha))
-        save_file(state, os.path.join(output_dir, KOHYA_WEIGHT_NAME),
-                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-                            "ss_network_alpha": str(config.lora_alpha)})
-
-
-def load_lora_checkpoint(unet, text_encoder, checkpoint_dir):
-    """Load adapters saved by `save_lora_files` (same LoRA config), keeping the LoRA parameters fp32."""
-    state = load_file(os.path.join(checkpoint_dir, LORA_WEIGHT_NAME))
-    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
-        if model is None:
-            continue
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        mismatch = f"error: checkpoint {checkpoint_dir} does not match this run's LoRA config of the {prefix[:-1]}"
-        if not part:
-            raise SystemExit(f"{mismatch} (it holds no {prefix[:-1]} adapters; --train_text_encoder differs?)")
-        try:
-            result = set_peft_model_state_dict(model, part)
-        except RuntimeError:  # shape mismatch: another --rank
-            raise SystemExit(f"{mismatch} (another --rank?)") from None
-        if getattr(result, "unexpected_keys", None):
-            raise SystemExit(f"{mismatch} (unexpected {result.unexpected_keys[0]})")
-        cast_lora_params_to_fp32(model)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.list_checkpoints
-def list_checkpoints(output_dir):
-    """checkpoint-<step> directories in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-# Copied from train_lcm_distill_sd_wds.complete_checkpoints
-def complete_checkpoints(output_dir):
-    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
-    return [name for name in list_checkpoints(output_dir)
-            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
-
-
-# Copied from train_lcm_distill_sd_wds.rotate_checkpoints
-def rotate_checkpoints(output_dir, total_limit):
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
-    if total_limit is None:
-        return
-    checkpoints = complete_checkpoints(output_dir)
-    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
-        shutil.rmtree(os.path.join(output_dir, name))
-
-
-# Copied from train_lcm_distill_sd_wds.resolve_resume_checkpoint
-def resolve_resume_checkpoint(args):
-    """The checkpoint directory to resume from, or None to start fresh."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for name in reversed(list_checkpoints(args.output_dir)):
-            path = os.path.join(args.output_dir, name)
-            if os.path.isfile(os.path.join(path, "training_state.json")):
-                return path
-            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
-        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
-        return None
-    path = args.resume_from_checkpoint
-    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
-
-
-# Copied from train_lcm_distill_sd_wds.read_training_state
-def read_training_state(checkpoint_dir):
-    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
-        return json.load(f)
-
-
-# Copied from train_lcm_distill_sd_wds.OutputDirLock
-class OutputDirLock:
-    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
-    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
-    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
-    """
-
-    FILE_NAME = ".output_dir.lock"
-    held = {}  # real path of an output dir -> the open file whose flock this process holds
-
-    @classmethod
-    def acquire(cls, parser, output_dir):
-        key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
-            return
-        path = os.path.join(output_dir, cls.FILE_NAME)
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock_file = open(path, "a+")
-        except OSError as error:
-            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "an unknown process"
-            lock_file.close()
-            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
-                         "wait for it to end or choose another --output_dir")
-        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
-            lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
-            return
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        lock_file.flush()
-        cls.held[key] = lock_file
-
-    @classmethod
-    def release_all(cls):
-        """Let the next run in: the end of a run (or of a run inside a test process)."""
-        while cls.held:
-            cls.held.popitem()[1].close()
-
-
-# Copied from train_lcm_distill_sd_wds.run_record with train_lcm_distill_sd_wds.py->train_dreambooth_lora.py
-def run_record(method, topology):
-    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
-
-    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
-    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_dreambooth_lora.py", "method": method, "topology": topology}  # survives a rename
-
-
-# Copied from train_lcm_distill_sd_wds.check_resume_compatible
-def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
-    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
-    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
-    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
-    Checkpoints from before these were recorded are taken as they are."""
-    theirs = (state.get("script"), state.get("method"))
-    ours = (record["script"], record["method"])
-    if theirs[0] is not None and theirs != ours:
-        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
-                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
-    recorded = state.get("topology") or {}
-    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
-               if key in recorded and recorded[key] != value]
-    if not changed:
-        return
-    if not allow_topology_change:
-        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
-                         "settings, or pass --allow_topology_change to resume with an approximate data position")
-    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
-                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
-
-
-# Copied from train_lcm_distill_sd_wds.is_sharded
-def is_sharded(accelerator):
-    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
-    and may hold only a shard of their weights on each rank."""
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-# Copied from train_lcm_distill_sd_wds.configure_deepspeed
-def configure_deepspeed(accelerator, args):
-    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
-    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
-    accumulation follows the flag, as the training loop does."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-
-
-# Copied from train_lcm_distill_sd_wds.full_state_dict
-def full_state_dict(accelerator, model):
-    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
-
-    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
-    if not is_sharded(accelerator):
-        return None
-    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
-
-
-# Copied from train_lcm_distill_sd_wds.save_checkpoint
-def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
-
-    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
-    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
-    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    save_path = final_path + ".tmp"
-    if accelerator.is_main_process:
-        for name in os.listdir(args.output_dir):  # left by a run that died while saving
-            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(save_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(save_path, "training_state.json"), "w") as f:
-            json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        if os.path.isdir(final_path):  # the same step saved by an earlier run
-            shutil.rmtree(final_path)
-        os.replace(save_path, final_path)
-        logger.info(f"saved checkpoint {final_path}")
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final_path
-
-
-# Copied from train_lcm_distill_sd_wds.StopOnSignal
-class StopOnSignal:
-    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
-    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, self.previous[signum])
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum)
-        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
-
-    @property
-    def flag(self):
-        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
-        return 0.0 if self.received is None else 1.0
-
-    def exit_after(self, accelerator, step, checkpoint):
-        name = self.received.name if self.received is not None else "a stop signal to another process"
-        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
-                          "--resume_from_checkpoint latest")
-        accelerator.end_training()
-        raise SystemExit(128 + int(self.received or signal.SIGTERM))
-
-
-# Copied from train_lcm_distill_sd_wds.NonFiniteGuard
-class NonFiniteGuard:
-    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
-
-    def __init__(self, limit, output_dir):
-        self.limit = limit
-        self.output_dir = output_dir
-        self.in_a_row = 0
-
-    def apply(self, loss, step):
-        """True when the step may update the weights; SystemExit when the limit is reached."""
-        if math.isfinite(loss):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
-        if self.in_a_row >= self.limit:
-            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
-        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation, model card, hub
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.make_image_grid
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
-
-
-# Copied from train_lcm_distill_sd_wds.log_grid_to_trackers
-def log_grid_to_trackers(accelerator, name, grid, step):
-    """Log one image to every tracker (not only the first, as the reference scripts did)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({name: wandb.Image(grid)}, step=step)
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [np.asarray(grid)]}, step=step)
-
-
-# Copied from train_lcm_distill_sd_wds.eval_mode
-@contextlib.contextmanager
-def eval_mode(*models):
-    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
-    models = [m for m in models if m is not None]
-    was_training = [m.training for m in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, mode in zip(models, was_training):
-            model.train(mode)
-
-
-def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, step, weight_dtype):
-    """--num_validation_images images of --validation_prompt (DPM-Solver++, 25 steps, fixed seeds) as one PNG
-    row, logged to every tracker. Nothing is cast: trainable LoRA weights stay fp32 (autocast runs the mix)."""
-    if not args.validation_prompt:
-        return None
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                            revision=args.revision, cache_dir=args.cache_dir)
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=None if text_encoder is None else accelerator.unwrap_model(text_encoder),
-        tokenizer=tokenizer, unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    if validation_embeds is not None:  # the text encoder was freed: embeddings computed at start-up
-        prompt = {"prompt_embeds": validation_embeds[0], "negative_prompt_embeds": validation_embeds[1]}
-    else:
-        prompt = {"prompt": args.validation_prompt}
-    images = []
-    with torch.no_grad(), eval_mode(pipeline.unet, pipeline.text_encoder), torch.autocast(
-            accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-        for i in range(args.num_validation_images):
-            generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
-            images.append(pipeline(**prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
-                                   generator=generator).images[0])
-    grid = make_image_grid([images])
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, "validation", grid, step)
-    del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return path
-
-
-def model_card_text(args, repo_id, validation_image=None):
-    """The README.md of the output directory (and of the Hub repo)."""
-    image_line = f"\n![validation: {args.validation_prompt}]({validation_image})\n" if validation_image else ""
-    prior = (f"with prior preservation ({args.num_class_images} images of '{args.class_prompt}', weight "
-             f"{args.prior_loss_weight})" if args.with_prior_preservation else "without prior preservation")
-    return f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-license: creativeml-openrail-m
-instance_prompt: {json.dumps(args.instance_prompt)}
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- lora
-- dreambooth
-inference: true
----
-
-# {repo_id}: DreamBooth LoRA for {args.pretrained_model_name_or_path}
-
-LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}) on the UNet{" and the text encoder" if args.train_text_encoder else ""},
-trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py`. Use the instance prompt
-`{args.instance_prompt}` to generate the subject.
-{image_line}
-## Inference
-
-```python
-import torch
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{repo_id}")
-image = pipe("{args.instance_prompt} on the beach", num_inference_steps=25).images[0]
-```
-
-`{KOHYA_WEIGHT_NAME}` holds the same adapters in kohya format for AUTOMATIC1111 and ComfyUI.
-
-## Training
-
-| setting | value |
-|---|---|
-| base model | `{args.pretrained_model_name_or_path}` |
-| instance prompt | `{args.instance_prompt}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| text encoder trained | {args.train_text_encoder} |
-| mixed precision | {args.mixed_precision} |
-"""
-
-
-# Copied from train_lcm_distill_sd_wds.push_output_to_hub
-def push_output_to_hub(args, commit_message="End of training"):
-    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
-                                   OutputDirLock.FILE_NAME],
-                  token=args.hub_token)
-    return repo_id
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_names
-def tracker_names(report_to):
-    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
-    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
-    (comet, mlflow, ...), unconfigured, after the models have loaded."""
-    if report_to in ("", "none"):
-        return None
-    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_config
-def tracker_config(args):
-    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
-    config = {}
-    for key, value in vars(args).items():
-        if key == "hub_token":
-            continue
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return config
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_init_kwargs
-def tracker_init_kwargs(args):
-    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
-    (by default it would write ./wandb in whatever directory the job was started from)."""
-    if os.environ.get("WANDB_DIR"):
-        return {}
-    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
-
-
-# Copied from train_lcm_distill_sd_wds.report_peak_memory
-def report_peak_memory(accelerator, step):
-    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
-    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
-    None (and nothing logged) off CUDA."""
-    if accelerator.device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    if accelerator.num_processes > 1:
-        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
-    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
-    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
-    return peak
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.make_optimizer
-def make_optimizer(args, params, learning_rate):
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+class DreamBoothExamples:
+    """The training images and the example schedule: instance images, class images (the missing ones generated
+    first), and which examples each rank's batch holds: pure arithmetic on stream positions, so resume is exact."""
+
+    def __init__(self, args, accelerator):
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self.seed = args.seed if args.seed is not None else 0
+        instance_paths, skipped = list_images(args.instance_data_dir)
+        if skipped:
+            logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: "
+                           f"{', '.join(skipped[:5])}")
+        self.instances = ImageSet(load_images(instance_paths, args.instance_data_dir))
+        self.classes = None
+        if args.with_prior_preservation:
+            generate_class_images(args, accelerator)
+            class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
+            self.classes = ImageSet(load_images(class_paths, args.class_data_dir))
+        self.num_examples = max(len(self.instances.images), len(self.classes.images) if self.classes else 0)
+        self.transform = ImageTransform(args.resolution, center_crop=args.center_crop)
+
+    def record(self, args):
+        """What example_positions / example_at turn a step into: a resume must match it (check_resume_compatible)."""
+        record = run_record("dreambooth-lora", {
+            "processes": self.world_size, "--train_batch_size": args.train_batch_size,
+            "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
+            "instance images": len(self.instances.images),
+            "class images": len(self.classes.images) if self.classes else 0})
+        return {**record, "script": "train_dreambooth_lora.py"}  # the engine's run_record names its source script
+
+    def batches(self, args, accelerator, skip_batches=0):
+        """This rank's batches from `skip_batches` on, endlessly: stream positions, the examples there, their flips.
+        A plain generator, not a DataLoader: nothing here is slow, and a DataLoader iterator draws its base seed
+        from torch's global generator, which would shift the LoRA initialisation that follows."""
+        permutations = {}
+        for batch_index in itertools.count(skip_batches):
+            positions = example_positions(batch_index, args.train_batch_size, self.rank, self.world_size)
+            yield {"positions": positions,
+                   "examples": [example_at(p, self.num_examples, self.seed, permutations) for p in positions],
+                   "flips": [args.random_flip and random.Random(f"{self.seed}-flip-{p}").random() < 0.5
+                             for p in positions]}
 
 
 def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracker_names(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
-    configure_deepspeed(accelerator, args)
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed = args.seed if args.seed is not None else 0
-
-    # ---- data: instance images, and class images (generated first where missing)
-    instance_paths, skipped = list_images(args.instance_data_dir)
-    if skipped:
-        logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: {', '.join(skipped[:5])}")
-    instances = ImageSet(load_images(instance_paths, args.instance_data_dir))
-    classes = None
-    if args.with_prior_preservation:
-        generate_class_images(args, accelerator)
-        class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
-        classes = ImageSet(load_images(class_paths, args.class_data_dir))
-    num_examples = max(len(instances.images), len(classes.images) if classes else 0)
-    transform = ImageTransform(args.resolution, center_crop=args.center_crop)
-    # what example_positions / example_at turn a step into: a resume must match it (see check_resume_compatible)
-    record = run_record("dreambooth-lora", {
-        "processes": accelerator.num_processes, "--train_batch_size": args.train_batch_size,
-        "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
-        "instance images": len(instances.images), "class images": len(classes.images) if classes else 0})
-    resume_dir = resolve_resume_checkpoint(args)
-    global_step = 0
-    if resume_dir is not None:
-        state = read_training_state(resume_dir)
-        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
-        global_step = state["global_step"]
-
-    # ---- models
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args, weight_dtype)
-    device = accelerator.device
-    vae.to(device).eval()
-    text_encoder.to(device)
-    text_encoder.train(args.train_text_encoder)
-    unet.to(device).train()
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # ---- caches: whatever does not train is computed once
-    prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
-    prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device)
-    cached_prompt_embeds = validation_embeds = None
-    if args.cache:
-        for image_set in (instances, classes):
-            if image_set is not None:
-                cache_latents(vae, image_set, transform, args.random_flip, args.cached_crops)
-        if not args.train_text_encoder:
-            with torch.no_grad():
-                cached_prompt_embeds = text_encoder(prompt_ids)[0]
-                if args.validation_prompt:
-                    validation_embeds = (encode_prompts(text_encoder, tokenizer, [args.validation_prompt]),
-                                         encode_prompts(text_encoder, tokenizer, [""]))
-            text_encoder = None  # freed: nothing needs it any more
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
-        logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
-                    f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
-                    f"{', and the prompt embeddings' if cached_prompt_embeds is not None else ''}")
-
-    # ---- optimiser and schedule
-    trained = [m for m in (unet, text_encoder if args.train_text_encoder else None) if m is not None]
-    lora_params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    optimizer = make_optimizer(args, lora_params, learning_rate)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(num_examples / total_batch_size)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    trained = [unet, text_encoder] if args.train_text_encoder else [unet]  # wrapped: accumulate() skips syncs
-    accelerator.register_for_checkpointing(lr_scheduler)
-
-    def trained_text_encoder():
-        return accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
-
-    def gathered_states():
-        """Every rank: under DeepSpeed/FSDP this gathers the trained models' shards (None, None otherwise)."""
-        return (full_state_dict(accelerator, unet),
-                full_state_dict(accelerator, text_encoder) if args.train_text_encoder else None)
-
-    # Checkpoints hold the adapters only, as a loadable diffusers LoRA file.
-    def save_model_hook(models, weights, output_dir):
-        full_states = gathered_states()
-        if accelerator.is_main_process:
-            save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), output_dir, kohya=False,
-                            full_states=full_states)
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapters from their own files
-            models.clear()
-            load_lora_checkpoint(accelerator.unwrap_model(unet), trained_text_encoder(), input_dir)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    if resume_dir is not None:
-        accelerator.print(f"resuming from {resume_dir} at step {global_step}")
-        accelerator.load_state(resume_dir)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
-                                  init_kwargs=tracker_init_kwargs(args))
-
-    ctx = DreamBoothContext(unet=unet, noise_scheduler=noise_scheduler, prior_loss_weight=args.prior_loss_weight,
-                            autocast=accelerator.autocast)
-    permutations = {}
-
-    def next_batch(batch_index):
-        """Latents and prompt embeddings of this rank's batch `batch_index`: instances, then as many classes."""
-        positions = example_positions(batch_index, args.train_batch_size, accelerator.process_index,
-                                      accelerator.num_processes)
-        examples = [example_at(p, num_examples, seed, permutations) for p in positions]
-        flips = [args.random_flip and random.Random(f"{seed}-flip-{p}").random() < 0.5 for p in positions]
-        latents = sample_latents(vae, instances, [e % len(instances.images) for e in examples], flips, transform,
-                                 positions, seed, "instance", args.cache)
-        if classes is not None:
-            class_latents = sample_latents(vae, classes, [e % len(classes.images) for e in examples], flips,
-                                           transform, positions, seed, "class", args.cache)
-            latents = torch.cat([latents, class_latents])
-        if cached_prompt_embeds is not None:
-            embeds = cached_prompt_embeds
-        else:
-            with torch.set_grad_enabled(args.train_text_encoder):
-                embeds = text_encoder(prompt_ids)[0]
-        prompt_embeds = embeds.repeat_interleave(len(positions), dim=0)  # instance rows, then class rows
-        return latents, prompt_embeds, len(positions)
-
-    num_lora = sum(p.numel() for p in lora_params)
-    logger.info(f"***** Running DreamBooth LoRA: {args.max_train_steps} steps, {total_batch_size} instance images "
-                f"per step ({args.train_batch_size} per process x {accelerator.num_processes} x "
-                f"{args.gradient_accumulation_steps} accumulation){' + as many class images' if classes else ''}; "
-                f"{len(instances.images)} instance images; {num_lora:,} LoRA parameters *****")
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    step_started = time.perf_counter()
-    term_names = ["loss", "loss_instance"] + (["loss_prior"] if classes else [])
-    stop = StopOnSignal().install()
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
-    try:
-        while global_step < args.max_train_steps:
-            running = torch.zeros(len(term_names), device=device)
-            apply_update = True
-            for micro in range(args.gradient_accumulation_steps):
-                with accelerator.accumulate(*trained):
-                    latents, prompt_embeds, num_instance = next_batch(global_step * args.gradient_accumulation_steps + micro)
-                    loss, terms = dreambooth_loss(ctx, latents, prompt_embeds.to(latents.dtype), num_instance)
-                    running += torch.stack([loss.detach(), *terms.values()])
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
-                        # was asked to stop; a non-finite loss skips the update before it touches the weights
-                        stats = torch.cat([running / args.gradient_accumulation_steps,
-                                           torch.tensor([stop.flag], device=device)])
-                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
-                        apply_update = nonfinite.apply(means[0], global_step + 1)
-                        if apply_update and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if apply_update:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            global_step += 1
-
-            now = time.perf_counter()
-            samples_per_sec = total_batch_size / (now - step_started)
-            step_started = now
-            logs = {f"train/{name}": value for name, value in zip(term_names, means)}
-            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec})
-            progress.update(1)
-            progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}")
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or stop_requested:
-                checkpoint = save_checkpoint(accelerator, args, global_step, record)
-            if stop_requested:
-                stop.exit_after(accelerator, global_step, checkpoint)
-            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
-                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
-                log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
-                               weight_dtype)
-                step_started = time.perf_counter()  # validation time is not training throughput
-    finally:
-        stop.restore()
-        progress.close()
-
-    report_peak_memory(accelerator, global_step)
-    accelerator.wait_for_everyone()
-    full_states = gathered_states()
-    if accelerator.is_main_process:
-        save_lora_files(accelerator.unwrap_model(unet), trained_text_encoder(), args.output_dir,
-                        dtype=weight_dtype_for(args.save_precision), full_states=full_states)
-        path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, validation_embeds, global_step,
-                              weight_dtype)
-        validation_image = os.path.relpath(path, args.output_dir) if path else None
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-            f.write(model_card_text(args, repo_id, validation_image))
-        if args.push_to_hub:
-            push_output_to_hub(args)
-    accelerator.end_training()
-    OutputDirLock.release_all()
+    accelerator = start_run(args)
+    examples = DreamBoothExamples(args, accelerator)  # generates missing class images
+    data = open_training_data(args, accelerator, examples.record(args), examples.batches, counts={},
+                              samples_per_epoch=examples.num_examples)
+    method = DreamBoothLoRA(args, accelerator, examples)
+    train(args, accelerator, method, data, title="DreamBooth LoRA")
 
 
 if __name__ == "__main__":
