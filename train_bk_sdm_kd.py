@@ -89,7 +89,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-SCRIPT_NAME = "train_bk_sdm_kd.py"  # what its checkpoints record (see main)
+SCRIPT_NAME = "train_bk_sdm_kd.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
 
 # ==========================================================================================================
@@ -825,7 +825,7 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-def check_common_args(parser, args):
+def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -836,7 +836,7 @@ def check_common_args(parser, args):
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.num_train_epochs < 1:
         parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if args.dataloader_num_workers < 0:
+    if getattr(args, "dataloader_num_workers", 0) < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
@@ -846,10 +846,9 @@ def check_common_args(parser, args):
         parser.error("--validation_steps must be >= 0")
     if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_teacher_model)
-    ):
-        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    model = getattr(args, model_flag)
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        parser.error(f"--{model_flag}: no such directory: {model}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
@@ -894,7 +893,8 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                 finished = "library_name: diffusers" in f.read()
         earlier = complete_checkpoints(args.output_dir)
         if (finished or earlier) and not args.overwrite_output_dir:
-            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            what = ("a finished run (see its README.md)" if finished
+                    else f"checkpoints of an earlier run ({earlier[-1]})")
             parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
                          "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
         if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
@@ -1149,7 +1149,7 @@ def run_record(method, topology):
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
     accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
 
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
@@ -1301,7 +1301,8 @@ class NonFiniteGuard:
         last = (list_checkpoints(self.output_dir) or ["none"])[-1]
         if self.in_a_row >= self.limit:
             raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
         logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
         return False
 
@@ -1398,19 +1399,21 @@ class DataError(RuntimeError):
 def close_batches(loader_iterator):
     """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
     alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
     shutdown = getattr(loader_iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
 
 
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+def exit_on_data_error(error):
+    """Stop the run with one line if `error` is a DataError, also one raised in a DataLoader worker (that arrives
+    re-raised with the worker's whole traceback as its message, the original message on the last line);
+    re-raise any other error unchanged."""
     text = str(error).strip()
     if not isinstance(error, DataError) and "DataError" not in text:
         raise error
     last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+    raise SystemExit(f"error: {last_line.split('DataError: ', 1)[-1]}") from None
 
 
 def describe_data_counts(counts):
@@ -1533,7 +1536,7 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
         batches = itertools.chain([next(loader_iterator)], loader_iterator)
     except (DataError, RuntimeError) as error:
         close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
 
 
@@ -1547,7 +1550,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=args.max_train_steps,
+                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1620,7 +1624,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 method.validate(global_step)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     finally:
         stop.restore()
         close_batches(data.loader_iterator)
@@ -2148,7 +2152,7 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0):
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
         batch_size=args.train_batch_size,
@@ -2162,8 +2166,13 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=False,
+        needs_original_size=needs_original_size,
     )
+    return stream_dataloader(stream, args, accelerator)
+
+
+def stream_dataloader(stream, args, accelerator):
+    """A DataLoader over a stream that yields whole batches, read by --dataloader_num_workers workers."""
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
@@ -2289,7 +2298,7 @@ class ImageFolderStream(ShardStream):
 
 def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, samples_per_epoch):
     """The batch stream of an image folder: `entries` (read_image_folder) as one-image shards of the same
-    deterministic, resumable stream as the shards (the DataLoader settings are make_train_dataloader's)."""
+    deterministic, resumable stream as the shards, read by the same DataLoader."""
     stream = ImageFolderStream(
         entries,
         batch_size=args.train_batch_size,
@@ -2303,14 +2312,7 @@ def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, 
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
     )
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
-        worker_init_fn=defer_stop_signals,
-    )
+    return stream_dataloader(stream, args, accelerator)
 
 
 def data_source(args):
@@ -2326,9 +2328,7 @@ def data_source(args):
 
 def main(args):
     accelerator = start_run(args)
-    # the engine's run_record names the engine's source script; a checkpoint must name the script that wrote it
-    record = {**run_record(f"bk-sdm-{args.unet_config_name}", stream_topology(args, accelerator.num_processes)),
-              "script": SCRIPT_NAME}
+    record = run_record(f"bk-sdm-{args.unet_config_name}", stream_topology(args, accelerator.num_processes))
     make_dataloader, samples_per_epoch = data_source(args)
     data = open_training_data(args, accelerator, record, make_dataloader, new_data_counts(), samples_per_epoch)
     method = BlockRemovalDistillation(args, accelerator)

@@ -76,6 +76,7 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CLASS_IMAGE_INFERENCE_STEPS = 50
+SCRIPT_NAME = "train_dreambooth_lora.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
 
 # ==========================================================================================================
@@ -225,22 +226,9 @@ def parse_args(input_args=None):
 def validate_args(parser, args):
     """Fail at start-up, in one line, before any model is loaded."""
     check_model_kinds(parser, args, "sd", "pretrained_model_name_or_path")
-    if args.resolution % 8 != 0 or args.resolution <= 0:
-        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "sample_batch_size", "num_train_epochs",
-                 "num_validation_images", "checkpointing_steps"):
+    for name in ("rank", "sample_batch_size", "num_validation_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
-    if args.validation_steps < 0:
-        parser.error("--validation_steps must be >= 0")
-    if looks_like_local_path(args.pretrained_model_name_or_path) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_model_name_or_path)
-    ):
-        parser.error(f"--pretrained_model_name_or_path: no such directory: {args.pretrained_model_name_or_path}")
     if not os.path.isdir(args.instance_data_dir):
         parser.error(f"--instance_data_dir: no such directory: {args.instance_data_dir}")
     if not list_images(args.instance_data_dir)[0]:
@@ -265,32 +253,7 @@ def validate_args(parser, args):
         args.lora_alpha = float(args.rank)
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error("--lora_dropout must be in [0, 1)")
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (CUDA only)")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-    trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
-    if args.hub_token is not None and "wandb" in trackers:
-        parser.error("--hub_token together with --report_to wandb would leak the token into the wandb config; "
-                     "log in with `huggingface-cli login` instead")
-    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if tracker in trackers and importlib.util.find_spec(module) is None:
-            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        path = args.resume_from_checkpoint
-        if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
-            parser.error(f"--resume_from_checkpoint: no such checkpoint directory: {path}")
-        path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
-        if not os.path.isfile(os.path.join(path, "training_state.json")):
-            parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be >= 1")
-    # the shared training loop builds the schedule with get_scheduler's defaults for these two: refuse rather
-    # than ignore another value
-    if args.lr_num_cycles != 1 or args.lr_power != 1.0:
-        parser.error("--lr_num_cycles and --lr_power other than 1 are not supported by this version of the "
-                     "training loop")
-    check_output_dir(parser, args)
+    check_common_args(parser, args, "pretrained_model_name_or_path")
 
 
 def text_encoder_adapter_problem():
@@ -748,7 +711,7 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-def check_common_args(parser, args):
+def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -759,7 +722,7 @@ def check_common_args(parser, args):
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.num_train_epochs < 1:
         parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if args.dataloader_num_workers < 0:
+    if getattr(args, "dataloader_num_workers", 0) < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
@@ -769,10 +732,9 @@ def check_common_args(parser, args):
         parser.error("--validation_steps must be >= 0")
     if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_teacher_model)
-    ):
-        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    model = getattr(args, model_flag)
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        parser.error(f"--{model_flag}: no such directory: {model}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
@@ -817,7 +779,8 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                 finished = "library_name: diffusers" in f.read()
         earlier = complete_checkpoints(args.output_dir)
         if (finished or earlier) and not args.overwrite_output_dir:
-            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            what = ("a finished run (see its README.md)" if finished
+                    else f"checkpoints of an earlier run ({earlier[-1]})")
             parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
                          "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
         if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
@@ -1072,7 +1035,7 @@ def run_record(method, topology):
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
     accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
 
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
@@ -1224,7 +1187,8 @@ class NonFiniteGuard:
         last = (list_checkpoints(self.output_dir) or ["none"])[-1]
         if self.in_a_row >= self.limit:
             raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
         logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
         return False
 
@@ -1321,19 +1285,21 @@ class DataError(RuntimeError):
 def close_batches(loader_iterator):
     """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
     alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
     shutdown = getattr(loader_iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
 
 
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+def exit_on_data_error(error):
+    """Stop the run with one line if `error` is a DataError, also one raised in a DataLoader worker (that arrives
+    re-raised with the worker's whole traceback as its message, the original message on the last line);
+    re-raise any other error unchanged."""
     text = str(error).strip()
     if not isinstance(error, DataError) and "DataError" not in text:
         raise error
     last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+    raise SystemExit(f"error: {last_line.split('DataError: ', 1)[-1]}") from None
 
 
 def describe_data_counts(counts):
@@ -1456,7 +1422,7 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
         batches = itertools.chain([next(loader_iterator)], loader_iterator)
     except (DataError, RuntimeError) as error:
         close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
 
 
@@ -1470,7 +1436,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=args.max_train_steps,
+                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1543,7 +1510,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 method.validate(global_step)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     finally:
         stop.restore()
         close_batches(data.loader_iterator)
@@ -1844,12 +1811,11 @@ class DreamBoothExamples:
 
     def record(self, args):
         """What example_positions / example_at turn a step into: a resume must match it (check_resume_compatible)."""
-        record = run_record("dreambooth-lora", {
+        return run_record("dreambooth-lora", {
             "processes": self.world_size, "--train_batch_size": args.train_batch_size,
             "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
             "instance images": len(self.instances.images),
             "class images": len(self.classes.images) if self.classes else 0})
-        return {**record, "script": "train_dreambooth_lora.py"}  # the engine's run_record names its source script
 
     def batches(self, args, accelerator, skip_batches=0):
         """This rank's batches from `skip_batches` on, endlessly: stream positions, the examples there, their flips.

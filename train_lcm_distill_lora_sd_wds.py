@@ -291,7 +291,7 @@ def is_remote_url(url):
 
 
 # Copied from train_lcm_distill_sd_wds.check_common_args
-def check_common_args(parser, args):
+def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -302,7 +302,7 @@ def check_common_args(parser, args):
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.num_train_epochs < 1:
         parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if args.dataloader_num_workers < 0:
+    if getattr(args, "dataloader_num_workers", 0) < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
@@ -312,10 +312,9 @@ def check_common_args(parser, args):
         parser.error("--validation_steps must be >= 0")
     if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_teacher_model)
-    ):
-        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    model = getattr(args, model_flag)
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        parser.error(f"--{model_flag}: no such directory: {model}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
@@ -361,7 +360,8 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                 finished = "library_name: diffusers" in f.read()
         earlier = complete_checkpoints(args.output_dir)
         if (finished or earlier) and not args.overwrite_output_dir:
-            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            what = ("a finished run (see its README.md)" if finished
+                    else f"checkpoints of an earlier run ({earlier[-1]})")
             parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
                          "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
         if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
@@ -1007,6 +1007,7 @@ def defer_stop_signals(worker_id, grace_seconds=30):
 def close_batches(loader_iterator):
     """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
     alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
     shutdown = getattr(loader_iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
@@ -1050,7 +1051,7 @@ def stream_topology(args, num_processes):
 
 
 # Copied from train_lcm_distill_sd_wds.make_train_dataloader
-def make_train_dataloader(args, accelerator, skip_batches=0):
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
         batch_size=args.train_batch_size,
@@ -1064,16 +1065,9 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=False,
+        needs_original_size=needs_original_size,
     )
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
-        worker_init_fn=defer_stop_signals,
-    )
+    return stream_dataloader(stream, args, accelerator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1550,7 +1544,7 @@ def run_record(method, topology):
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
     accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_lcm_distill_lora_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
 
 
 # Copied from train_lcm_distill_sd_wds.check_resume_compatible
@@ -1694,7 +1688,8 @@ class NonFiniteGuard:
         last = (list_checkpoints(self.output_dir) or ["none"])[-1]
         if self.in_a_row >= self.limit:
             raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
         logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
         return False
 
@@ -1773,8 +1768,9 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
             row = []
             for num_steps in VALIDATION_STEP_COUNTS:
                 generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps, guidance_scale=args.validation_guidance_scale,
-                                    height=args.resolution, width=args.resolution, generator=generator).images[0])
+                row.append(pipeline(prompt, num_inference_steps=num_steps,
+                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                    width=args.resolution, generator=generator).images[0])
             rows.append(row)
     grid = make_image_grid(rows)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
@@ -1782,9 +1778,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
     grid.save(path)
     log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return path
 
 

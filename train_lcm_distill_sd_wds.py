@@ -72,6 +72,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
+SCRIPT_NAME = "train_lcm_distill_sd_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
 
 # ==========================================================================================================
@@ -90,7 +91,8 @@ def parse_args(input_args=None):
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
     group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                       help="A VAE to use instead of the teacher's (hub id or local dir); it is cast to the mixed-precision dtype.")
+                       help="A VAE to use instead of the teacher's (hub id or local dir); it is cast to the "
+                            "mixed-precision dtype.")
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
@@ -555,8 +557,9 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
             row = []
             for num_steps in VALIDATION_STEP_COUNTS:
                 generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps, guidance_scale=args.validation_guidance_scale,
-                                    height=args.resolution, width=args.resolution, generator=generator).images[0])
+                row.append(pipeline(prompt, num_inference_steps=num_steps,
+                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                    width=args.resolution, generator=generator).images[0])
             rows.append(row)
     grid = make_image_grid(rows)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
@@ -741,7 +744,7 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-def check_common_args(parser, args):
+def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -752,7 +755,7 @@ def check_common_args(parser, args):
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.num_train_epochs < 1:
         parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if args.dataloader_num_workers < 0:
+    if getattr(args, "dataloader_num_workers", 0) < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
@@ -762,10 +765,9 @@ def check_common_args(parser, args):
         parser.error("--validation_steps must be >= 0")
     if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_teacher_model)
-    ):
-        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    model = getattr(args, model_flag)
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        parser.error(f"--{model_flag}: no such directory: {model}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
@@ -810,7 +812,8 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                 finished = "library_name: diffusers" in f.read()
         earlier = complete_checkpoints(args.output_dir)
         if (finished or earlier) and not args.overwrite_output_dir:
-            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            what = ("a finished run (see its README.md)" if finished
+                    else f"checkpoints of an earlier run ({earlier[-1]})")
             parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
                          "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
         if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
@@ -1065,7 +1068,7 @@ def run_record(method, topology):
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
     accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
 
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
@@ -1217,7 +1220,8 @@ class NonFiniteGuard:
         last = (list_checkpoints(self.output_dir) or ["none"])[-1]
         if self.in_a_row >= self.limit:
             raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
         logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
         return False
 
@@ -1465,7 +1469,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=args.max_train_steps,
+                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -2066,7 +2071,7 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0):
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
         batch_size=args.train_batch_size,
@@ -2080,8 +2085,13 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=False,
+        needs_original_size=needs_original_size,
     )
+    return stream_dataloader(stream, args, accelerator)
+
+
+def stream_dataloader(stream, args, accelerator):
+    """A DataLoader over a stream that yields whole batches, read by --dataloader_num_workers workers."""
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic

@@ -26,6 +26,7 @@ the models and `LatentConsistencyDistillationXL`, which the shared ENGINE region
 
 import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -81,6 +82,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
+SCRIPT_NAME = "train_lcm_distill_sdxl_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 # LoRA target kinds: module-name suffixes in diffusers' UNet2DConditionModel (attention, feed-forward, resnet convs,
 # time-embedding projections, down/upsampler convs): the layers the LCM-LoRA paper adapts.
 LORA_TARGET_KINDS = (
@@ -937,10 +939,6 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance
 """
 
 
-def sdxl_run_record(method, topology):
-    """The engine's `run_record`, naming this script: the engine's copy names the script it was copied from, and a
-    resume must refuse a checkpoint that another script wrote."""
-    return {**run_record(method, topology), "script": "train_lcm_distill_sdxl_wds.py"}
 
 
 class LatentConsistencyDistillationXL:
@@ -1095,7 +1093,7 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-def check_common_args(parser, args):
+def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -1106,7 +1104,7 @@ def check_common_args(parser, args):
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.num_train_epochs < 1:
         parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if args.dataloader_num_workers < 0:
+    if getattr(args, "dataloader_num_workers", 0) < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
@@ -1116,10 +1114,9 @@ def check_common_args(parser, args):
         parser.error("--validation_steps must be >= 0")
     if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if looks_like_local_path(args.pretrained_teacher_model) and not os.path.isdir(
-        os.path.expanduser(args.pretrained_teacher_model)
-    ):
-        parser.error(f"--pretrained_teacher_model: no such directory: {args.pretrained_teacher_model}")
+    model = getattr(args, model_flag)
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        parser.error(f"--{model_flag}: no such directory: {model}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae_path and looks_like_local_path(vae_path) and not os.path.isdir(os.path.expanduser(vae_path)):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
@@ -1164,7 +1161,8 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                 finished = "library_name: diffusers" in f.read()
         earlier = complete_checkpoints(args.output_dir)
         if (finished or earlier) and not args.overwrite_output_dir:
-            what = "a finished run (see its README.md)" if finished else f"checkpoints of an earlier run ({earlier[-1]})"
+            what = ("a finished run (see its README.md)" if finished
+                    else f"checkpoints of an earlier run ({earlier[-1]})")
             parser.error(f"--output_dir {args.output_dir} already holds {what}: pass --resume_from_checkpoint latest "
                          "to continue it, or --overwrite_output_dir to start over (its checkpoints are deleted)")
         if args.overwrite_output_dir:  # a later 'latest' must never pick the old run's checkpoints
@@ -1419,7 +1417,7 @@ def run_record(method, topology):
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
     accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": "train_lcm_distill_sd_wds.py", "method": method, "topology": topology}  # survives a rename
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
 
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
@@ -1571,7 +1569,8 @@ class NonFiniteGuard:
         last = (list_checkpoints(self.output_dir) or ["none"])[-1]
         if self.in_a_row >= self.limit:
             raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. Last checkpoint: {last}")
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
         logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
         return False
 
@@ -1668,19 +1667,21 @@ class DataError(RuntimeError):
 def close_batches(loader_iterator):
     """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
     alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
     shutdown = getattr(loader_iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
 
 
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
+def exit_on_data_error(error):
+    """Stop the run with one line if `error` is a DataError, also one raised in a DataLoader worker (that arrives
+    re-raised with the worker's whole traceback as its message, the original message on the last line);
+    re-raise any other error unchanged."""
     text = str(error).strip()
     if not isinstance(error, DataError) and "DataError" not in text:
         raise error
     last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
+    raise SystemExit(f"error: {last_line.split('DataError: ', 1)[-1]}") from None
 
 
 def describe_data_counts(counts):
@@ -1803,7 +1804,7 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
         batches = itertools.chain([next(loader_iterator)], loader_iterator)
     except (DataError, RuntimeError) as error:
         close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
 
 
@@ -1817,7 +1818,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=args.max_train_steps,
+                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1890,7 +1892,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 method.validate(global_step)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
+        exit_on_data_error(error)
     finally:
         stop.restore()
         close_batches(data.loader_iterator)
@@ -1918,7 +1920,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
 
 
 # ==========================================================================================================
-# region DATA copied from train_lcm_distill_sd_wds with needs_original_size=False->needs_original_size=True
+# region DATA copied from train_lcm_distill_sd_wds
 # ==========================================================================================================
 
 
@@ -2138,7 +2140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
                  proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
-                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0, needs_original_size=True):
+                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0, needs_original_size=False):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
@@ -2418,7 +2420,7 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0):
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
         batch_size=args.train_batch_size,
@@ -2432,8 +2434,13 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=True,
+        needs_original_size=needs_original_size,
     )
+    return stream_dataloader(stream, args, accelerator)
+
+
+def stream_dataloader(stream, args, accelerator):
+    """A DataLoader over a stream that yields whole batches, read by --dataloader_num_workers workers."""
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
@@ -2449,9 +2456,11 @@ def make_train_dataloader(args, accelerator, skip_batches=0):
 
 def main(args):
     accelerator = start_run(args)
-    record = sdxl_run_record("lcd-sdxl-lora" if args.use_lora else "lcd-sdxl-full",
-                             stream_topology(args, accelerator.num_processes))
-    data = open_training_data(args, accelerator, record, make_train_dataloader, new_data_counts(),
+    record = run_record("lcd-sdxl-lora" if args.use_lora else "lcd-sdxl-full",
+                        stream_topology(args, accelerator.num_processes))
+    # SDXL reads each sample's original size from its json: the time_ids micro-conditioning
+    make_dataloader = functools.partial(make_train_dataloader, needs_original_size=True)
+    data = open_training_data(args, accelerator, record, make_dataloader, new_data_counts(),
                               samples_per_epoch=args.max_train_samples or 0)
     method = LatentConsistencyDistillationXL(args, accelerator)
     train(args, accelerator, method, data, title=method.title)

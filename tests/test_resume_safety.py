@@ -227,10 +227,10 @@ def test_resume_compatibility_rules():
     lcd.check_resume_compatible({**record, "global_step": 3}, record, "ckpt")
     with pytest.raises(SystemExit, match=r"^error: cannot resume ckpt exactly: processes 4 -> 2\. "):
         lcd.check_resume_compatible({**record, "topology": {"processes": 4, "--train_batch_size": 4}}, record, "ckpt")
-    sdxl = lcm_xl.sdxl_run_record("lcd-sdxl-lora", {})
+    sdxl = lcm_xl.run_record("lcd-sdxl-lora", {})
     with pytest.raises(SystemExit, match=r"ckpt is a checkpoint of train_lcm_distill_sdxl_wds\.py \(lcd-sdxl-lora\)"):
         lcd.check_resume_compatible(sdxl, record, "ckpt", allow_topology_change=True)
-    full_sdxl = lcm_xl.sdxl_run_record("lcd-sdxl-full", {})
+    full_sdxl = lcm_xl.run_record("lcd-sdxl-full", {})
     with pytest.raises(SystemExit, match=r"\(lcd-sdxl-lora\), not of train_lcm_distill_sdxl_wds\.py \(lcd-sdxl-full\)"):
         lcm_xl.check_resume_compatible(sdxl, full_sdxl, "ckpt")
 
