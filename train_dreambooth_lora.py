@@ -484,6 +484,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, valida
 
 def model_card_text(args, repo_id, validation_image=None):
     """The README.md of the output directory (and of the Hub repo)."""
+    te_part = " and the text encoder" if args.train_text_encoder else ""
     image_line = f"\n![validation: {args.validation_prompt}]({validation_image})\n" if validation_image else ""
     prior = (f"with prior preservation ({args.num_class_images} images of '{args.class_prompt}', weight "
              f"{args.prior_loss_weight})" if args.with_prior_preservation else "without prior preservation")
@@ -503,7 +504,7 @@ inference: true
 
 # {repo_id}: DreamBooth LoRA for {args.pretrained_model_name_or_path}
 
-LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}) on the UNet{" and the text encoder" if args.train_text_encoder else ""},
+LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}) on the UNet{te_part},
 trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py`. Use the instance prompt
 `{args.instance_prompt}` to generate the subject.
 {image_line}
@@ -513,7 +514,8 @@ trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py
 import torch
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}",
+                                               torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{repo_id}")
 image = pipe("{args.instance_prompt} on the beach", num_inference_steps=25).images[0]
 ```

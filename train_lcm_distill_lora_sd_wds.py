@@ -26,7 +26,6 @@ Output: `pytorch_lora_weights.safetensors` (diffusers, `pipe.load_lora_weights(o
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import importlib.util
 import io
@@ -45,6 +44,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 try:
     import fcntl
@@ -64,6 +64,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
 from huggingface_hub import create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -80,6 +81,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
+SCRIPT_NAME = "train_lcm_distill_lora_sd_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 # LoRA target kinds: module-name suffixes in diffusers' UNet2DConditionModel (attention, feed-forward, resnet convs,
 # time-embedding projections, down/upsampler convs): the layers the LCM-LoRA paper adapts.
 LORA_TARGET_KINDS = (
@@ -90,52 +92,25 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.OneLineErrorParser
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# Copied from train_lcm_distill_sd_wds.bounded
-def bounded(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
-    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if low is not None and (value < low or low_open and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
-        if high is not None and (value > high or high_open and value == high):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
-    return parse
+# ==========================================================================================================
+# METHOD: LCM-LoRA, Latent Consistency Distillation into LoRA adapters (Luo et al., 2023, arXiv:2311.05556).
+# What to edit for a new teacher or method: its flags, the loss, the models, what is saved and validated.
+# ==========================================================================================================
 
 
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_lcm_distill_lora_sd_wds.py",
-        description="LCM-LoRA: Latent Consistency Distillation of a Stable Diffusion 1.x/2.x teacher into LoRA adapters.",
+        description="LCM-LoRA: Latent Consistency Distillation of a Stable Diffusion 1.x/2.x teacher into LoRA "
+                    "adapters.",
     )
     # ---- model
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
     group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                       help="A VAE to use instead of the teacher's (hub id or local dir); it is cast to the mixed-precision dtype.")
+                       help="A VAE to use instead of the teacher's (hub id or local dir); it is cast to the "
+                            "mixed-precision dtype.")
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
@@ -268,29 +243,616 @@ def parse_args(input_args=None):
     return args
 
 
-# Copied from train_lcm_distill_sd_wds.looks_like_local_path
+def validate_args(parser, args):
+    check_model_kinds(parser, args, "sd")
+    check_common_args(parser, args)
+    check_shard_args(parser, args)
+    if args.w_min > args.w_max:
+        parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+    if not 1 <= args.num_ddim_timesteps <= 1000:
+        parser.error("--num_ddim_timesteps must be in [1, 1000]")
+    if args.huber_c <= 0:
+        parser.error("--huber_c must be > 0")
+    if args.vae_encode_batch_size < 1:
+        parser.error("--vae_encode_batch_size must be >= 1")
+    if args.lora_rank < 1:
+        parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.lora_alpha <= 0:
+        parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    try:
+        args.lora_target_modules = parse_lora_target_modules(args.lora_target_modules)
+    except ValueError as error:
+        parser.error(f"--lora_target_modules: {error}")
+
+
+def parse_lora_target_modules(spec):
+    """'to_q,to_k,conv1' -> ['to_q', 'to_k', 'conv1'], every entry one of LORA_TARGET_KINDS."""
+    kinds = [kind.strip() for kind in spec.split(",") if kind.strip()]
+    if not kinds:
+        raise ValueError("names no module kind")
+    unknown = [kind for kind in kinds if kind not in LORA_TARGET_KINDS]
+    if unknown:
+        raise ValueError(f"unknown module kind {unknown[0]!r}; valid kinds: {', '.join(LORA_TARGET_KINDS)}")
+    return list(dict.fromkeys(kinds))
+
+
+# ----------------------------------------
+# LCD math (LCM paper; LCM-LoRA: no omega input, the online student as target)
+# ----------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.append_dims
+def append_dims(x, target_dims):
+    """Append trailing singleton dimensions so a per-sample vector broadcasts against a batch of latents."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+# Copied from train_lcm_distill_sd_wds.extract_into_tensor
+def extract_into_tensor(schedule, timesteps, x_shape):
+    """schedule[timesteps] reshaped to (B, 1, 1, 1) for broadcasting against x."""
+    out = schedule.gather(-1, timesteps)
+    return out.reshape(timesteps.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+# Copied from train_lcm_distill_sd_wds.scalings_for_boundary_conditions
+def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=10.0):
+    """c_skip(t), c_out(t) of the consistency parameterisation: c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x."""
+    scaled_timestep = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled_timestep**2 + sigma_data**2)
+    c_out = scaled_timestep / (scaled_timestep**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+# Copied from train_lcm_distill_sd_wds.get_predicted_original_sample
+def get_predicted_original_sample(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    """x0 predicted from a model output at (sample, t); alphas/sigmas are sqrt(abar) and sqrt(1 - abar)."""
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return (sample - sigmas * model_output) / alphas
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alphas * sample - sigmas * model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
+
+
+# Copied from train_lcm_distill_sd_wds.get_predicted_noise
+def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    """epsilon predicted from a model output at (sample, t)."""
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alphas * model_output) / sigmas
+    if prediction_type == "v_prediction":
+        return alphas * model_output + sigmas * sample
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
+
+
+# Copied from train_lcm_distill_sd_wds.DDIMSolver
+class DDIMSolver:
+    """The teacher's ODE solver on the N-point DDIM grid t = k-1, 2k-1, ..., T-1 (k = T // N)."""
+
+    def __init__(self, alpha_cumprods, timesteps=1000, ddim_timesteps=50):
+        alpha_cumprods = torch.as_tensor(alpha_cumprods, dtype=torch.float32)
+        step_ratio = timesteps // ddim_timesteps
+        self.step_ratio = step_ratio
+        self.ddim_timesteps = (torch.arange(1, ddim_timesteps + 1) * step_ratio).round().long() - 1
+        self.ddim_alpha_cumprods = alpha_cumprods[self.ddim_timesteps]
+        # abar at the previous grid point; abar[0] for the first one
+        self.ddim_alpha_cumprods_prev = torch.cat([alpha_cumprods[:1], alpha_cumprods[self.ddim_timesteps[:-1]]])
+
+    def to(self, device):
+        self.ddim_timesteps = self.ddim_timesteps.to(device)
+        self.ddim_alpha_cumprods = self.ddim_alpha_cumprods.to(device)
+        self.ddim_alpha_cumprods_prev = self.ddim_alpha_cumprods_prev.to(device)
+        return self
+
+    def ddim_step(self, pred_x0, pred_noise, timestep_index):
+        """One deterministic DDIM step from grid point `timestep_index` to the previous one."""
+        alpha_cumprod_prev = extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.shape)
+        return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
+
+
+# Copied from train_lcm_distill_sd_wds.consistency_loss
+def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
+    """d(f_theta, f_theta-): mean squared error, or the pseudo-Huber mean(sqrt(diff^2 + c^2) - c). fp32."""
+    model_pred, target = model_pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(model_pred, target, reduction="mean")
+    if loss_type == "huber":
+        return torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+# Copied from train_lcm_distill_sd_wds.concat_unet_kwargs
+def concat_unet_kwargs(first, second):
+    """Concatenate two sets of UNet keyword inputs on the batch dim (nested dicts such as added_cond_kwargs too)."""
+    if isinstance(first, dict):
+        return {key: concat_unet_kwargs(first[key], second[key]) for key in first}
+    return torch.cat([first, second])
+
+
+# Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
+@torch.no_grad()
+def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
+                             solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
+    """x_{t_n} from x_{t_{n+k}}: classifier-free-guided teacher (scale omega) + one DDIM step.
+
+    Conditional and unconditional passes run as ONE forward of batch 2B (`batched=True`, the default): the
+    same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
+    """
+    if batched:
+        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
+                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
+        cond_output, uncond_output = both.chunk(2)
+    else:
+        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
+        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
+    schedules = (prediction_type, alpha_schedule, sigma_schedule)
+    cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
+    uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
+    cond_eps = get_predicted_noise(cond_output, timesteps, noisy_latents, *schedules)
+    uncond_eps = get_predicted_noise(uncond_output, timesteps, noisy_latents, *schedules)
+    w = append_dims(w, noisy_latents.ndim)
+    pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+    pred_eps = cond_eps + w * (cond_eps - uncond_eps)
+    return solver.ddim_step(pred_x0, pred_eps, timestep_index)
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+@dataclass
+class LCDLoraContext:
+    """Everything the training step needs besides the batch: models, schedules and hyper-parameters."""
+
+    unet: torch.nn.Module  # student: base UNet + LoRA (possibly DDP-wrapped), the only trained module
+    base_unet: torch.nn.Module  # the same UNet unwrapped: teacher with adapters disabled, target with them on
+    noise_scheduler: DDPMScheduler
+    solver: DDIMSolver
+    alpha_schedule: torch.Tensor
+    sigma_schedule: torch.Tensor
+    prediction_type: str
+    args: argparse.Namespace
+    autocast: object = field(default=None)
+    batched_teacher: bool = True
+
+
+def lcd_lora_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
+    """One LCM-LoRA distillation loss (LCM paper, Algorithm 1; no omega input, online target), for z0 and c."""
+    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
+    schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+
+    # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
+    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+
+    # 2. Boundary scalings, so that f(x, 0) = x exactly.
+    c_skip_start, c_out_start = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
+        start_timesteps, timestep_scaling=args.timestep_scaling_factor))
+    c_skip, c_out = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
+        timesteps, timestep_scaling=args.timestep_scaling_factor))
+
+    # 3. x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule.
+    noise = torch.randn_like(latents)
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
+
+    # 4. omega ~ U[w_min, w_max]: only the teacher's guidance uses it (LoRA students have no omega input).
+    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
+
+    # 5. Online student: f_theta(x_{t_{n+k}}, c, t_{n+k}) = c_skip x + c_out x0_hat (base + LoRA).
+    with ctx.autocast():
+        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, encoder_hidden_states=prompt_embeds)
+    pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
+    model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
+
+    # 6. Teacher = the same UNet, adapters off, with CFG omega + DDIM step: x_{t_n} (no grad, one batched pass).
+    with ctx.autocast(), eval_mode(ctx.base_unet), adapters_disabled(ctx.base_unet) as teacher_unet:
+        x_prev = teacher_guided_ddim_step(
+            teacher_unet, noisy_latents, start_timesteps, index, w,
+            {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": uncond_prompt_embeds},
+            solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
+        )
+
+    # 7. Target: f_theta(x_{t_n}, c, t_n) with the online student itself (no grad; LCM-LoRA has no EMA), in eval
+    #    mode: with LoRA dropout active the target would be a random draw, not the network's prediction.
+    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.base_unet):
+        target_output = unet_forward(ctx.base_unet, x_prev, timesteps, encoder_hidden_states=prompt_embeds)
+    target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
+    target = c_skip * x_prev + c_out * target_x0
+
+    # 8. Consistency distance d(f_theta, f_theta).
+    return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+# ----------------------------------------
+# Models, LoRA files, checkpoints and outputs of the method
+# ----------------------------------------
+
+
+# Copied from train_lcm_distill_sd_wds.encode_latents
+@torch.no_grad()
+def encode_latents(vae, pixel_values, batch_size):
+    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+# Copied from train_lcm_distill_sd_wds.encode_prompts
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts):
+    input_ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+
+
+def lora_config(args):
+    # gaussian init of A with B = 0: the adapter starts as the identity, so the student starts at the teacher
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      init_lora_weights="gaussian", target_modules=list(args.lora_target_modules))
+
+
+class LoraTargetError(ValueError):
+    """A requested LoRA target kind that this UNet does not have."""
+
+
+def check_lora_targets(unet, target_kinds):
+    """Fail in one line when a requested kind matches no Linear/Conv2d of this UNet (PEFT would ignore it)."""
+    names = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    for kind in target_kinds:
+        if not any(name == kind or name.endswith("." + kind) for name in names):
+            raise LoraTargetError(f"--lora_target_modules: {kind!r} matches no layer of this UNet; "
+                             f"valid kinds: {', '.join(LORA_TARGET_KINDS)}")
+
+
+def add_lora(unet, args, weight_dtype):
+    """Freeze the base UNet in `weight_dtype` and add trainable fp32 LoRA adapters to it."""
+    check_lora_targets(unet, args.lora_target_modules)
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(lora_config(args))
+    cast_lora_params_to_fp32(unet)
+    return unet
+
+
+def cast_lora_params_to_fp32(unet):
+    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def load_models(args, weight_dtype):
+    """Teacher components from `--pretrained_teacher_model`; the one UNet gets frozen base weights + LoRA."""
+    teacher = args.pretrained_teacher_model
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
+                                                    cache_dir=args.cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
+                                              cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
+                                                 variant=args.variant, cache_dir=args.cache_dir)
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
+                                            variant=args.variant, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
+                                                variant=args.variant, cache_dir=args.cache_dir)
+    return noise_scheduler, tokenizer, text_encoder, vae, add_lora(unet, args, weight_dtype)
+
+
+def lora_state_dict(unet, dtype=None, full_state=None):
+    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast; taken
+    from `full_state` (the gathered weights, see full_state_dict) where DeepSpeed/FSDP shard them."""
+    state = get_peft_model_state_dict(unet, state_dict=full_state)
+    return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
+
+
+def lora_adapter_metadata(unet):
+    """The adapter's LoraConfig as a dict: stored in the file so that loading keeps alpha (the scale alpha/r)."""
+    return unet.peft_config["default"].to_dict()
+
+
+def peft_to_kohya_state_dict(peft_state_dict, alpha):
+    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
+    kohya = {}
+    for key, tensor in peft_state_dict.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            kohya[f"{name}.lora_down.weight"] = tensor
+            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
+        elif kind == "B.weight":
+            kohya[f"{name}.lora_up.weight"] = tensor
+        else:
+            raise ValueError(f"unexpected LoRA tensor {key}")
+    return kohya
+
+
+def save_lora_files(unet, output_dir, dtype=None, kohya=True, full_state=None):
+    """Write the adapter in diffusers format (alpha in the metadata) and, optionally, in kohya format."""
+    state = lora_state_dict(unet, dtype, full_state)
+    StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=state,
+                                              unet_lora_adapter_metadata=lora_adapter_metadata(unet),
+                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    if kohya:
+        alpha = unet.peft_config["default"].lora_alpha
+        save_file(peft_to_kohya_state_dict(state, alpha), os.path.join(output_dir, KOHYA_WEIGHT_NAME),
+                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(unet.peft_config["default"].r),
+                            "ss_network_alpha": str(alpha)})
+
+
+def load_lora_checkpoint(unet, checkpoint_dir):
+    """Load the adapter saved by `save_lora_files` into `unet` (same LoRA config), keeping LoRA params fp32."""
+    state = load_file(os.path.join(checkpoint_dir, LORA_WEIGHT_NAME))
+    state = {key.removeprefix("unet."): tensor for key, tensor in state.items()}
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the LoRA config: unexpected {unexpected[:3]}")
+    cast_lora_params_to_fp32(unet)
+
+
+def checkpoint_hooks(accelerator):
+    """accelerate's save/load pre-hooks: checkpoints hold the adapter only (the base weights never change), as a
+    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it."""
+
+    def save_model_hook(models, weights, output_dir):
+        full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers shards
+        if accelerator.is_main_process:
+            save_lora_files(accelerator.unwrap_model(models[0]), output_dir, kohya=False, full_state=full_state)
+        if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapter from their own files
+            load_lora_checkpoint(accelerator.unwrap_model(models.pop()), input_dir)
+
+    return save_model_hook, load_model_hook
+
+
+# Copied from train_lcm_distill_sd_wds.lcm_scheduler_for
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
+# Copied from train_lcm_distill_sd_wds.log_validation
+def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
+    """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
+    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    if not prompts:
+        return None
+    scheduler = lcm_scheduler_for(args)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    with torch.no_grad(), eval_mode(pipeline.unet), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                                                   enabled=weight_dtype != torch.float32):
+        for prompt in prompts:
+            row = []
+            for num_steps in VALIDATION_STEP_COUNTS:
+                generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+                row.append(pipeline(prompt, num_inference_steps=num_steps,
+                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                    width=args.resolution, generator=generator).images[0])
+            rows.append(row)
+    grid = make_image_grid(rows)
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
+    grid.save(path)
+    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
+    del pipeline
+    free_memory()
+    return path
+
+
+def model_card_text(args, repo_id, validation_image=None):
+    """The README.md of the output directory (and of the Hub repo)."""
+    image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    return f"""---
+base_model: {args.pretrained_teacher_model}
+library_name: diffusers
+license: creativeml-openrail-m
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- lora
+- lcm
+- lcm-lora
+- latent-consistency-distillation
+inference: true
+---
+
+# {repo_id}: LCM-LoRA distilled from {args.pretrained_teacher_model}
+
+A LoRA adapter trained with Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378 and
+arXiv:2311.05556) from `{args.pretrained_teacher_model}` by `train_lcm_distill_lora_sd_wds.py`. Loaded onto the
+teacher, or onto another fine-tune of the same base model, it samples in 1-8 steps with `LCMScheduler`.
+{image_line}
+## Inference
+
+```python
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", torch_dtype=torch.float16)
+pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
+pipe.load_lora_weights("{repo_id}")
+pipe.to("cuda")
+image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale=1.0).images[0]
+```
+
+Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance (omega in [{args.w_min}, {args.w_max}]) is
+distilled into the adapter. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for AUTOMATIC1111 and
+ComfyUI.
+
+## Training
+
+| setting | value |
+|---|---|
+| teacher | `{args.pretrained_teacher_model}` |
+| data | `{args.train_shards_path_or_url}` |
+| resolution | {args.resolution} |
+| steps | {args.max_train_steps} |
+| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |
+| LoRA targets | {", ".join(args.lora_target_modules)} |
+| loss | {args.loss_type} (huber c = {args.huber_c}) |
+| DDIM steps N | {args.num_ddim_timesteps} |
+| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
+| mixed precision | {args.mixed_precision} |
+"""
+
+
+class LatentConsistencyLoraDistillation:
+    """LCM-LoRA: ONE UNet in memory, its base weights frozen in the mixed-precision dtype and its LoRA adapters
+    trained in fp32. The teacher is that UNet with the adapters disabled; the consistency target is the online
+    student itself under no-grad, so there is no EMA network and nothing to update after a step."""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator = args, accelerator
+        device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
+        try:
+            noise_scheduler, self.tokenizer, self.text_encoder, self.vae, unet = load_models(args, self.weight_dtype)
+        except LoraTargetError as error:
+            raise SystemExit(f"error: {error}") from None
+        for frozen in (self.vae, self.text_encoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        unet.train()
+        self.vae.to(device, dtype=self.weight_dtype)
+        self.text_encoder.to(device, dtype=self.weight_dtype)
+        unet.to(device)
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.modules = [unet]
+        self.lora_params = [p for p in unet.parameters() if p.requires_grad]  # the optimiser steps only these
+        logger.info(f"LCM-LoRA: {sum(p.numel() for p in self.lora_params):,} LoRA parameters")
+
+        alphas_cumprod = noise_scheduler.alphas_cumprod
+        noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
+        self.ctx = LCDLoraContext(
+            unet=unet, base_unet=unet, noise_scheduler=noise_scheduler,
+            solver=DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                              args.num_ddim_timesteps).to(device),
+            alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
+            prediction_type=noise_scheduler.config.prediction_type, args=args, autocast=accelerator.autocast,
+        )
+        self.uncond_prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, [""])  # once, not per step
+
+    def use_prepared(self, modules):
+        self.modules = list(modules)
+        self.ctx.unet = modules[0]  # the student forward goes through the DDP wrapper (gradient sync)
+        self.ctx.base_unet = self.accelerator.unwrap_model(modules[0])  # teacher and target: no wrapper, no sync
+
+    def optimizer_params(self):
+        return self.lora_params
+
+    def loss(self, batch):
+        latents = encode_latents(self.vae, batch["pixel_values"], self.args.vae_encode_batch_size)
+        prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, batch["captions"])
+        uncond = self.uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
+        return lcd_lora_loss(self.ctx, latents, prompt_embeds, uncond), {}
+
+    def after_update(self, step):
+        pass  # the target is the online student: no EMA
+
+    def checkpoint_hooks(self, accelerator):
+        return checkpoint_hooks(accelerator)
+
+    def validate(self, step):
+        return log_validation(self.args, self.accelerator, self.vae, self.text_encoder, self.tokenizer,
+                              self.modules[0], "lora", step, self.weight_dtype)
+
+    def save_outputs(self):
+        full_state = full_state_dict(self.accelerator, self.modules[0])  # every rank: DeepSpeed/FSDP gather shards
+        if self.accelerator.is_main_process:
+            save_lora_files(self.ctx.base_unet, self.args.output_dir, dtype=weight_dtype_for(self.args.save_precision),
+                            full_state=full_state)
+            lcm_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
+
+    def model_card(self, repo_id, validation_image):
+        return model_card_text(self.args, repo_id, validation_image)
+
+    def close(self):
+        pass
+
+
+# ==========================================================================================================
+# region ENGINE copied from train_lcm_distill_sd_wds
+# ==========================================================================================================
+
+
+# ----------------------------------------
+# Flags and checks every script shares
+# ----------------------------------------
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no 60-flag usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high] (an end excluded when open).
+    NaN and infinities are refused, so every numeric flag fails at parse time, in one line, when out of range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (low, high, low_open, high_open)  # for the tests that walk every flag
+    return parse
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-# Copied from train_lcm_distill_sd_wds.expand_shard_urls
-def expand_shard_urls(spec):
-    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
-    urls = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if part:
-            urls.extend(braceexpand(part))
-    return urls
-
-
-# Copied from train_lcm_distill_sd_wds.is_remote_url
-def is_remote_url(url):
-    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
-
-
-# Copied from train_lcm_distill_sd_wds.check_common_args
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
@@ -343,7 +905,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     check_output_dir(parser, args)
 
 
-# Copied from train_lcm_distill_sd_wds.check_output_dir
 def check_output_dir(parser, args, min_free_bytes=2**30):
     """Refuse, before any model loads, an --output_dir that cannot take this run: one holding a finished run or
     an earlier run's checkpoints (unless this run resumes one, or --overwrite_output_dir, which deletes those
@@ -381,35 +942,6 @@ def check_output_dir(parser, args, min_free_bytes=2**30):
                      f"at least {min_free_bytes / 2**30:.0f} GiB")
 
 
-# Copied from train_lcm_distill_sd_wds.check_shard_args
-def check_shard_args(parser, args):
-    urls = expand_shard_urls(args.train_shards_path_or_url)
-    if not urls:
-        parser.error("--train_shards_path_or_url names no shard")
-    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
-    if args.max_train_steps is None and args.max_train_samples is None:
-        parser.error(
-            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
-            "(samples per epoch) with --num_train_epochs"
-        )
-    check_stream_args(parser, args)
-
-
-# Copied from train_lcm_distill_sd_wds.check_stream_args
-def check_stream_args(parser, args):
-    """Checks of the sample stream's own flags, whatever its source."""
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        parser.error("--max_train_samples must be >= 1")
-    if args.min_image_size < 0:
-        parser.error("--min_image_size must be >= 0")
-    if args.shuffle_buffer_size < 0:
-        parser.error("--shuffle_buffer_size must be >= 0")
-
-
-# Copied from train_lcm_distill_sd_wds.read_config_class
 def read_config_class(path):
     """`_class_name` of a diffusers config file, '' when it has none; None when the file is absent or unreadable."""
     try:
@@ -420,7 +952,6 @@ def read_config_class(path):
     return str(config.get("_class_name", "")) if isinstance(config, dict) else None
 
 
-# Copied from train_lcm_distill_sd_wds.pipeline_kind_problem
 def pipeline_kind_problem(path, kind):
     """Why the local folder `path` is not a diffusers pipeline of `kind` ('sd': SD 1.x / 2.x, 'sdxl'), or None.
 
@@ -464,7 +995,6 @@ def pipeline_kind_problem(path, kind):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.vae_kind_problem
 def vae_kind_problem(path):
     """Why the local folder `path` given as a VAE is not an AutoencoderKL folder, or None (config files only)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -476,7 +1006,6 @@ def vae_kind_problem(path):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.check_model_kinds
 def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
     """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
     downloaded here."""
@@ -492,54 +1021,709 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
             parser.error(f"--pretrained_vae_model_name_or_path: {problem}")
 
 
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sd")
-    check_common_args(parser, args)
-    check_shard_args(parser, args)
-    if args.w_min > args.w_max:
-        parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
-    if not 1 <= args.num_ddim_timesteps <= 1000:
-        parser.error("--num_ddim_timesteps must be in [1, 1000]")
-    if args.huber_c <= 0:
-        parser.error("--huber_c must be > 0")
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be >= 1")
-    if args.lora_rank < 1:
-        parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
-    if args.lora_alpha is None:
-        args.lora_alpha = float(args.lora_rank)
-    if args.lora_alpha <= 0:
-        parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+# ----------------------------------------
+# Precision
+# ----------------------------------------
+
+
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def cast_floats(value, dtype):
+    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def unet_forward(unet, sample, timesteps, **conditioning):
+    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+
+    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
+    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
+    """
+    dtype = next(unet.parameters()).dtype
+    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+
+
+@torch.no_grad()
+def update_ema(target_params, source_params, decay):
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    target_params, source_params = list(target_params), list(source_params)
+    torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
     try:
-        args.lora_target_modules = parse_lora_target_modules(args.lora_target_modules)
-    except ValueError as error:
-        parser.error(f"--lora_target_modules: {error}")
+        yield
+    finally:
+        for model, mode in zip(models, was_training):
+            model.train(mode)
 
 
-def parse_lora_target_modules(spec):
-    """'to_q,to_k,conv1' -> ['to_q', 'to_k', 'conv1'], every entry one of LORA_TARGET_KINDS."""
-    kinds = [kind.strip() for kind in spec.split(",") if kind.strip()]
-    if not kinds:
-        raise ValueError("names no module kind")
-    unknown = [kind for kind in kinds if kind not in LORA_TARGET_KINDS]
-    if unknown:
-        raise ValueError(f"unknown module kind {unknown[0]!r}; valid kinds: {', '.join(LORA_TARGET_KINDS)}")
-    return list(dict.fromkeys(kinds))
+# ----------------------------------------
+# Checkpoints
+# ----------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: an endless, deterministic stream of batches from WebDataset shards
-# ----------------------------------------------------------------------------------------------------------
+def list_checkpoints(output_dir):
+    """checkpoint-<step> directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
-# Copied from train_lcm_distill_sd_wds.DataError
+def complete_checkpoints(output_dir):
+    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
+    return [name for name in list_checkpoints(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
+
+
+def rotate_checkpoints(output_dir, total_limit):
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
+    a save that fails never leaves the run without the checkpoints it had."""
+    if total_limit is None:
+        return
+    checkpoints = complete_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def resolve_resume_checkpoint(args):
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        for name in reversed(list_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "training_state.json")):
+                return path
+            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
+        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
+        return None
+    path = args.resume_from_checkpoint
+    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+
+
+def read_training_state(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
+        return json.load(f)
+
+
+class OutputDirLock:
+    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
+    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
+    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
+    """
+
+    FILE_NAME = ".output_dir.lock"
+    held = {}  # real path of an output dir -> the open file whose flock this process holds
+
+    @classmethod
+    def acquire(cls, parser, output_dir):
+        key = os.path.realpath(output_dir)
+        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+            return
+        path = os.path.join(output_dir, cls.FILE_NAME)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_file = open(path, "a+")
+        except OSError as error:
+            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "an unknown process"
+            lock_file.close()
+            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
+                         "wait for it to end or choose another --output_dir")
+        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
+            lock_file.close()
+            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                           "nothing stops a second run from writing into it")
+            return
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock_file.flush()
+        cls.held[key] = lock_file
+
+    @classmethod
+    def release_all(cls):
+        """Let the next run in: the end of a run (or of a run inside a test process)."""
+        while cls.held:
+            cls.held.popitem()[1].close()
+
+
+def shard_list_digest(urls):
+    """A short stand-in for a shard list in training_state.json (lists of thousands of urls stay out of it)."""
+    return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
+
+
+def run_record(method, topology):
+    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
+
+    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
+    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
+
+
+def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
+    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
+    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
+    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    Checkpoints from before these were recorded are taken as they are."""
+    theirs = (state.get("script"), state.get("method"))
+    ours = (record["script"], record["method"])
+    if theirs[0] is not None and theirs != ours:
+        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
+                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    recorded = state.get("topology") or {}
+    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
+               if key in recorded and recorded[key] != value]
+    if not changed:
+        return
+    if not allow_topology_change:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
+                         "settings, or pass --allow_topology_change to resume with an approximate data position")
+    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
+                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
+
+
+def is_sharded(accelerator):
+    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
+    and may hold only a shard of their weights on each rank."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
+    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
+    accumulation follows the flag, as the training loop does."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+
+def full_state_dict(accelerator, model):
+    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
+
+    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
+    if not is_sharded(accelerator):
+        return None
+    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
+
+
+def save_model_folder(accelerator, model, path):
+    """Write a prepared diffusers model as a loadable folder holding its full, unsharded weights.
+    Call it on every rank (the gather of `full_state_dict`); only the main process writes."""
+    state_dict = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if state_dict is None:
+        unwrapped.save_pretrained(path)
+        return
+    os.makedirs(path, exist_ok=True)
+    unwrapped.save_config(path)
+    save_file(state_dict, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+
+    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
+    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    save_path = final_path + ".tmp"
+    if accelerator.is_main_process:
+        for name in os.listdir(args.output_dir):  # left by a run that died while saving
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(save_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(save_path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, **training_state}, f, indent=2)
+        if os.path.isdir(final_path):  # the same step saved by an earlier run
+            shutil.rmtree(final_path)
+        os.replace(save_path, final_path)
+        logger.info(f"saved checkpoint {final_path}")
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
+    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
+
+    @property
+    def flag(self):
+        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
+        return 0.0 if self.received is None else 1.0
+
+    def exit_after(self, accelerator, step, checkpoint):
+        name = self.received.name if self.received is not None else "a stop signal to another process"
+        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
+                          "--resume_from_checkpoint latest")
+        accelerator.end_training()
+        raise SystemExit(128 + int(self.received or signal.SIGTERM))
+
+
+class NonFiniteGuard:
+    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit, output_dir):
+        self.limit = limit
+        self.output_dir = output_dir
+        self.in_a_row = 0
+
+    def apply(self, loss, step):
+        """True when the step may update the weights; SystemExit when the limit is reached."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
+                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
+                             f"Last checkpoint: {last}")
+        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
+        return False
+
+
+# ----------------------------------------
+# Trackers, images, hub
+# ----------------------------------------
+
+
+def make_image_grid(rows):
+    """rows: list of lists of PIL images of one size -> one PIL image."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+def log_grid_to_trackers(accelerator, name, grid, step):
+    """Log one image to every tracker (not only the first, as the reference scripts did)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(grid)]}, step=step)
+
+
+def tracker_names(report_to):
+    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
+    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
+    (comet, mlflow, ...), unconfigured, after the models have loaded."""
+    if report_to in ("", "none"):
+        return None
+    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
+
+
+def tracker_config(args):
+    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def tracker_init_kwargs(args):
+    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
+    (by default it would write ./wandb in whatever directory the job was started from)."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
+def report_peak_memory(accelerator, step):
+    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
+    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
+    None (and nothing logged) off CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
+    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
+    return peak
+
+
+def push_output_to_hub(args, commit_message="End of training"):
+    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
+                                   OutputDirLock.FILE_NAME],
+                  token=args.hub_token)
+    return repo_id
+
+
+# ----------------------------------------
+# What the loop needs of the data
+# ----------------------------------------
+
+
 class DataError(RuntimeError):
     """The data source cannot feed training (nothing readable, or every sample filtered out)."""
 
 
-# Copied from train_lcm_distill_sd_wds.ImageTransform
+def close_batches(loader_iterator):
+    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
+    alive), they would linger until interpreter exit."""
+    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def exit_on_data_error(error):
+    """Stop the run with one line if `error` is a DataError, also one raised in a DataLoader worker (that arrives
+    re-raised with the worker's whole traceback as its message, the original message on the last line);
+    re-raise any other error unchanged."""
+    text = str(error).strip()
+    if not isinstance(error, DataError) and "DataError" not in text:
+        raise error
+    last_line = text.splitlines()[-1] if text else "data error"
+    raise SystemExit(f"error: {last_line.split('DataError: ', 1)[-1]}") from None
+
+
+def describe_data_counts(counts):
+    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
+    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
+    return ", ".join(parts)
+
+
+def data_count_logs(counts):
+    """The data counts as tracker values."""
+    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
+# ----------------------------------------
+# The training loop
+# ----------------------------------------
+
+
+def make_optimizer(args, params, learning_rate):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+@dataclass
+class TrainingData:
+    """Where a run starts: the batch stream (already positioned after what a resumed run trained on), the
+    per-sample counters it carries (skipped, filtered, ...), and what a checkpoint records about the run."""
+
+    batches: object  # an endless iterator of batch dicts
+    loader_iterator: object  # closed at the end (DataLoader workers)
+    counts: dict
+    record: dict  # method and topology: a resume must match them (check_resume_compatible)
+    resume_dir: object = None
+    global_step: int = 0
+    samples_per_epoch: int = 0  # sizes the run when --max_train_steps is not given
+
+
+class TrainingMethod(Protocol):
+    """What the engine trains through; each script's METHOD section implements it (a class with these methods).
+
+    `modules` are the trained networks: the engine passes them and the optimiser to `accelerator.prepare` and
+    hands the prepared (DDP / DeepSpeed-wrapped) ones back through `use_prepared` before the first step."""
+
+    modules: list
+
+    def use_prepared(self, modules): ...
+
+    def optimizer_params(self):
+        """The parameters (or parameter groups) the optimiser steps."""
+
+    def loss(self, batch):
+        """(loss to back-propagate, {term name: detached value} logged as train/<name>) for one micro-batch."""
+
+    def after_update(self, step):
+        """After each optimiser step that was applied (1-based step): EMA updates."""
+
+    def checkpoint_hooks(self, accelerator):
+        """accelerate's (save, load) state pre-hooks for what the method keeps beyond accelerate's own state."""
+
+    def validate(self, step):
+        """Main process: sample, save and log validation images; the path of the image for the model card."""
+
+    def save_outputs(self):
+        """Every process (under DeepSpeed/FSDP saving gathers shards): write the trained model files."""
+
+    def model_card(self, repo_id, validation_image): ...
+
+    def close(self):
+        """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def start_run(args):
+    """The Accelerator, logging, seeds and TF32: what every run sets up before it reads data or loads a model."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    configure_deepspeed(accelerator, args)
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def open_training_data(args, accelerator, record, make_dataloader, counts, samples_per_epoch):
+    """The resume point and the batch stream, before any model loads: a data source that yields nothing, or a
+    checkpoint of another run, fails now rather than after minutes of loading."""
+    resume_dir = resolve_resume_checkpoint(args)
+    global_step = 0
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
+        global_step = state["global_step"]
+        counts = {key: state.get(key, 0) for key in counts}
+    # a resumed stream skips the batches the checkpointed run already trained on
+    loader = make_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
+    loader_iterator = iter(loader)
+    try:
+        batches = itertools.chain([next(loader_iterator)], loader_iterator)
+    except (DataError, RuntimeError) as error:
+        close_batches(loader_iterator)
+        exit_on_data_error(error)
+    return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
+
+
+def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
+    """The training loop shared by every script: optimiser and schedule, accumulation, the non-finite guard,
+    EMA via the method, logs, checkpoints, stop signals, validation, then the final save, model card and push."""
+    device = accelerator.device
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    optimizer = make_optimizer(args, method.optimizer_params(), learning_rate)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps,
+                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
+    *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
+    method.use_prepared(modules)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    save_hook, load_hook = method.checkpoint_hooks(accelerator)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    global_step, counts = data.global_step, data.counts
+    if data.resume_dir is not None:
+        accelerator.print(f"resuming from {data.resume_dir} at step {global_step}")
+        accelerator.load_state(data.resume_dir)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
+
+    logger.info(f"***** Running {title}: {args.max_train_steps} steps, {total_batch_size} samples per step "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation) *****")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    trained_params = [p for group in optimizer.param_groups for p in group["params"]]
+    step_started = time.perf_counter()
+    stop = StopOnSignal().install()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
+    try:
+        while global_step < args.max_train_steps:
+            running, apply_update = None, True
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(data.batches)
+                counts = {key: value + batch[key] for key, value in counts.items()}
+                with accelerator.accumulate(*method.modules):
+                    loss, terms = method.loss(batch)
+                    values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())])
+                    running = values if running is None else running + values
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
+                        # was asked to stop; a non-finite loss skips the update before it touches the weights
+                        stats = torch.cat([running / args.gradient_accumulation_steps,
+                                           torch.tensor([stop.flag], device=device)])
+                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        apply_update = nonfinite.apply(means[0], global_step + 1)
+                        if apply_update and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                    if apply_update:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            if apply_update:
+                method.after_update(global_step)
+
+            now = time.perf_counter()
+            samples_per_sec = total_batch_size / (now - step_started)
+            step_started = now
+            logs = {f"train/{name}": value for name, value in zip(["loss", *terms], means)}
+            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_sec": samples_per_sec,
+                         **data_count_logs(counts)})
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['train/lr']:.3g}",
+                                 samples_s=f"{samples_per_sec:.2f}", **({"skipped": counts["n_corrupt"]}
+                                                                        if "n_corrupt" in counts else {}))
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                checkpoint = save_checkpoint(accelerator, args, global_step, {**counts, **data.record})
+            if stop_requested:
+                stop.exit_after(accelerator, global_step, checkpoint)
+            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
+                method.validate(global_step)
+                step_started = time.perf_counter()  # validation time is not training throughput
+    except (DataError, RuntimeError) as error:
+        exit_on_data_error(error)
+    finally:
+        stop.restore()
+        close_batches(data.loader_iterator)
+        progress.close()
+        method.close()
+
+    report_peak_memory(accelerator, global_step)
+    accelerator.wait_for_everyone()
+    method.save_outputs()
+    if accelerator.is_main_process:
+        if any(counts.values()):
+            logger.info(f"data: {describe_data_counts(counts)}")
+        path = method.validate(global_step)
+        validation_image = os.path.relpath(path, args.output_dir) if path else None
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(method.model_card(repo_id, validation_image))
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
+    OutputDirLock.release_all()
+
+
+# endregion ENGINE
+
+
+# ==========================================================================================================
+# region DATA copied from train_lcm_distill_sd_wds
+# ==========================================================================================================
+
+
+def expand_shard_urls(spec):
+    """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
+    urls = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand(part))
+    return urls
+
+
+def is_remote_url(url):
+    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", url) is not None
+
+
+def check_shard_args(parser, args):
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    if not urls:
+        parser.error("--train_shards_path_or_url names no shard")
+    missing = [u for u in urls if not is_remote_url(u) and not os.path.isfile(os.path.expanduser(u))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        parser.error(f"--train_shards_path_or_url: shard not found: {missing[0]}{more}")
+    if args.max_train_steps is None and args.max_train_samples is None:
+        parser.error(
+            "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
+            "(samples per epoch) with --num_train_epochs"
+        )
+    check_stream_args(parser, args)
+
+
+def check_stream_args(parser, args):
+    """Checks of the sample stream's own flags, whatever its source."""
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1")
+    if args.min_image_size < 0:
+        parser.error("--min_image_size must be >= 0")
+    if args.shuffle_buffer_size < 0:
+        parser.error("--shuffle_buffer_size must be >= 0")
+
+
 class ImageTransform:
     """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
 
@@ -579,7 +1763,6 @@ class ImageTransform:
         return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
 
 
-# Copied from train_lcm_distill_sd_wds.SampleFilter
 @dataclass
 class SampleFilter:
     """Metadata filters; LAION-style json keys. A sample without a key is kept (nothing to judge it by)."""
@@ -607,12 +1790,10 @@ class SampleFilter:
         return None
 
 
-# Copied from train_lcm_distill_sd_wds.MalformedMetadata
 class MalformedMetadata(ValueError):
     """A sample's metadata holds something its reader cannot use (the sample is skipped and counted)."""
 
 
-# Copied from train_lcm_distill_sd_wds.metadata_number
 def metadata_number(meta, *keys):
     """The first of `keys` present in a sample's metadata, as a finite float, or None when none is present.
 
@@ -637,7 +1818,6 @@ def metadata_number(meta, *keys):
     return None
 
 
-# Copied from train_lcm_distill_sd_wds.original_size_from_metadata
 def original_size_from_metadata(meta):
     """(height, width) from a sample's json (LAION's original_width/original_height, else width/height), or None
     when absent or not positive. MalformedMetadata when present but not a number (or absurdly large)."""
@@ -651,7 +1831,6 @@ def original_size_from_metadata(meta):
     return size if min(size) > 0 else None
 
 
-# Copied from train_lcm_distill_sd_wds.caption_from_metadata
 def caption_from_metadata(meta):
     """The caption of a sample without a .txt: json 'caption', else 'text'; '' when neither is present.
     MalformedMetadata when it is a list or an object (a number is taken as its text)."""
@@ -665,7 +1844,6 @@ def caption_from_metadata(meta):
     return ""
 
 
-# Copied from train_lcm_distill_sd_wds.to_rgb
 def to_rgb(image):
     """8-bit RGB of any decoded image, EXIF orientation applied.
 
@@ -690,11 +1868,9 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-# Copied from train_lcm_distill_sd_wds.batches_already_read
 def batches_already_read(total_batches, worker_id, num_workers):
     """How many of a rank's first `total_batches` batches came from this worker.
 
@@ -706,7 +1882,6 @@ def batches_already_read(total_batches, worker_id, num_workers):
     return (total_batches - worker_id + num_workers - 1) // num_workers
 
 
-# Copied from train_lcm_distill_sd_wds.ShardStream
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
 
@@ -891,30 +2066,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "crop_top_left": crop_top_left}
 
 
-# Copied from train_lcm_distill_sd_wds.new_data_counts
 def new_data_counts():
     """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
     return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
 
 
-# Copied from train_lcm_distill_sd_wds.describe_data_counts
-def describe_data_counts(counts):
-    """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
-    words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
-             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
-    parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
-    return ", ".join(parts)
-
-
-# Copied from train_lcm_distill_sd_wds.data_count_logs
-def data_count_logs(counts):
-    """The data counts as tracker values."""
-    names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
-             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
-    return {name: counts.get(key, 0) for key, name in names.items()}
-
-
-# Copied from train_lcm_distill_sd_wds.ShardStalled
 class ShardStalled(OSError):
     """A shard's source sent no byte for the read timeout (a dead connection, a hung command)."""
 
@@ -924,7 +2080,6 @@ class ShardStalled(OSError):
         self.url = url  # webdataset appends context to args; the handler reads these attributes instead
 
 
-# Copied from train_lcm_distill_sd_wds.WatchedCommand
 class WatchedCommand(io.RawIOBase):
     """The stdout of a shell command (a 'pipe:' shard, or curl for an http(s) one), read under a deadline: a read
     that receives nothing for `timeout` seconds kills the command and raises ShardStalled, as does every later
@@ -970,7 +2125,6 @@ class WatchedCommand(io.RawIOBase):
         super().close()
 
 
-# Copied from train_lcm_distill_sd_wds.open_shard
 def open_shard(url, timeout):
     """A readable binary stream of one shard: 'pipe:' commands and http(s) urls run under the read watchdog
     (http through curl with its own stall limits), local paths are opened, other schemes go to webdataset."""
@@ -989,7 +2143,6 @@ def open_shard(url, timeout):
     return gopen(url)
 
 
-# Copied from train_lcm_distill_sd_wds.defer_stop_signals
 def defer_stop_signals(worker_id, grace_seconds=30):
     """DataLoader workers outlive a stop signal sent to the whole process group (SLURM, Ctrl-C, torchrun), so
     the training process can finish its step and checkpoint: SIGINT is ignored, SIGTERM ends the worker only
@@ -1003,28 +2156,6 @@ def defer_stop_signals(worker_id, grace_seconds=30):
     signal.signal(signal.SIGTERM, exit_after_grace)
 
 
-# Copied from train_lcm_distill_sd_wds.close_batches
-def close_batches(loader_iterator):
-    """Shut the DataLoader's workers down now. Left to garbage collection (an exception keeps the iterator
-    alive), they would linger until interpreter exit."""
-    # private: DataLoader has no public call that stops its workers (its __del__ calls this same method)
-    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-# Copied from train_lcm_distill_sd_wds.data_error_message
-def data_error_message(error):
-    """One line for a DataError, also one raised in a DataLoader worker: that arrives re-raised with the
-    worker's whole traceback as its message, the original message on the last line. Other errors propagate."""
-    text = str(error).strip()
-    if not isinstance(error, DataError) and "DataError" not in text:
-        raise error
-    last_line = text.splitlines()[-1] if text else "data error"
-    return f"error: {last_line.split('DataError: ', 1)[-1]}"
-
-
-# Copied from train_lcm_distill_sd_wds.collate_samples
 def collate_samples(samples, counts):
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -1035,7 +2166,6 @@ def collate_samples(samples, counts):
     }
 
 
-# Copied from train_lcm_distill_sd_wds.stream_topology
 def stream_topology(args, num_processes):
     """What decides which samples each step of a shard stream reads (see ShardStream): a resumed run must
     match it, or the skip count lands elsewhere in the data. Keys as users know them (see run_record)."""
@@ -1050,7 +2180,6 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-# Copied from train_lcm_distill_sd_wds.make_train_dataloader
 def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
     stream = ShardStream(
         expand_shard_urls(args.train_shards_path_or_url),
@@ -1070,1048 +2199,28 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
     return stream_dataloader(stream, args, accelerator)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LCD math (names follow the diffusers LCD scripts; formulas follow SPEC section 4 / the LCM paper)
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.append_dims
-def append_dims(x, target_dims):
-    """Append trailing singleton dimensions so a per-sample vector broadcasts against a batch of latents."""
-    dims_to_append = target_dims - x.ndim
-    if dims_to_append < 0:
-        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
-    return x[(...,) + (None,) * dims_to_append]
-
-
-# Copied from train_lcm_distill_sd_wds.extract_into_tensor
-def extract_into_tensor(schedule, timesteps, x_shape):
-    """schedule[timesteps] reshaped to (B, 1, 1, 1) for broadcasting against x."""
-    out = schedule.gather(-1, timesteps)
-    return out.reshape(timesteps.shape[0], *((1,) * (len(x_shape) - 1)))
-
-
-# Copied from train_lcm_distill_sd_wds.scalings_for_boundary_conditions
-def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=10.0):
-    """c_skip(t), c_out(t) of the consistency parameterisation: c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x."""
-    scaled_timestep = timestep * timestep_scaling
-    c_skip = sigma_data**2 / (scaled_timestep**2 + sigma_data**2)
-    c_out = scaled_timestep / (scaled_timestep**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
-
-
-# Copied from train_lcm_distill_sd_wds.get_predicted_original_sample
-def get_predicted_original_sample(model_output, timesteps, sample, prediction_type, alphas, sigmas):
-    """x0 predicted from a model output at (sample, t); alphas/sigmas are sqrt(abar) and sqrt(1 - abar)."""
-    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
-    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
-    if prediction_type == "epsilon":
-        return (sample - sigmas * model_output) / alphas
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alphas * sample - sigmas * model_output
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
-
-
-# Copied from train_lcm_distill_sd_wds.get_predicted_noise
-def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
-    """epsilon predicted from a model output at (sample, t)."""
-    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
-    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "sample":
-        return (sample - alphas * model_output) / sigmas
-    if prediction_type == "v_prediction":
-        return alphas * model_output + sigmas * sample
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
-
-
-# Copied from train_lcm_distill_sd_wds.DDIMSolver
-class DDIMSolver:
-    """The teacher's ODE solver on the N-point DDIM grid t = k-1, 2k-1, ..., T-1 (k = T // N)."""
-
-    def __init__(self, alpha_cumprods, timesteps=1000, ddim_timesteps=50):
-        alpha_cumprods = torch.as_tensor(alpha_cumprods, dtype=torch.float32)
-        step_ratio = timesteps // ddim_timesteps
-        self.step_ratio = step_ratio
-        self.ddim_timesteps = (torch.arange(1, ddim_timesteps + 1) * step_ratio).round().long() - 1
-        self.ddim_alpha_cumprods = alpha_cumprods[self.ddim_timesteps]
-        # abar at the previous grid point; abar[0] for the first one
-        self.ddim_alpha_cumprods_prev = torch.cat([alpha_cumprods[:1], alpha_cumprods[self.ddim_timesteps[:-1]]])
-
-    def to(self, device):
-        self.ddim_timesteps = self.ddim_timesteps.to(device)
-        self.ddim_alpha_cumprods = self.ddim_alpha_cumprods.to(device)
-        self.ddim_alpha_cumprods_prev = self.ddim_alpha_cumprods_prev.to(device)
-        return self
-
-    def ddim_step(self, pred_x0, pred_noise, timestep_index):
-        """One deterministic DDIM step from grid point `timestep_index` to the previous one."""
-        alpha_cumprod_prev = extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.shape)
-        return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
-
-
-# Copied from train_lcm_distill_sd_wds.consistency_loss
-def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
-    """d(f_theta, f_theta-): mean squared error, or the pseudo-Huber mean(sqrt(diff^2 + c^2) - c). fp32."""
-    model_pred, target = model_pred.float(), target.float()
-    if loss_type == "l2":
-        return F.mse_loss(model_pred, target, reduction="mean")
-    if loss_type == "huber":
-        return torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-# Copied from train_lcm_distill_sd_wds.concat_unet_kwargs
-def concat_unet_kwargs(first, second):
-    """Concatenate two sets of UNet keyword inputs on the batch dim (nested dicts such as added_cond_kwargs too)."""
-    if isinstance(first, dict):
-        return {key: concat_unet_kwargs(first[key], second[key]) for key in first}
-    return torch.cat([first, second])
-
-
-# Copied from train_lcm_distill_sd_wds.cast_floats
-def cast_floats(value, dtype):
-    """`value` with every floating-point tensor in it (nested dicts too) cast to `dtype`; integers unchanged."""
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.to(dtype)
-    return value
-
-
-# Copied from train_lcm_distill_sd_wds.unet_forward
-def unet_forward(unet, sample, timesteps, **conditioning):
-    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
-
-    Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
-    no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
-    """
-    dtype = next(unet.parameters()).dtype
-    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
-
-
-# Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
-@torch.no_grad()
-def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
-                             solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
-    """x_{t_n} from x_{t_{n+k}}: classifier-free-guided teacher (scale omega) + one DDIM step.
-
-    Conditional and unconditional passes run as ONE forward of batch 2B (`batched=True`, the default): the
-    same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
-    """
-    if batched:
-        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
-                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
-        cond_output, uncond_output = both.chunk(2)
-    else:
-        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
-        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
-    schedules = (prediction_type, alpha_schedule, sigma_schedule)
-    cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
-    uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
-    cond_eps = get_predicted_noise(cond_output, timesteps, noisy_latents, *schedules)
-    uncond_eps = get_predicted_noise(uncond_output, timesteps, noisy_latents, *schedules)
-    w = append_dims(w, noisy_latents.ndim)
-    pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
-    pred_eps = cond_eps + w * (cond_eps - uncond_eps)
-    return solver.ddim_step(pred_x0, pred_eps, timestep_index)
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet):
-    """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-@dataclass
-class LCDLoraContext:
-    """Everything the training step needs besides the batch: models, schedules and hyper-parameters."""
-
-    unet: torch.nn.Module  # student: base UNet + LoRA (possibly DDP-wrapped), the only trained module
-    base_unet: torch.nn.Module  # the same UNet unwrapped: teacher with adapters disabled, target with them on
-    noise_scheduler: DDPMScheduler
-    solver: DDIMSolver
-    alpha_schedule: torch.Tensor
-    sigma_schedule: torch.Tensor
-    prediction_type: str
-    args: argparse.Namespace
-    autocast: object = field(default=None)
-    batched_teacher: bool = True
-
-
-def lcd_lora_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
-    """One LCM-LoRA distillation loss (LCM paper, Algorithm 1; no omega input, online target), for z0 and c."""
-    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
-    schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
-
-    # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
-    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
-    start_timesteps = solver.ddim_timesteps[index]
-    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
-
-    # 2. Boundary scalings, so that f(x, 0) = x exactly.
-    c_skip_start, c_out_start = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
-        start_timesteps, timestep_scaling=args.timestep_scaling_factor))
-    c_skip, c_out = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
-        timesteps, timestep_scaling=args.timestep_scaling_factor))
-
-    # 3. x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule.
-    noise = torch.randn_like(latents)
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
-
-    # 4. omega ~ U[w_min, w_max]: only the teacher's guidance uses it (LoRA students have no omega input).
-    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
-
-    # 5. Online student: f_theta(x_{t_{n+k}}, c, t_{n+k}) = c_skip x + c_out x0_hat (base + LoRA).
-    with ctx.autocast():
-        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, encoder_hidden_states=prompt_embeds)
-    pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
-    model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
-
-    # 6. Teacher = the same UNet, adapters off, with CFG omega + DDIM step: x_{t_n} (no grad, one batched pass).
-    with ctx.autocast(), eval_mode(ctx.base_unet), adapters_disabled(ctx.base_unet) as teacher_unet:
-        x_prev = teacher_guided_ddim_step(
-            teacher_unet, noisy_latents, start_timesteps, index, w,
-            {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": uncond_prompt_embeds},
-            solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
-        )
-
-    # 7. Target: f_theta(x_{t_n}, c, t_n) with the online student itself (no grad; LCM-LoRA has no EMA), in eval
-    #    mode: with LoRA dropout active the target would be a random draw, not the network's prediction.
-    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.base_unet):
-        target_output = unet_forward(ctx.base_unet, x_prev, timesteps, encoder_hidden_states=prompt_embeds)
-    target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
-    target = c_skip * x_prev + c_out * target_x0
-
-    # 8. Consistency distance d(f_theta, f_theta).
-    return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models and LoRA files
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.weight_dtype_for
-def weight_dtype_for(mixed_precision):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-# Copied from train_lcm_distill_sd_wds.encode_latents
-@torch.no_grad()
-def encode_latents(vae, pixel_values, batch_size):
-    """VAE-encode in chunks of `batch_size` images (memory) and scale to the diffusion latent space."""
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
-    return torch.cat(latents).float() * vae.config.scaling_factor
-
-
-# Copied from train_lcm_distill_sd_wds.encode_prompts
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts):
-    input_ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0].float()
-
-
-def lora_config(args):
-    # gaussian init of A with B = 0: the adapter starts as the identity, so the student starts at the teacher
-    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=list(args.lora_target_modules))
-
-
-class LoraTargetError(ValueError):
-    """A requested LoRA target kind that this UNet does not have."""
-
-
-def check_lora_targets(unet, target_kinds):
-    """Fail in one line when a requested kind matches no Linear/Conv2d of this UNet (PEFT would ignore it)."""
-    names = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
-    for kind in target_kinds:
-        if not any(name == kind or name.endswith("." + kind) for name in names):
-            raise LoraTargetError(f"--lora_target_modules: {kind!r} matches no layer of this UNet; "
-                             f"valid kinds: {', '.join(LORA_TARGET_KINDS)}")
-
-
-def add_lora(unet, args, weight_dtype):
-    """Freeze the base UNet in `weight_dtype` and add trainable fp32 LoRA adapters to it."""
-    check_lora_targets(unet, args.lora_target_modules)
-    unet.requires_grad_(False)
-    unet.to(dtype=weight_dtype)
-    unet.add_adapter(lora_config(args))
-    cast_lora_params_to_fp32(unet)
-    return unet
-
-
-def cast_lora_params_to_fp32(unet):
-    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-
-
-def load_models(args, weight_dtype):
-    """Teacher components from `--pretrained_teacher_model`; the one UNet gets frozen base weights + LoRA."""
-    teacher = args.pretrained_teacher_model
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
-                                                    cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
-                                              cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir)
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    else:
-        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
-                                            variant=args.variant, cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                variant=args.variant, cache_dir=args.cache_dir)
-    return noise_scheduler, tokenizer, text_encoder, vae, add_lora(unet, args, weight_dtype)
-
-
-def lora_state_dict(unet, dtype=None, full_state=None):
-    """PEFT-style LoRA tensors of `unet` ('<module>.lora_A.weight' / '.lora_B.weight'), optionally cast; taken
-    from `full_state` (the gathered weights, see full_state_dict) where DeepSpeed/FSDP shard them."""
-    state = get_peft_model_state_dict(unet, state_dict=full_state)
-    return {key: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in state.items()}
-
-
-def lora_adapter_metadata(unet):
-    """The adapter's LoraConfig as a dict: stored in the file so that loading keeps alpha (the scale alpha/r)."""
-    return unet.peft_config["default"].to_dict()
-
-
-def peft_to_kohya_state_dict(peft_state_dict, alpha):
-    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
-    kohya = {}
-    for key, tensor in peft_state_dict.items():
-        module, _, kind = key.rpartition(".lora_")
-        name = "lora_unet_" + module.replace(".", "_")
-        if kind == "A.weight":
-            kohya[f"{name}.lora_down.weight"] = tensor
-            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
-        elif kind == "B.weight":
-            kohya[f"{name}.lora_up.weight"] = tensor
-        else:
-            raise ValueError(f"unexpected LoRA tensor {key}")
-    return kohya
-
-
-def save_lora_files(unet, output_dir, dtype=None, kohya=True, full_state=None):
-    """Write the adapter in diffusers format (alpha in the metadata) and, optionally, in kohya format."""
-    state = lora_state_dict(unet, dtype, full_state)
-    StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=state,
-                                              unet_lora_adapter_metadata=lora_adapter_metadata(unet),
-                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
-    if kohya:
-        alpha = unet.peft_config["default"].lora_alpha
-        save_file(peft_to_kohya_state_dict(state, alpha), os.path.join(output_dir, KOHYA_WEIGHT_NAME),
-                  metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(unet.peft_config["default"].r),
-                            "ss_network_alpha": str(alpha)})
-
-
-def load_lora_checkpoint(unet, checkpoint_dir):
-    """Load the adapter saved by `save_lora_files` into `unet` (same LoRA config), keeping LoRA params fp32."""
-    state = load_file(os.path.join(checkpoint_dir, LORA_WEIGHT_NAME))
-    state = {key.removeprefix("unet."): tensor for key, tensor in state.items()}
-    result = set_peft_model_state_dict(unet, state)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the LoRA config: unexpected {unexpected[:3]}")
-    cast_lora_params_to_fp32(unet)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.list_checkpoints
-def list_checkpoints(output_dir):
-    """checkpoint-<step> directories in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-# Copied from train_lcm_distill_sd_wds.complete_checkpoints
-def complete_checkpoints(output_dir):
-    """The checkpoints whose writing finished (training_state.json is written last), oldest first."""
-    return [name for name in list_checkpoints(output_dir)
-            if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
-
-
-# Copied from train_lcm_distill_sd_wds.rotate_checkpoints
-def rotate_checkpoints(output_dir, total_limit):
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
-    if total_limit is None:
-        return
-    checkpoints = complete_checkpoints(output_dir)
-    for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
-        shutil.rmtree(os.path.join(output_dir, name))
-
-
-# Copied from train_lcm_distill_sd_wds.resolve_resume_checkpoint
-def resolve_resume_checkpoint(args):
-    """The checkpoint directory to resume from, or None to start fresh."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for name in reversed(list_checkpoints(args.output_dir)):
-            path = os.path.join(args.output_dir, name)
-            if os.path.isfile(os.path.join(path, "training_state.json")):
-                return path
-            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
-        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
-        return None
-    path = args.resume_from_checkpoint
-    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
-
-
-# Copied from train_lcm_distill_sd_wds.read_training_state
-def read_training_state(checkpoint_dir):
-    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
-        return json.load(f)
-
-
-# Copied from train_lcm_distill_sd_wds.OutputDirLock
-class OutputDirLock:
-    """An exclusive lock on an output dir, held until this process ends, so that a second run into the same
-    directory is refused in one line: two runs writing one directory delete each other's checkpoints and mix
-    their logs. The kernel drops a flock when its process dies, so a crashed or killed run never blocks the next.
-    """
-
-    FILE_NAME = ".output_dir.lock"
-    held = {}  # real path of an output dir -> the open file whose flock this process holds
-
-    @classmethod
-    def acquire(cls, parser, output_dir):
-        key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
-            return
-        path = os.path.join(output_dir, cls.FILE_NAME)
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock_file = open(path, "a+")
-        except OSError as error:
-            parser.error(f"--output_dir {output_dir} is not writable: {error.strerror or error}")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "an unknown process"
-            lock_file.close()
-            parser.error(f"--output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
-                         "wait for it to end or choose another --output_dir")
-        except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
-            lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
-            return
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        lock_file.flush()
-        cls.held[key] = lock_file
-
-    @classmethod
-    def release_all(cls):
-        """Let the next run in: the end of a run (or of a run inside a test process)."""
-        while cls.held:
-            cls.held.popitem()[1].close()
-
-
-# Copied from train_lcm_distill_sd_wds.shard_list_digest
-def shard_list_digest(urls):
-    """A short stand-in for a shard list in training_state.json (lists of thousands of urls stay out of it)."""
-    return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
-
-
-# Copied from train_lcm_distill_sd_wds.run_record with train_lcm_distill_sd_wds.py->train_lcm_distill_lora_sd_wds.py
-def run_record(method, topology):
-    """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
-
-    `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
-    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
-
-
-# Copied from train_lcm_distill_sd_wds.check_resume_compatible
-def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
-    """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
-    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
-    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
-    Checkpoints from before these were recorded are taken as they are."""
-    theirs = (state.get("script"), state.get("method"))
-    ours = (record["script"], record["method"])
-    if theirs[0] is not None and theirs != ours:
-        raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
-                         f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
-    recorded = state.get("topology") or {}
-    changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
-               if key in recorded and recorded[key] != value]
-    if not changed:
-        return
-    if not allow_topology_change:
-        raise SystemExit(f"error: cannot resume {checkpoint_dir} exactly: {'; '.join(changed)}. Restore those "
-                         "settings, or pass --allow_topology_change to resume with an approximate data position")
-    logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
-                   "position is approximate (some samples are seen twice, some not at all, in this epoch)")
-
-
-# Copied from train_lcm_distill_sd_wds.is_sharded
-def is_sharded(accelerator):
-    """DeepSpeed and FSDP save and load the prepared models themselves (accelerate hands the hooks no models)
-    and may hold only a shard of their weights on each rank."""
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-# Copied from train_lcm_distill_sd_wds.configure_deepspeed
-def configure_deepspeed(accelerator, args):
-    """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
-    prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
-    accumulation follows the flag, as the training loop does."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-
-
-# Copied from train_lcm_distill_sd_wds.full_state_dict
-def full_state_dict(accelerator, model):
-    """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
-
-    A collective under DeepSpeed and FSDP: every rank must call it, since it gathers the shards."""
-    if not is_sharded(accelerator):
-        return None
-    return {key: value.detach().cpu().contiguous() for key, value in accelerator.get_state_dict(model).items()}
-
-
-# Copied from train_lcm_distill_sd_wds.save_checkpoint
-def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
-
-    Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
-    leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
-    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    save_path = final_path + ".tmp"
-    if accelerator.is_main_process:
-        for name in os.listdir(args.output_dir):  # left by a run that died while saving
-            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(save_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(save_path, "training_state.json"), "w") as f:
-            json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        if os.path.isdir(final_path):  # the same step saved by an earlier run
-            shutil.rmtree(final_path)
-        os.replace(save_path, final_path)
-        logger.info(f"saved checkpoint {final_path}")
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final_path
-
-
-# Copied from train_lcm_distill_sd_wds.StopOnSignal
-class StopOnSignal:
-    """SIGTERM / SIGINT (spot preemption, a SLURM time limit, Ctrl-C) ask for a graceful stop: the training
-    loop finishes the step in flight, saves a checkpoint and exits naming it. A second signal acts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, self.previous[signum])
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum)
-        logging.getLogger(__name__).warning(f"{self.received.name}: finishing this step, then saving a checkpoint")
-
-    @property
-    def flag(self):
-        """1.0 once a signal arrived; summed with the loss statistics so every rank learns of it."""
-        return 0.0 if self.received is None else 1.0
-
-    def exit_after(self, accelerator, step, checkpoint):
-        name = self.received.name if self.received is not None else "a stop signal to another process"
-        accelerator.print(f"stopped by {name} after step {step}; checkpoint saved: {checkpoint}. Continue with "
-                          "--resume_from_checkpoint latest")
-        accelerator.end_training()
-        raise SystemExit(128 + int(self.received or signal.SIGTERM))
-
-
-# Copied from train_lcm_distill_sd_wds.NonFiniteGuard
-class NonFiniteGuard:
-    """A step whose loss is NaN/inf is not applied; `limit` of them in a row stop the run."""
-
-    def __init__(self, limit, output_dir):
-        self.limit = limit
-        self.output_dir = output_dir
-        self.in_a_row = 0
-
-    def apply(self, loss, step):
-        """True when the step may update the weights; SystemExit when the limit is reached."""
-        if math.isfinite(loss):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        last = (list_checkpoints(self.output_dir) or ["none"])[-1]
-        if self.in_a_row >= self.limit:
-            raise SystemExit(f"error: non-finite loss ({loss}) at step {step}, {self.in_a_row} step(s) in a row "
-                             f"(--max_nonfinite_steps {self.limit}); those steps were not applied. "
-                             f"Last checkpoint: {last}")
-        logger.warning(f"non-finite loss ({loss}) at step {step}: update skipped ({self.in_a_row} in a row)")
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation, model card, hub
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_lcm_distill_sd_wds.make_image_grid
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
-
-
-# Copied from train_lcm_distill_sd_wds.log_grid_to_trackers
-def log_grid_to_trackers(accelerator, name, grid, step):
-    """Log one image to every tracker (not only the first, as the reference scripts did)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({name: wandb.Image(grid)}, step=step)
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [np.asarray(grid)]}, step=step)
-
-
-# Copied from train_lcm_distill_sd_wds.eval_mode
-@contextlib.contextmanager
-def eval_mode(*models):
-    """Models in eval mode for the block (no dropout, LoRA dropout included), then back as they were."""
-    models = [m for m in models if m is not None]
-    was_training = [m.training for m in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, mode in zip(models, was_training):
-            model.train(mode)
-
-
-# Copied from train_lcm_distill_sd_wds.lcm_scheduler_for
-def lcm_scheduler_for(args):
-    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
-    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
-    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
-    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                        original_inference_steps=args.num_ddim_timesteps,
-                                        timestep_scaling=args.timestep_scaling_factor)
-
-
-# Copied from train_lcm_distill_sd_wds.log_validation
-def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
-    """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
-    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
-    if not prompts:
-        return None
-    scheduler = lcm_scheduler_for(args)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    rows = []
-    with torch.no_grad(), eval_mode(pipeline.unet), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                                                   enabled=weight_dtype != torch.float32):
-        for prompt in prompts:
-            row = []
-            for num_steps in VALIDATION_STEP_COUNTS:
-                generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps,
-                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                    width=args.resolution, generator=generator).images[0])
-            rows.append(row)
-    grid = make_image_grid(rows)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
-    del pipeline
-    free_memory()
-    return path
-
-
-def model_card_text(args, repo_id, validation_image=None):
-    """The README.md of the output directory (and of the Hub repo)."""
-    image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
-    return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: creativeml-openrail-m
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- lora
-- lcm
-- lcm-lora
-- latent-consistency-distillation
-inference: true
----
-
-# {repo_id}: LCM-LoRA distilled from {args.pretrained_teacher_model}
-
-A LoRA adapter trained with Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378 and
-arXiv:2311.05556) from `{args.pretrained_teacher_model}` by `train_lcm_distill_lora_sd_wds.py`. Loaded onto the
-teacher, or onto another fine-tune of the same base model, it samples in 1-8 steps with `LCMScheduler`.
-{image_line}
-## Inference
-
-```python
-import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
-pipe.load_lora_weights("{repo_id}")
-pipe.to("cuda")
-image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale=1.0).images[0]
-```
-
-Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance (omega in [{args.w_min}, {args.w_max}]) is
-distilled into the adapter. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for AUTOMATIC1111 and
-ComfyUI.
-
-## Training
-
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |
-| LoRA targets | {", ".join(args.lora_target_modules)} |
-| loss | {args.loss_type} (huber c = {args.huber_c}) |
-| DDIM steps N | {args.num_ddim_timesteps} |
-| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
-| mixed precision | {args.mixed_precision} |
-"""
-
-
-# Copied from train_lcm_distill_sd_wds.push_output_to_hub
-def push_output_to_hub(args, commit_message="End of training"):
-    """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
-                                   OutputDirLock.FILE_NAME],
-                  token=args.hub_token)
-    return repo_id
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_names
-def tracker_names(report_to):
-    """--report_to value -> what Accelerator(log_with=...) takes. 'all' means the two trackers the flags are
-    checked for: accelerate's own 'all' would also start any other tracker that happens to be installed
-    (comet, mlflow, ...), unconfigured, after the models have loaded."""
-    if report_to in ("", "none"):
-        return None
-    return ["tensorboard", "wandb"] if report_to == "all" else report_to.split(",")
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_config
-def tracker_config(args):
-    """Flags as tracker hyper-parameters (only scalar types trackers accept; never the hub token)."""
-    config = {}
-    for key, value in vars(args).items():
-        if key == "hub_token":
-            continue
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return config
-
-
-# Copied from train_lcm_distill_sd_wds.tracker_init_kwargs
-def tracker_init_kwargs(args):
-    """wandb writes its run next to tensorboard's, under --output_dir/--logging_dir, unless WANDB_DIR says where
-    (by default it would write ./wandb in whatever directory the job was started from)."""
-    if os.environ.get("WANDB_DIR"):
-        return {}
-    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
-
-
-# Copied from train_lcm_distill_sd_wds.report_peak_memory
-def report_peak_memory(accelerator, step):
-    """The run's peak GPU memory (torch.cuda.max_memory_allocated, the largest over processes) in GiB: logged to
-    the trackers as train/max_memory_allocated_gib and in one log line, to size the GPU, batch and flags by.
-    None (and nothing logged) off CUDA."""
-    if accelerator.device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    if accelerator.num_processes > 1:
-        peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
-    accelerator.log({"train/max_memory_allocated_gib": peak}, step=step)
-    logger.info(f"peak GPU memory: {peak:.2f} GiB allocated (torch.cuda.max_memory_allocated, largest process)")
-    return peak
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_hooks(accelerator):
-    """accelerate's save/load pre-hooks: checkpoints hold the adapter only (the base weights never change), as a
-    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it."""
-
-    def save_model_hook(models, weights, output_dir):
-        full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers shards
-        if accelerator.is_main_process:
-            save_lora_files(accelerator.unwrap_model(models[0]), output_dir, kohya=False, full_state=full_state)
-        if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapter from their own files
-            load_lora_checkpoint(accelerator.unwrap_model(models.pop()), input_dir)
-
-    return save_model_hook, load_model_hook
-
-
-# Copied from train_lcm_distill_sd_wds.make_optimizer
-def make_optimizer(args, params, learning_rate):
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+def stream_dataloader(stream, args, accelerator):
+    """A DataLoader over a stream that yields whole batches, read by --dataloader_num_workers workers."""
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # do not draw from the global RNG (resume equality)
+        worker_init_fn=defer_stop_signals,
+    )
+
+
+# endregion DATA
 
 
 def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracker_names(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
-    configure_deepspeed(accelerator, args)
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data first: a source that yields nothing fails now, not after minutes of model loading
-    resume_dir = resolve_resume_checkpoint(args)
-    global_step = 0
-    data_counts = new_data_counts()
+    accelerator = start_run(args)
     record = run_record("lcm-lora", stream_topology(args, accelerator.num_processes))
-    if resume_dir is not None:
-        state = read_training_state(resume_dir)
-        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
-        global_step = state["global_step"]
-        data_counts = {k: state.get(k, 0) for k in data_counts}
-    # a resumed stream skips the batches the checkpointed run already trained on
-    train_dataloader = make_train_dataloader(args, accelerator, skip_batches=global_step * args.gradient_accumulation_steps)
-    loader_iterator = iter(train_dataloader)
-    try:
-        batches = itertools.chain([next(loader_iterator)], loader_iterator)
-    except (DataError, RuntimeError) as error:
-        close_batches(loader_iterator)
-        raise SystemExit(data_error_message(error)) from None
-
-    # ---- models: everything frozen in the mixed-precision dtype except the fp32 LoRA weights
-    try:
-        noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args, weight_dtype)
-    except LoraTargetError as error:
-        raise SystemExit(f"error: {error}") from None
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-    unet.train()
-    device = accelerator.device
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    unet.to(device)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    alpha_schedule = alphas_cumprod.sqrt().to(device)
-    sigma_schedule = (1.0 - alphas_cumprod).sqrt().to(device)
-    solver = DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps).to(device)
-    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
-
-    # ---- optimiser (LoRA parameters only) and schedule
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, lora_params, learning_rate)
-    if args.max_train_steps is None:
-        steps_per_epoch = math.ceil(args.max_train_samples / total_batch_size)
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    base_unet = accelerator.unwrap_model(unet)
-
-    save_model_hook, load_model_hook = checkpoint_hooks(accelerator)
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    if resume_dir is not None:
-        accelerator.print(f"resuming from {resume_dir} at step {global_step}")
-        accelerator.load_state(resume_dir)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
-                                  init_kwargs=tracker_init_kwargs(args))
-
-    uncond_prompt_embeds = encode_prompts(text_encoder, tokenizer, [""])  # once, not per step
-    ctx = LCDLoraContext(
-        unet=unet, base_unet=base_unet, noise_scheduler=noise_scheduler, solver=solver,
-        alpha_schedule=alpha_schedule, sigma_schedule=sigma_schedule,
-        prediction_type=noise_scheduler.config.prediction_type, args=args, autocast=accelerator.autocast,
-    )
-
-    num_lora = sum(p.numel() for p in lora_params)
-    logger.info(f"***** Running LCM-LoRA: {args.max_train_steps} steps, {total_batch_size} samples per step "
-                f"({args.train_batch_size} per process x {accelerator.num_processes} x "
-                f"{args.gradient_accumulation_steps} accumulation); {num_lora:,} LoRA parameters *****")
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    step_started = time.perf_counter()
-    stop = StopOnSignal().install()
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
-    try:
-        while global_step < args.max_train_steps:
-            running_loss = torch.zeros((), device=device)
-            apply_update = True
-            for _ in range(args.gradient_accumulation_steps):
-                batch = next(batches)
-                data_counts = {k: v + batch[k] for k, v in data_counts.items()}
-                with accelerator.accumulate(unet):
-                    latents = encode_latents(vae, batch["pixel_values"], args.vae_encode_batch_size)
-                    prompt_embeds = encode_prompts(text_encoder, tokenizer, batch["captions"])
-                    uncond = uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
-                    loss = lcd_lora_loss(ctx, latents, prompt_embeds, uncond)
-                    running_loss += loss.detach()
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # one host sync per optimiser step: the loss averaged over ranks, and whether any rank was
-                        # asked to stop; a non-finite loss skips the update before it touches the weights
-                        stats = torch.stack([running_loss / args.gradient_accumulation_steps,
-                                             torch.tensor(stop.flag, device=device)])
-                        mean_loss, stop_requested = accelerator.reduce(stats, "mean").tolist()
-                        apply_update = nonfinite.apply(mean_loss, global_step + 1)
-                        if apply_update and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if apply_update:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            global_step += 1
-
-            now = time.perf_counter()
-            samples_per_sec = total_batch_size / (now - step_started)
-            step_started = now
-            logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/samples_per_sec": samples_per_sec,
-                    **data_count_logs(data_counts)}
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{logs['train/lr']:.3g}", samples_s=f"{samples_per_sec:.2f}",
-                                 skipped=data_counts["n_corrupt"])
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or stop_requested:
-                checkpoint = save_checkpoint(accelerator, args, global_step, {**data_counts, **record})
-            if stop_requested:
-                stop.exit_after(accelerator, global_step, checkpoint)
-            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
-                    and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
-                log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
-                step_started = time.perf_counter()  # validation time is not training throughput
-    except (DataError, RuntimeError) as error:
-        raise SystemExit(data_error_message(error)) from None
-    finally:
-        stop.restore()
-        close_batches(loader_iterator)
-        progress.close()
-
-    report_peak_memory(accelerator, global_step)
-    accelerator.wait_for_everyone()
-    full_state = full_state_dict(accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
-    if accelerator.is_main_process:
-        if any(data_counts.values()):
-            logger.info(f"data: {describe_data_counts(data_counts)}")
-        save_lora_files(base_unet, args.output_dir, dtype=weight_dtype_for(args.save_precision), full_state=full_state)
-        path = log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, "lora", global_step, weight_dtype)
-        validation_image = os.path.relpath(path, args.output_dir) if path else None
-        lcm_scheduler_for(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-            f.write(model_card_text(args, repo_id, validation_image))
-        if args.push_to_hub:
-            push_output_to_hub(args)
-    accelerator.end_training()
-    OutputDirLock.release_all()
+    data = open_training_data(args, accelerator, record, make_train_dataloader, new_data_counts(),
+                              samples_per_epoch=args.max_train_samples or 0)
+    method = LatentConsistencyLoraDistillation(args, accelerator)
+    train(args, accelerator, method, data, title="LCM-LoRA")
 
 
 if __name__ == "__main__":
