@@ -27,7 +27,6 @@ import contextlib
 import copy
 import csv
 import functools
-import gc
 import hashlib
 import importlib.util
 import io
@@ -73,7 +72,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from huggingface_hub import create_repo, upload_folder
+from diffusers.training_utils import free_memory
+from huggingface_hub import ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -595,9 +595,7 @@ def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, 
                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                    width=args.resolution, generator=generator).images[0])
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return images
 
 
@@ -633,17 +631,12 @@ def model_card_text(args, repo_id, parameter_counts, validation_image=None):
     image_line = (f"\n![validation grid: prompts x (teacher, student{', EMA' if args.use_ema else ''})]"
                   f"({validation_image})\n" if validation_image else "")
     ema_note = "`unet_ema/` holds the EMA of the student's weights; " if args.use_ema else ""
+    front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
+                                 license="creativeml-openrail-m", inference=True,
+                                 tags=["stable-diffusion", "text-to-image", "diffusers", "bk-sdm",
+                                       "knowledge-distillation"]).to_yaml()
     return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: creativeml-openrail-m
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- bk-sdm
-- knowledge-distillation
-inference: true
+{front_matter}
 ---
 
 # {repo_id}: a block-removed ({args.unet_config_name}) student of {args.pretrained_teacher_model}

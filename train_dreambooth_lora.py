@@ -24,7 +24,6 @@ The training step is `dreambooth_loss`; everything else is set-up and bookkeepin
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import importlib.util
 import itertools
@@ -62,6 +61,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
 from huggingface_hub import create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -476,9 +476,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, valida
     grid.save(path)
     log_grid_to_trackers(accelerator, "validation", grid, step)
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return path
 
 
@@ -581,9 +579,7 @@ class DreamBoothLoRA:
                             encode_prompts(text_encoder, self.tokenizer, [args.validation_prompt]),
                             encode_prompts(text_encoder, self.tokenizer, [""]))
                 text_encoder = None  # freed: nothing needs it any more
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_memory()
             num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
             logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
                         f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
@@ -1784,9 +1780,7 @@ def generate_class_images(args, accelerator):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:10]
             image.save(os.path.join(args.class_data_dir, f"{index:05d}-{digest}.jpg"), quality=95)
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     accelerator.wait_for_everyone()
     return missing
 

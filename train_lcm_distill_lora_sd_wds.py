@@ -65,7 +65,7 @@ from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
-from huggingface_hub import create_repo, upload_folder
+from huggingface_hub import ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -677,19 +677,12 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
 def model_card_text(args, repo_id, validation_image=None):
     """The README.md of the output directory (and of the Hub repo)."""
     image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
+                                 license="creativeml-openrail-m", inference=True,
+                                 tags=["stable-diffusion", "text-to-image", "diffusers", "lora", "lcm", "lcm-lora",
+                                       "latent-consistency-distillation"]).to_yaml()
     return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: creativeml-openrail-m
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- lora
-- lcm
-- lcm-lora
-- latent-consistency-distillation
-inference: true
+{front_matter}
 ---
 
 # {repo_id}: LCM-LoRA distilled from {args.pretrained_teacher_model}

@@ -27,7 +27,6 @@ the models and `LatentConsistencyDistillationXL`, which the shared ENGINE region
 import argparse
 import contextlib
 import functools
-import gc
 import hashlib
 import importlib.util
 import io
@@ -66,7 +65,8 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from huggingface_hub import create_repo, upload_folder
+from diffusers.training_utils import free_memory
+from huggingface_hub import ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -856,9 +856,7 @@ def log_validation(args, accelerator, vae, text_encoders, tokenizers, unet, name
     grid.save(path)
     log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
     del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return path
 
 
@@ -873,7 +871,7 @@ def model_card_text(args, repo_id, validation_image=None):
         load = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_teacher_model}"{vae_kwarg}, '
                 f'torch_dtype=torch.float16)\npipe.load_lora_weights("{repo_id}")')
         imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline"
-        guidance, tags = 1.0, "- lora\n- lcm-lora\n"
+        guidance, tags = 1.0, ["lora", "lcm-lora"]
         details = (f"| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |\n"
                    f"| LoRA targets | {', '.join(args.lora_target_modules)} |\n")
         advice = (f"Use `guidance_scale` between 1.0 and 2.0. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya "
@@ -884,21 +882,16 @@ def model_card_text(args, repo_id, validation_image=None):
                 f'torch_dtype=torch.float16)\npipe = StableDiffusionXLPipeline.from_pretrained('
                 f'"{args.pretrained_teacher_model}", unet=unet{vae_kwarg}, torch_dtype=torch.float16)')
         imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel"
-        guidance, tags = args.validation_guidance_scale, ""
+        guidance, tags = args.validation_guidance_scale, []
         details = f"| EMA decay | {args.ema_decay} |\n"
         advice = (f"The guidance scale is a model input (omega in [{args.w_min}, {args.w_max}]; the pipeline feeds "
                   f"`guidance_scale - 1`). `unet_target` is the EMA network, `unet` the online student.")
+    front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
+                                 license="openrail++", inference=True,
+                                 tags=["stable-diffusion-xl", "text-to-image", "diffusers", *tags, "lcm",
+                                       "latent-consistency-distillation"]).to_yaml()
     return f"""---
-base_model: {args.pretrained_teacher_model}
-library_name: diffusers
-license: openrail++
-tags:
-- stable-diffusion-xl
-- text-to-image
-- diffusers
-{tags}- lcm
-- latent-consistency-distillation
-inference: true
+{front_matter}
 ---
 
 # {repo_id}: {what} distilled from {args.pretrained_teacher_model}
