@@ -108,7 +108,6 @@ def parse_args(input_args=None):
         prog="train_bk_sdm_kd.py",
         description="BK-SDM block-removal knowledge distillation of a Stable Diffusion 1.x/2.x UNet.",
     )
-    # ---- model
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="pretrained_teacher_model",
                        type=str, required=True,
@@ -120,42 +119,15 @@ def parse_args(input_args=None):
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    # ---- data
-    group = parser.add_argument_group("data (one of --train_shards_path_or_url and --train_data_dir)")
-    group.add_argument("--train_shards_path_or_url", type=str, default=None,
-                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
-                            "'pipe:' command, or several of those joined by '::'.")
+    group = add_stream_args(parser, shards_required=False)
     group.add_argument("--train_data_dir", type=str, default=None,
-                       help="An image folder with metadata.jsonl or metadata.csv: one row per image, its path "
-                            "(relative to the folder) in --image_column and its caption in --caption_column.")
+                       help="An image folder (instead of --train_shards_path_or_url) with metadata.jsonl or "
+                            "metadata.csv: one row per image, its path (relative to the folder) in --image_column and "
+                            "its caption in --caption_column.")
     group.add_argument("--image_column", type=str, default=None,
                        help="Metadata column holding the image path (--train_data_dir only; default 'file_name').")
     group.add_argument("--caption_column", type=str, default=None,
                        help="Metadata column holding the caption (--train_data_dir only; default 'text').")
-    group.add_argument("--resolution", type=bounded(int, 8, None),
-                       default=512, help="Training resolution (square), divisible by 8.")
-    group.add_argument("--interpolation_type", type=str, default="bilinear",
-                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
-                       help="Resampling filter used to resize the shorter side to --resolution.")
-    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
-                       help="Samples per epoch (default for an image folder: all of its images). Each pass over the "
-                            "data is truncated to this many samples.")
-    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
-                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
-                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
-                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
-    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
-                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
-                       help="Data loading processes per GPU (0 reads in the main process).")
-    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
-                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
-                            "skipped and counted as data/stalled_shards).")
-    # ---- knowledge distillation
     group = parser.add_argument_group("knowledge distillation")
     group.add_argument("--lambda_sd", type=bounded(float, 0, None),
                        default=1.0, help="Weight of the denoising task loss.")
@@ -166,76 +138,14 @@ def parse_args(input_args=None):
     group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=0.9999,
                        help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
-    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
-                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
-    # ---- optimiser
-    group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=5e-5)
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
-    group.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
-                       default=0, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
-    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
-    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=1e-2)
-    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
-                       default=1.0, help="Gradient clipping norm (0 disables).")
-    # ---- precision and speed
-    group = parser.add_argument_group("precision and speed")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Overrides the accelerate config.")
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--gradient_checkpointing", action="store_true",
-                       help="Trade compute for the student's activation memory.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
-    # ---- run control
-    group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
-                       help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
-                       help="Epochs (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
-    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
-                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=500,
-                       help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
+    group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
     group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=7.5)
     group.add_argument("--num_validation_inference_steps", type=bounded(int, 1, None), default=25,
                        help="DPM-Solver++ steps of validation images.")
-    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
-                       default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
-                       default=None, help="Keep at most this many checkpoints.")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--allow_topology_change", action="store_true",
-                       help="Resume even though processes, loader workers, batch size, accumulation, seed or data "
-                            "differ from the checkpoint's run; the data position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
-                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
-    # ---- output and logging
-    group = parser.add_argument_group("output and logging")
-    group.add_argument("--output_dir", type=str, default="bk-sdm-model")
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Train into an --output_dir that already holds a finished run.")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
-    group.add_argument("--tracker_project_name", type=str, default="bk-sdm-kd")
-    # ---- hub
-    group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+    add_engine_args(parser, output_dir="bk-sdm-model", learning_rate=5e-5, lr_warmup_steps=0, adam_weight_decay=1e-2,
+                    validation_steps=500, tracker_project_name="bk-sdm-kd")
 
     args = parser.parse_args(input_args)
     validate_args(parser, args)
@@ -256,21 +166,11 @@ def validate_args(parser, args):
         args.image_column = args.image_column or "file_name"
         args.caption_column = args.caption_column or "text"
         check_image_folder_args(parser, args)
-    for name in ("lambda_sd", "lambda_kd_output", "lambda_kd_feat"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
         parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error("--ema_decay must be in [0, 1)")
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be >= 1")
-    if args.num_validation_inference_steps < 1:
-        parser.error("--num_validation_inference_steps must be >= 1")
 
 
 def check_image_folder_args(parser, args):
-    check_stream_args(parser, args)
     try:
         read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
     except DataError as error:
@@ -813,6 +713,80 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, lr_warmup_steps=500,
+                    adam_weight_decay=0.0, validation_steps=200, tracker_project_name="text2image-fine-tune"):
+    """The flags every script shares: optimiser, precision, run control, output and Hub. The keyword arguments
+    are the defaults that differ between scripts."""
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=learning_rate)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=lr_warmup_steps, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
+
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Trained weights stay fp32.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for the trained network's activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=train_batch_size,
+                       help="Examples per process and micro-step.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
+                       help="Passes over the training data, used when --max_train_steps is not set (a shard "
+                            "stream's pass is --max_train_samples samples).")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=validation_steps,
+                       help="Validate every N optimiser steps (and at the end); 0 validates only at the end.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--allow_topology_change", action="store_true",
+                       help="Resume even though processes, loader workers, batch size, accumulation, seed or the "
+                            "training data differ from the checkpoint's run; the data position is then approximate.")
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
+
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default=output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
@@ -822,23 +796,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.num_train_epochs < 1:
-        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if getattr(args, "dataloader_num_workers", 0) < 0:
-        parser.error("--dataloader_num_workers must be >= 0")
-    if args.checkpointing_steps < 1:
-        parser.error("--checkpointing_steps must be >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
-    if args.validation_steps < 0:
-        parser.error("--validation_steps must be >= 0")
-    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
-        parser.error("--proportion_empty_prompts must be in [0, 1]")
     model = getattr(args, model_flag)
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         parser.error(f"--{model_flag}: no such directory: {model}")
@@ -865,8 +822,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
         if not os.path.isfile(os.path.join(path, "training_state.json")):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be >= 1")
     check_output_dir(parser, args)
 
 
@@ -1544,7 +1499,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps,
-                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1649,6 +1604,40 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
 # ==========================================================================================================
 
 
+def add_stream_args(parser, *, resolution=512, shards_required=True):
+    """The flags of the shard stream (and of the images it yields); returns the "data" group for more."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_shards_path_or_url", type=str, required=shards_required, default=None,
+                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
+                            "'pipe:' command, or several of those joined by '::'.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=resolution, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--interpolation_type", type=str, default="bilinear",
+                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
+                       help="Resampling filter used to resize the shorter side to --resolution.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
+                       help="Samples per epoch: each pass over the data is truncated to this many samples (an image "
+                            "folder's default: all of its images).")
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
+                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
+                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
+                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
+                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
+                       help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
+                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
+                            "skipped and counted as data/stalled_shards).")
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
+                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
+    return group
+
+
 def expand_shard_urls(spec):
     """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
     urls = []
@@ -1676,17 +1665,6 @@ def check_shard_args(parser, args):
             "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
             "(samples per epoch) with --num_train_epochs"
         )
-    check_stream_args(parser, args)
-
-
-def check_stream_args(parser, args):
-    """Checks of the sample stream's own flags, whatever its source."""
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        parser.error("--max_train_samples must be >= 1")
-    if args.min_image_size < 0:
-        parser.error("--min_image_size must be >= 0")
-    if args.shuffle_buffer_size < 0:
-        parser.error("--shuffle_buffer_size must be >= 0")
 
 
 class ImageTransform:

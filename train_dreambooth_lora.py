@@ -95,14 +95,12 @@ def parse_args(input_args=None):
         prog="train_dreambooth_lora.py",
         description="DreamBooth LoRA fine-tuning of Stable Diffusion 1.x/2.x (UNet and optionally text encoder).",
     )
-    # ---- model
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                        help="Hub id or local directory of the base pipeline (SD 1.x / 2.x, eps or v-prediction).")
     group.add_argument("--revision", type=str, default=None, help="Revision of the model on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the model files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    # ---- data
     group = parser.add_argument_group("data")
     group.add_argument("--instance_data_dir", type=str, required=True, help="Folder of the subject's photos.")
     group.add_argument("--instance_prompt", type=str, required=True,
@@ -136,7 +134,6 @@ def parse_args(input_args=None):
                        help="Require the prompt embeddings to be computed once and the text encoder freed (the "
                             "default whenever the text encoder does not train); refused with --no_cache or "
                             "--train_text_encoder.")
-    # ---- LoRA
     group = parser.add_argument_group("LoRA")
     group.add_argument("--rank", type=bounded(int, 1, None), default=4, help="Rank r of the LoRA adapters.")
     group.add_argument("--lora_alpha", type=bounded(float, 0, None, low_open=True), default=None,
@@ -145,78 +142,13 @@ def parse_args(input_args=None):
                        default=0.0, help="Dropout on the LoRA branch input.")
     group.add_argument("--train_text_encoder", action="store_true",
                        help="Also train LoRA adapters on the text encoder.")
-    # ---- optimiser
-    group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-4)
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
-    group.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
-                       default=0, help="Warm-up length in optimiser steps.")
-    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
-                       default=1, help="Restarts of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
-                       default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
-    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
-    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=1e-2)
-    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
-                       default=1.0, help="Gradient clipping norm (0 disables).")
-    # ---- precision and speed
-    group = parser.add_argument_group("precision and speed")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Overrides the accelerate config. Frozen weights take this dtype; LoRA weights stay fp32.")
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
-    # ---- run control
-    group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=4,
-                       help="Instance images per process and step (as many class images are added).")
-    group.add_argument("--max_train_steps", type=bounded(int, 1, None),
-                       default=None, help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
-                       help="Passes over the examples (max of instance and class image counts).")
-    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
-    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
-                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    group.add_argument("--num_validation_images", type=bounded(int, 1, None), default=4)
-    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=100,
-                       help="Validate every N optimiser steps (and at the end) when --validation_prompt is set; "
-                            "0 only at the end.")
-    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
-                       default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
-                       default=None, help="Keep at most this many checkpoints.")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--allow_topology_change", action="store_true",
-                       help="Resume even though processes, batch size, accumulation, seed or the number of images "
-                            "differ from the checkpoint's run; the example position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
-                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
-    # ---- output and logging
-    group = parser.add_argument_group("output and logging")
-    group.add_argument("--output_dir", type=str, default="dreambooth-lora")
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Train into an --output_dir that already holds a finished run.")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (checkpoints always keep fp32).")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
-    group.add_argument("--tracker_project_name", type=str, default="dreambooth-lora")
-    # ---- hub
-    group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
+    group.add_argument("--num_validation_images", type=bounded(int, 1, None), default=4)
+    add_engine_args(parser, output_dir="dreambooth-lora", learning_rate=1e-4, train_batch_size=4, lr_warmup_steps=0,
+                    adam_weight_decay=1e-2, validation_steps=100, tracker_project_name="dreambooth-lora")
 
     args = parser.parse_args(input_args)
     validate_args(parser, args)
@@ -226,9 +158,6 @@ def parse_args(input_args=None):
 def validate_args(parser, args):
     """Fail at start-up, in one line, before any model is loaded."""
     check_model_kinds(parser, args, "sd", "pretrained_model_name_or_path")
-    for name in ("rank", "sample_batch_size", "num_validation_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not os.path.isdir(args.instance_data_dir):
         parser.error(f"--instance_data_dir: no such directory: {args.instance_data_dir}")
     if not list_images(args.instance_data_dir)[0]:
@@ -236,10 +165,6 @@ def validate_args(parser, args):
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
-        if args.num_class_images < 1:
-            parser.error("--num_class_images must be >= 1")
-        if args.prior_loss_weight < 0:
-            parser.error("--prior_loss_weight must be >= 0")
     elif args.class_data_dir is not None or args.class_prompt is not None:
         parser.error("--class_data_dir and --class_prompt need --with_prior_preservation")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
@@ -251,8 +176,6 @@ def validate_args(parser, args):
         parser.error("--pre_compute_text_embeddings contradicts --no_cache")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
-    if not 0.0 <= args.lora_dropout < 1.0:
-        parser.error("--lora_dropout must be in [0, 1)")
     check_common_args(parser, args, "pretrained_model_name_or_path")
 
 
@@ -704,6 +627,80 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, lr_warmup_steps=500,
+                    adam_weight_decay=0.0, validation_steps=200, tracker_project_name="text2image-fine-tune"):
+    """The flags every script shares: optimiser, precision, run control, output and Hub. The keyword arguments
+    are the defaults that differ between scripts."""
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=learning_rate)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=lr_warmup_steps, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
+
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Trained weights stay fp32.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for the trained network's activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=train_batch_size,
+                       help="Examples per process and micro-step.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
+                       help="Passes over the training data, used when --max_train_steps is not set (a shard "
+                            "stream's pass is --max_train_samples samples).")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=validation_steps,
+                       help="Validate every N optimiser steps (and at the end); 0 validates only at the end.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--allow_topology_change", action="store_true",
+                       help="Resume even though processes, loader workers, batch size, accumulation, seed or the "
+                            "training data differ from the checkpoint's run; the data position is then approximate.")
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
+
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default=output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
@@ -713,23 +710,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.num_train_epochs < 1:
-        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if getattr(args, "dataloader_num_workers", 0) < 0:
-        parser.error("--dataloader_num_workers must be >= 0")
-    if args.checkpointing_steps < 1:
-        parser.error("--checkpointing_steps must be >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
-    if args.validation_steps < 0:
-        parser.error("--validation_steps must be >= 0")
-    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
-        parser.error("--proportion_empty_prompts must be in [0, 1]")
     model = getattr(args, model_flag)
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         parser.error(f"--{model_flag}: no such directory: {model}")
@@ -756,8 +736,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
         if not os.path.isfile(os.path.join(path, "training_state.json")):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be >= 1")
     check_output_dir(parser, args)
 
 
@@ -1435,7 +1413,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps,
-                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)

@@ -86,7 +86,6 @@ def parse_args(input_args=None):
         prog="train_lcm_distill_sd_wds.py",
         description="Latent Consistency Distillation of a Stable Diffusion 1.x/2.x UNet (full student).",
     )
-    # ---- model
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
@@ -96,125 +95,22 @@ def parse_args(input_args=None):
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    # ---- data
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_shards_path_or_url", type=str, required=True,
-                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
-                            "'pipe:' command, or several of those joined by '::'.")
-    group.add_argument("--resolution", type=bounded(int, 8, None),
-                       default=512, help="Training resolution (square), divisible by 8.")
-    group.add_argument("--interpolation_type", type=str, default="bilinear",
-                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
-                       help="Resampling filter used to resize the shorter side to --resolution.")
-    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
-                       help="Samples per epoch: each pass over the shards is truncated to this many samples. Also "
-                            "gives the epoch length used by --num_train_epochs.")
-    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
-                       help="Fraction of captions replaced by the empty prompt.")
-    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
-                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
-                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
-                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
-    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
-                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
-                       help="Data loading processes per GPU (0 reads in the main process).")
-    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
-                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
-                            "skipped and counted as data/stalled_shards).")
-    # ---- latent consistency distillation
-    group = parser.add_argument_group("latent consistency distillation")
-    group.add_argument("--w_min", type=bounded(float, 0, None),
-                       default=5.0, help="Lowest guidance scale omega sampled per example.")
-    group.add_argument("--w_max", type=bounded(float, 0, None),
-                       default=15.0, help="Highest guidance scale omega sampled per example.")
-    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
-                       default=50, help="N: DDIM solver steps of the teacher ODE.")
-    group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
-    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
-                       default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
-                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    add_stream_args(parser)
+    group = add_lcd_args(parser)
     group.add_argument("--unet_time_cond_proj_dim", type=bounded(int, 1, None), default=256,
                        help="Size of the omega embedding when the teacher UNet has no time_cond_proj_dim.")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True),
                        default=0.95, help="mu: EMA decay of the target network.")
-    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
-                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
     group.add_argument("--teacher_unet_fp32", action="store_true",
                        help="Keep the frozen teacher UNet in fp32 (default: the mixed-precision dtype; autocast would "
                             "run it in that dtype anyway, so fp32 weights only cost memory unless there is no "
                             "autocast, as under DeepSpeed).")
-    # ---- optimiser
-    group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=1e-6)
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
-    group.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
-                       default=500, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
-    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
-    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=0.0)
-    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
-                       default=1.0, help="Gradient clipping norm (0 disables).")
-    # ---- precision and speed
-    group = parser.add_argument_group("precision and speed")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Overrides the accelerate config.")
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
-    # ---- run control
-    group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
-                       help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
-                       help="Epochs of --max_train_samples samples each (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
-    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
-                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=200,
-                       help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
+    group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
     group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=8.0,
                        help="Pipeline guidance_scale of validation images (the student sees omega = scale - 1).")
-    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
-                       default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
-                       default=None, help="Keep at most this many checkpoints.")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--allow_topology_change", action="store_true",
-                       help="Resume even though processes, loader workers, batch size, accumulation, seed or shards "
-                            "differ from the checkpoint's run; the data position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
-                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
-    # ---- output and logging
-    group = parser.add_argument_group("output and logging")
-    group.add_argument("--output_dir", type=str, default="lcm-sd-model")
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Train into an --output_dir that already holds a finished run.")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
-    group.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
-    # ---- hub
-    group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+    add_engine_args(parser, output_dir="lcm-sd-model", learning_rate=1e-6)
 
     args = parser.parse_args(input_args)
     validate_args(parser, args)
@@ -225,18 +121,34 @@ def validate_args(parser, args):
     check_model_kinds(parser, args, "sd")
     check_common_args(parser, args)
     check_shard_args(parser, args)
+    check_lcd_args(parser, args)
+
+
+# region LCD -- latent consistency distillation: flags, math and loss, shared by the three LCM scripts
+
+
+def add_lcd_args(parser, *, w_min=5.0):
+    """The flags of latent consistency distillation itself; returns their group for the script's own."""
+    group = parser.add_argument_group("latent consistency distillation")
+    group.add_argument("--w_min", type=bounded(float, 0, None),
+                       default=w_min, help="Lowest guidance scale omega sampled per example.")
+    group.add_argument("--w_max", type=bounded(float, 0, None),
+                       default=15.0, help="Highest guidance scale omega sampled per example.")
+    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
+                       default=50, help="N: DDIM solver steps of the teacher ODE.")
+    group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
+    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
+                       default=0.001, help="c of the pseudo-Huber loss.")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
+                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
+                       help="Fraction of captions replaced by the empty prompt.")
+    return group
+
+
+def check_lcd_args(parser, args):
     if args.w_min > args.w_max:
         parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
-    if not 1 <= args.num_ddim_timesteps <= 1000:
-        parser.error("--num_ddim_timesteps must be in [1, 1000]")
-    if args.huber_c <= 0:
-        parser.error("--huber_c must be > 0")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error("--ema_decay must be in [0, 1)")
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be >= 1")
-    if args.unet_time_cond_proj_dim < 1:
-        parser.error("--unet_time_cond_proj_dim must be >= 1")
 
 
 # ----------------------------------------
@@ -375,26 +287,58 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
     return solver.ddim_step(pred_x0, pred_eps, timestep_index)
 
 
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
 @dataclass
 class LCDContext:
-    """Everything the training step needs besides the batch: models, schedules and hyper-parameters."""
+    """Everything the LCD loss needs besides the batch: networks, schedules and hyper-parameters.
+
+    A full student has its own frozen teacher and an EMA target, and takes omega as an input. An LCM-LoRA
+    student is the teacher's UNet plus adapters: the teacher is that UNet with the adapters off, the target is
+    the student itself (no EMA), and it has no omega input (w_embedding_dim 0)."""
 
     unet: torch.nn.Module  # online student theta (possibly DDP-wrapped)
-    teacher_unet: torch.nn.Module
-    target_unet: torch.nn.Module  # EMA target theta-
+    teacher_unet: torch.nn.Module  # frozen teacher; LoRA: the unwrapped student, run with its adapters off
+    target_unet: torch.nn.Module  # EMA target theta-; LoRA: the unwrapped student
     noise_scheduler: DDPMScheduler
     solver: DDIMSolver
     alpha_schedule: torch.Tensor
     sigma_schedule: torch.Tensor
     prediction_type: str
-    w_embedding_dim: int
+    w_embedding_dim: int  # size of the student's omega embedding; 0: the student has no omega input
+    teacher_is_student_without_adapters: bool
     args: argparse.Namespace
     autocast: object = field(default=None)
     batched_teacher: bool = True
 
 
-def lcd_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
-    """One Latent Consistency Distillation loss (LCM paper, Algorithm 1), for latents z0 and prompt c."""
+def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
+                     teacher_is_student_without_adapters=False, batched_teacher=True):
+    """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
+    return LCDContext(
+        unet=unet, teacher_unet=teacher_unet, target_unet=target_unet, noise_scheduler=noise_scheduler,
+        solver=DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                          args.num_ddim_timesteps).to(device),
+        alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
+        prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
+        teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
+        batched_teacher=batched_teacher,
+    )
+
+
+def lcd_loss(ctx, latents, cond, uncond):
+    """One Latent Consistency Distillation loss (LCM paper, Algorithm 1) for latents z0. cond and uncond are the
+    UNet's conditioning inputs: {"encoder_hidden_states": c}, plus "added_cond_kwargs" for SDXL."""
     args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
     schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
 
@@ -413,34 +357,48 @@ def lcd_loss(ctx, latents, prompt_embeds, uncond_prompt_embeds):
     noise = torch.randn_like(latents)
     noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
 
-    # 4. omega ~ U[w_min, w_max], given to the student as an embedding.
+    # 4. omega ~ U[w_min, w_max]; a full student also takes it as an embedding (LCM-LoRA students do not).
     w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
-    w_embedding = guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)
+    w_input = {} if not ctx.w_embedding_dim else {
+        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
 
     # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
-        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, timestep_cond=w_embedding,
-                                      encoder_hidden_states=prompt_embeds)
+        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, **w_input, **cond)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
     # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
-    with ctx.autocast():
+    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
+               else contextlib.nullcontext(ctx.teacher_unet))
+    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
         x_prev = teacher_guided_ddim_step(
-            ctx.teacher_unet, noisy_latents, start_timesteps, index, w,
-            {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": uncond_prompt_embeds},
+            teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
             solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
         )
 
-    # 7. Target: f_theta-(x_{t_n}, omega, c, t_n) with the EMA network (no grad).
-    with torch.no_grad(), ctx.autocast():
-        target_output = unet_forward(ctx.target_unet, x_prev, timesteps, timestep_cond=w_embedding,
-                                     encoder_hidden_states=prompt_embeds)
+    # 7. Target f_theta-(x_{t_n}, omega, c, t_n), no grad, in eval mode: with LoRA dropout active the target would
+    #    be a random draw, not the network's prediction.
+    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.target_unet):
+        target_output = unet_forward(ctx.target_unet, x_prev, timesteps, **w_input, **cond)
     target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
     # 8. Consistency distance d(f_theta, f_theta-).
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
+# endregion LCD
 
 
 # ----------------------------------------
@@ -528,16 +486,6 @@ def checkpoint_hooks(accelerator, target_unet):
         target_unet.load_state_dict(load_unet_weights(input_dir, "unet_target"))
 
     return save_model_hook, load_model_hook
-
-
-def lcm_scheduler_for(args):
-    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
-    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
-    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
-    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                        original_inference_steps=args.num_ddim_timesteps,
-                                        timestep_scaling=args.timestep_scaling_factor)
 
 
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
@@ -649,16 +597,9 @@ class LatentConsistencyDistillation:
             unet.enable_gradient_checkpointing()
         self.modules = [unet]
 
-        alphas_cumprod = noise_scheduler.alphas_cumprod
-        noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
-        self.ctx = LCDContext(
-            unet=unet, teacher_unet=teacher_unet, target_unet=self.target_unet, noise_scheduler=noise_scheduler,
-            solver=DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
-                              args.num_ddim_timesteps).to(device),
-            alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
-            prediction_type=noise_scheduler.config.prediction_type,
-            w_embedding_dim=unet.config.time_cond_proj_dim, args=args, autocast=accelerator.autocast,
-        )
+        self.ctx = make_lcd_context(args, noise_scheduler, unet, teacher_unet, self.target_unet,
+                                    w_embedding_dim=unet.config.time_cond_proj_dim, device=device,
+                                    autocast=accelerator.autocast)
         self.uncond_prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, [""])  # once, not per step
 
     def use_prepared(self, modules):
@@ -672,7 +613,8 @@ class LatentConsistencyDistillation:
         latents = encode_latents(self.vae, batch["pixel_values"], self.args.vae_encode_batch_size)
         prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, batch["captions"])
         uncond = self.uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
-        return lcd_loss(self.ctx, latents, prompt_embeds, uncond), {}
+        return lcd_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
+                        {"encoder_hidden_states": uncond}), {}
 
     def after_update(self, step):
         student = self.accelerator.unwrap_model(self.modules[0])
@@ -739,6 +681,80 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, lr_warmup_steps=500,
+                    adam_weight_decay=0.0, validation_steps=200, tracker_project_name="text2image-fine-tune"):
+    """The flags every script shares: optimiser, precision, run control, output and Hub. The keyword arguments
+    are the defaults that differ between scripts."""
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=learning_rate)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=lr_warmup_steps, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
+
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Trained weights stay fp32.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for the trained network's activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=train_batch_size,
+                       help="Examples per process and micro-step.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
+                       help="Passes over the training data, used when --max_train_steps is not set (a shard "
+                            "stream's pass is --max_train_samples samples).")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=validation_steps,
+                       help="Validate every N optimiser steps (and at the end); 0 validates only at the end.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--allow_topology_change", action="store_true",
+                       help="Resume even though processes, loader workers, batch size, accumulation, seed or the "
+                            "training data differ from the checkpoint's run; the data position is then approximate.")
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
+
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default=output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
@@ -748,23 +764,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.num_train_epochs < 1:
-        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if getattr(args, "dataloader_num_workers", 0) < 0:
-        parser.error("--dataloader_num_workers must be >= 0")
-    if args.checkpointing_steps < 1:
-        parser.error("--checkpointing_steps must be >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
-    if args.validation_steps < 0:
-        parser.error("--validation_steps must be >= 0")
-    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
-        parser.error("--proportion_empty_prompts must be in [0, 1]")
     model = getattr(args, model_flag)
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         parser.error(f"--{model_flag}: no such directory: {model}")
@@ -791,8 +790,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
         if not os.path.isfile(os.path.join(path, "training_state.json")):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be >= 1")
     check_output_dir(parser, args)
 
 
@@ -1470,7 +1467,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps,
-                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1575,6 +1572,40 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
 # ==========================================================================================================
 
 
+def add_stream_args(parser, *, resolution=512, shards_required=True):
+    """The flags of the shard stream (and of the images it yields); returns the "data" group for more."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_shards_path_or_url", type=str, required=shards_required, default=None,
+                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
+                            "'pipe:' command, or several of those joined by '::'.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=resolution, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--interpolation_type", type=str, default="bilinear",
+                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
+                       help="Resampling filter used to resize the shorter side to --resolution.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
+                       help="Samples per epoch: each pass over the data is truncated to this many samples (an image "
+                            "folder's default: all of its images).")
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
+                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
+                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
+                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
+                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
+                       help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
+                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
+                            "skipped and counted as data/stalled_shards).")
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
+                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
+    return group
+
+
 def expand_shard_urls(spec):
     """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
     urls = []
@@ -1602,17 +1633,6 @@ def check_shard_args(parser, args):
             "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
             "(samples per epoch) with --num_train_epochs"
         )
-    check_stream_args(parser, args)
-
-
-def check_stream_args(parser, args):
-    """Checks of the sample stream's own flags, whatever its source."""
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        parser.error("--max_train_samples must be >= 1")
-    if args.min_image_size < 0:
-        parser.error("--min_image_size must be >= 0")
-    if args.shuffle_buffer_size < 0:
-        parser.error("--shuffle_buffer_size must be >= 0")
 
 
 class ImageTransform:

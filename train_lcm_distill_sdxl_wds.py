@@ -20,7 +20,7 @@ Launch:
         --train_shards_path_or_url="pipe:curl -fsSL --speed-limit 10000 --speed-time 60 $URL/{00000..01099}.tar" \
         --output_dir=lcm-sdxl --mixed_precision=fp16 --resolution=1024 --train_batch_size=12 --max_train_steps=1000
 
-The METHOD section comes first: the flags, the paper's math (the training step is `lcd_loss_sdxl`, one screen),
+The METHOD section comes first: the flags, the paper's math (the training step is `lcd_loss`, one screen),
 the models and `LatentConsistencyDistillationXL`, which the shared ENGINE region trains through.
 """
 
@@ -107,7 +107,6 @@ def parse_args(input_args=None):
         prog="train_lcm_distill_sdxl_wds.py",
         description="Latent Consistency Distillation of an SDXL teacher: a full LCM UNet, or LCM-LoRA with --use_lora.",
     )
-    # ---- model
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (any SDXL-architecture model).")
@@ -117,63 +116,19 @@ def parse_args(input_args=None):
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    # ---- data
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_shards_path_or_url", type=str, required=True,
-                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
-                            "'pipe:' command, or several of those joined by '::'.")
-    group.add_argument("--resolution", type=bounded(int, 8, None),
-                       default=1024, help="Training resolution (square), divisible by 8.")
-    group.add_argument("--interpolation_type", type=str, default="bilinear",
-                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
-                       help="Resampling filter used to resize the shorter side to --resolution.")
-    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
-    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
-                       help="Samples per epoch: each pass over the shards is truncated to this many samples. Also "
-                            "gives the epoch length used by --num_train_epochs.")
-    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
-                       help="Fraction of captions replaced by the empty prompt.")
-    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
-                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
-    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
-                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
-    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
-                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group = add_stream_args(parser, resolution=1024)
     group.add_argument("--use_fix_crop_and_size", action="store_true",
                        help="Micro-condition every sample on original size (resolution, resolution) and crop (0, 0) "
                             "instead of its real size (json, else image) and real crop.")
-    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
-                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
-                       help="Data loading processes per GPU (0 reads in the main process).")
-    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
-                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
-                            "skipped and counted as data/stalled_shards).")
-    # ---- latent consistency distillation
-    group = parser.add_argument_group("latent consistency distillation")
-    group.add_argument("--w_min", type=bounded(float, 0, None),
-                       default=3.0, help="Lowest guidance scale omega sampled per example.")
-    group.add_argument("--w_max", type=bounded(float, 0, None),
-                       default=15.0, help="Highest guidance scale omega sampled per example.")
-    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
-                       default=50, help="N: DDIM solver steps of the teacher ODE.")
-    group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
-    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
-                       default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
-                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group = add_lcd_args(parser, w_min=3.0)
     group.add_argument("--unet_time_cond_proj_dim", type=bounded(int, 1, None), default=None,
                        help="Full mode: size of the omega embedding when the teacher UNet has none (default 256).")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True),
                        default=None, help="Full mode: mu, EMA decay of the target (0.95).")
-    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
-                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
     group.add_argument("--teacher_unet_fp32", action="store_true",
                        help="Full mode: keep the frozen teacher UNet in fp32 (default: the mixed-precision dtype; "
                             "autocast would run it in that dtype anyway, so fp32 weights only cost memory unless "
                             "there is no autocast, as under DeepSpeed).")
-    # ---- LoRA
     group = parser.add_argument_group("LoRA (--use_lora)")
     group.add_argument("--use_lora", action="store_true",
                        help="Distil into LoRA adapters (LCM-LoRA): one UNet, the teacher is it with adapters disabled.")
@@ -188,74 +143,13 @@ def parse_args(input_args=None):
                             f"default: all of {', '.join(LORA_TARGET_KINDS)}.")
     group.add_argument("--save_precision", type=str, default=None, choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (fp16; checkpoints always keep fp32).")
-    # ---- optimiser
-    group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True),
-                       default=None, help="Default 1e-6 (full) or 1e-4 (--use_lora).")
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
-    group.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
-                       default=500, help="Warm-up length in optimiser steps.")
-    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
-    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
-    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=0.0)
-    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
-    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
-                       default=1.0, help="Gradient clipping norm (0 disables).")
-    # ---- precision and speed
-    group = parser.add_argument_group("precision and speed")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Overrides the accelerate config.")
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
-    # ---- run control
-    group = parser.add_argument_group("run control")
-    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=16, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
-                       help="Optimiser steps; overrides --num_train_epochs.")
-    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
-                       help="Epochs of --max_train_samples samples each (used when --max_train_steps is not set).")
-    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
-    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
-                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
-    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=200,
-                       help="Run validation every N optimiser steps (and at the end); 0 only at the end.")
+    group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
     group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=None,
                        help="Pipeline guidance_scale of validation images: default 8.0 (full: the student sees "
                             "omega = scale - 1) or 1.0 (--use_lora: no CFG pass).")
-    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
-                       default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
-                       default=None, help="Keep at most this many checkpoints.")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
-    group.add_argument("--allow_topology_change", action="store_true",
-                       help="Resume even though processes, loader workers, batch size, accumulation, seed or shards "
-                            "differ from the checkpoint's run; the data position is then approximate.")
-    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
-                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
-    # ---- output and logging
-    group = parser.add_argument_group("output and logging")
-    group.add_argument("--output_dir", type=str, default="lcm-sdxl-model")
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Train into an --output_dir that already holds a finished run.")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
-    group.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
-    # ---- hub
-    group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+    add_engine_args(parser, output_dir="lcm-sdxl-model", learning_rate=None)  # 1e-6, or 1e-4 with --use_lora
 
     args = parser.parse_args(input_args)
     validate_args(parser, args)
@@ -266,14 +160,7 @@ def validate_args(parser, args):
     check_model_kinds(parser, args, "sdxl")
     check_common_args(parser, args)
     check_shard_args(parser, args)
-    if args.w_min > args.w_max:
-        parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
-    if not 1 <= args.num_ddim_timesteps <= 1000:
-        parser.error("--num_ddim_timesteps must be in [1, 1000]")
-    if args.huber_c <= 0:
-        parser.error("--huber_c must be > 0")
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be >= 1")
+    check_lcd_args(parser, args)
     # a flag of the other mode would silently do nothing: refuse it
     wrong_mode = FULL_ONLY_FLAGS if args.use_lora else LORA_ONLY_FLAGS
     for name in wrong_mode:
@@ -285,14 +172,8 @@ def validate_args(parser, args):
         args.validation_guidance_scale = 1.0 if args.use_lora else 8.0
     if args.use_lora:
         args.lora_rank = 64 if args.lora_rank is None else args.lora_rank
-        if args.lora_rank < 1:
-            parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
         args.lora_alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
-        if args.lora_alpha <= 0:
-            parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
         args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
-        if not 0.0 <= args.lora_dropout < 1.0:
-            parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
         try:
             args.lora_target_modules = parse_lora_target_modules(
                 args.lora_target_modules or ",".join(LORA_TARGET_KINDS))
@@ -301,11 +182,7 @@ def validate_args(parser, args):
         args.save_precision = args.save_precision or "fp16"
     else:
         args.ema_decay = 0.95 if args.ema_decay is None else args.ema_decay
-        if not 0.0 <= args.ema_decay < 1.0:
-            parser.error("--ema_decay must be in [0, 1)")
         args.unet_time_cond_proj_dim = args.unet_time_cond_proj_dim or 256
-        if args.unet_time_cond_proj_dim < 1:
-            parser.error("--unet_time_cond_proj_dim must be >= 1")
 
 
 # Copied from train_lcm_distill_lora_sd_wds.parse_lora_target_modules
@@ -320,12 +197,38 @@ def parse_lora_target_modules(spec):
     return list(dict.fromkeys(kinds))
 
 
+# region LCD copied from train_lcm_distill_sd_wds
+
+
+def add_lcd_args(parser, *, w_min=5.0):
+    """The flags of latent consistency distillation itself; returns their group for the script's own."""
+    group = parser.add_argument_group("latent consistency distillation")
+    group.add_argument("--w_min", type=bounded(float, 0, None),
+                       default=w_min, help="Lowest guidance scale omega sampled per example.")
+    group.add_argument("--w_max", type=bounded(float, 0, None),
+                       default=15.0, help="Highest guidance scale omega sampled per example.")
+    group.add_argument("--num_ddim_timesteps", type=bounded(int, 1, 1000),
+                       default=50, help="N: DDIM solver steps of the teacher ODE.")
+    group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
+    group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
+                       default=0.001, help="c of the pseudo-Huber loss.")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
+                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
+                       help="Fraction of captions replaced by the empty prompt.")
+    return group
+
+
+def check_lcd_args(parser, args):
+    if args.w_min > args.w_max:
+        parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+
+
 # ----------------------------------------
 # LCD math
 # ----------------------------------------
 
 
-# Copied from train_lcm_distill_sd_wds.append_dims
 def append_dims(x, target_dims):
     """Append trailing singleton dimensions so a per-sample vector broadcasts against a batch of latents."""
     dims_to_append = target_dims - x.ndim
@@ -334,14 +237,12 @@ def append_dims(x, target_dims):
     return x[(...,) + (None,) * dims_to_append]
 
 
-# Copied from train_lcm_distill_sd_wds.extract_into_tensor
 def extract_into_tensor(schedule, timesteps, x_shape):
     """schedule[timesteps] reshaped to (B, 1, 1, 1) for broadcasting against x."""
     out = schedule.gather(-1, timesteps)
     return out.reshape(timesteps.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-# Copied from train_lcm_distill_sd_wds.guidance_scale_embedding
 def guidance_scale_embedding(w, embedding_dim=512, dtype=torch.float32):
     """Sinusoidal embedding of 1000*w (VDM-style), the student's extra input for the guidance scale omega."""
     assert w.ndim == 1
@@ -358,7 +259,6 @@ def guidance_scale_embedding(w, embedding_dim=512, dtype=torch.float32):
     return emb
 
 
-# Copied from train_lcm_distill_sd_wds.scalings_for_boundary_conditions
 def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=10.0):
     """c_skip(t), c_out(t) of the consistency parameterisation: c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x."""
     scaled_timestep = timestep * timestep_scaling
@@ -367,7 +267,6 @@ def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=
     return c_skip, c_out
 
 
-# Copied from train_lcm_distill_sd_wds.get_predicted_original_sample
 def get_predicted_original_sample(model_output, timesteps, sample, prediction_type, alphas, sigmas):
     """x0 predicted from a model output at (sample, t); alphas/sigmas are sqrt(abar) and sqrt(1 - abar)."""
     alphas = extract_into_tensor(alphas, timesteps, sample.shape)
@@ -381,7 +280,6 @@ def get_predicted_original_sample(model_output, timesteps, sample, prediction_ty
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
 
 
-# Copied from train_lcm_distill_sd_wds.get_predicted_noise
 def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
     """epsilon predicted from a model output at (sample, t)."""
     alphas = extract_into_tensor(alphas, timesteps, sample.shape)
@@ -395,7 +293,6 @@ def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, sample, v_prediction)")
 
 
-# Copied from train_lcm_distill_sd_wds.DDIMSolver
 class DDIMSolver:
     """The teacher's ODE solver on the N-point DDIM grid t = k-1, 2k-1, ..., T-1 (k = T // N)."""
 
@@ -420,7 +317,6 @@ class DDIMSolver:
         return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
 
 
-# Copied from train_lcm_distill_sd_wds.consistency_loss
 def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
     """d(f_theta, f_theta-): mean squared error, or the pseudo-Huber mean(sqrt(diff^2 + c^2) - c). fp32."""
     model_pred, target = model_pred.float(), target.float()
@@ -431,7 +327,6 @@ def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-# Copied from train_lcm_distill_sd_wds.concat_unet_kwargs
 def concat_unet_kwargs(first, second):
     """Concatenate two sets of UNet keyword inputs on the batch dim (nested dicts such as added_cond_kwargs too)."""
     if isinstance(first, dict):
@@ -439,7 +334,6 @@ def concat_unet_kwargs(first, second):
     return torch.cat([first, second])
 
 
-# Copied from train_lcm_distill_sd_wds.teacher_guided_ddim_step
 @torch.no_grad()
 def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
                              solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
@@ -466,7 +360,6 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
     return solver.ddim_step(pred_x0, pred_eps, timestep_index)
 
 
-# Copied from train_lcm_distill_lora_sd_wds.adapters_disabled
 @contextlib.contextmanager
 def adapters_disabled(unet):
     """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
@@ -477,43 +370,50 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
-def compute_time_ids(original_sizes, crop_top_lefts, resolution, use_fix_crop_and_size=False):
-    """SDXL micro-conditioning per sample: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (height first).
-
-    original_sizes and crop_top_lefts are (B, 2) tensors of (height, width) and (top, left).
-    """
-    bsz = original_sizes.shape[0]
-    if use_fix_crop_and_size:
-        original_sizes = torch.full((bsz, 2), resolution)
-        crop_top_lefts = torch.zeros((bsz, 2), dtype=torch.long)
-    target_sizes = torch.full((bsz, 2), resolution)
-    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
-
-
 @dataclass
-class LCDXLContext:
-    """Everything the training step needs besides the batch: models, schedules and hyper-parameters."""
+class LCDContext:
+    """Everything the LCD loss needs besides the batch: networks, schedules and hyper-parameters.
+
+    A full student has its own frozen teacher and an EMA target, and takes omega as an input. An LCM-LoRA
+    student is the teacher's UNet plus adapters: the teacher is that UNet with the adapters off, the target is
+    the student itself (no EMA), and it has no omega input (w_embedding_dim 0)."""
 
     unet: torch.nn.Module  # online student theta (possibly DDP-wrapped)
-    teacher_unet: torch.nn.Module  # full mode: the frozen teacher; LoRA mode: the unwrapped student itself
-    target_unet: torch.nn.Module  # full mode: EMA target theta-; LoRA mode: the unwrapped student itself
+    teacher_unet: torch.nn.Module  # frozen teacher; LoRA: the unwrapped student, run with its adapters off
+    target_unet: torch.nn.Module  # EMA target theta-; LoRA: the unwrapped student
     noise_scheduler: DDPMScheduler
     solver: DDIMSolver
     alpha_schedule: torch.Tensor
     sigma_schedule: torch.Tensor
     prediction_type: str
-    w_embedding_dim: int  # 0 in LoRA mode: no omega input
+    w_embedding_dim: int  # size of the student's omega embedding; 0: the student has no omega input
+    teacher_is_student_without_adapters: bool
     args: argparse.Namespace
     autocast: object = field(default=None)
     batched_teacher: bool = True
 
 
-def lcd_loss_sdxl(ctx, latents, cond, uncond):
-    """One LCD loss (LCM paper, Algorithm 1) for latents z0; cond/uncond are the UNet's text + micro-conditioning
-    inputs ({"encoder_hidden_states", "added_cond_kwargs": {"text_embeds", "time_ids"}})."""
+def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
+                     teacher_is_student_without_adapters=False, batched_teacher=True):
+    """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
+    return LCDContext(
+        unet=unet, teacher_unet=teacher_unet, target_unet=target_unet, noise_scheduler=noise_scheduler,
+        solver=DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                          args.num_ddim_timesteps).to(device),
+        alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
+        prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
+        teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
+        batched_teacher=batched_teacher,
+    )
+
+
+def lcd_loss(ctx, latents, cond, uncond):
+    """One Latent Consistency Distillation loss (LCM paper, Algorithm 1) for latents z0. cond and uncond are the
+    UNet's conditioning inputs: {"encoder_hidden_states": c}, plus "added_cond_kwargs" for SDXL."""
     args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
     schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
-    use_lora = args.use_lora
 
     # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
     index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
@@ -530,9 +430,9 @@ def lcd_loss_sdxl(ctx, latents, cond, uncond):
     noise = torch.randn_like(latents)
     noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
 
-    # 4. omega ~ U[w_min, w_max]; the full student also takes it as an embedding (LoRA students do not).
+    # 4. omega ~ U[w_min, w_max]; a full student also takes it as an embedding (LCM-LoRA students do not).
     w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
-    w_input = {} if use_lora else {
+    w_input = {} if not ctx.w_embedding_dim else {
         "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
 
     # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
@@ -542,16 +442,16 @@ def lcd_loss_sdxl(ctx, latents, cond, uncond):
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
     # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
-    #    LoRA mode: the teacher is the student's own UNet with the adapters switched off.
-    teacher_context = adapters_disabled(ctx.teacher_unet) if use_lora else contextlib.nullcontext(ctx.teacher_unet)
-    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher_context as teacher_unet:
+    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
+               else contextlib.nullcontext(ctx.teacher_unet))
+    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
         x_prev = teacher_guided_ddim_step(
             teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
             solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher,
         )
 
-    # 7. Target at t_n, no grad: the EMA network (full) or the online student itself (LoRA), in eval mode: with
-    #    LoRA dropout active the target would be a random draw, not the network's prediction.
+    # 7. Target f_theta-(x_{t_n}, omega, c, t_n), no grad, in eval mode: with LoRA dropout active the target would
+    #    be a random draw, not the network's prediction.
     with torch.no_grad(), ctx.autocast(), eval_mode(ctx.target_unet):
         target_output = unet_forward(ctx.target_unet, x_prev, timesteps, **w_input, **cond)
     target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
@@ -561,9 +461,35 @@ def lcd_loss_sdxl(ctx, latents, cond, uncond):
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
 
 
+def lcm_scheduler_for(args):
+    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
+    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
+    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
+    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
+                                        original_inference_steps=args.num_ddim_timesteps,
+                                        timestep_scaling=args.timestep_scaling_factor)
+
+
+# endregion LCD
+
+
 # ----------------------------------------
 # SDXL conditioning and models
 # ----------------------------------------
+
+
+def compute_time_ids(original_sizes, crop_top_lefts, resolution, use_fix_crop_and_size=False):
+    """SDXL micro-conditioning per sample: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (height first).
+
+    original_sizes and crop_top_lefts are (B, 2) tensors of (height, width) and (top, left).
+    """
+    bsz = original_sizes.shape[0]
+    if use_fix_crop_and_size:
+        original_sizes = torch.full((bsz, 2), resolution)
+        crop_top_lefts = torch.zeros((bsz, 2), dtype=torch.long)
+    target_sizes = torch.full((bsz, 2), resolution)
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
 
 
 # Copied from train_lcm_distill_sd_wds.encode_latents
@@ -799,17 +725,6 @@ def checkpoint_hooks(accelerator, target_unet, use_lora):
     return save_model_hook, load_model_hook
 
 
-# Copied from train_lcm_distill_sd_wds.lcm_scheduler_for
-def lcm_scheduler_for(args):
-    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
-    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
-    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
-    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
-                                        revision=args.teacher_revision, cache_dir=args.cache_dir,
-                                        original_inference_steps=args.num_ddim_timesteps,
-                                        timestep_scaling=args.timestep_scaling_factor)
-
-
 def decode_latents_to_image(pipeline, latents):
     """The first image of a batch of SDXL latents, decoded as the pipeline does but outside autocast."""
     vae = pipeline.vae
@@ -973,18 +888,11 @@ class LatentConsistencyDistillationXL:
         mode = "LoRA" if args.use_lora else "full UNet"
         self.title = f"LCD for SDXL ({mode}, {sum(p.numel() for p in self.optimizer_params()):,} trainable parameters)"
 
-        alphas_cumprod = noise_scheduler.alphas_cumprod
-        noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)  # add_noise on device without a per-step copy
-        self.ctx = LCDXLContext(
-            unet=unet, teacher_unet=unet if args.use_lora else teacher_unet,
-            target_unet=unet if args.use_lora else self.target_unet, noise_scheduler=noise_scheduler,
-            solver=DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
-                              args.num_ddim_timesteps).to(device),
-            alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
-            prediction_type=noise_scheduler.config.prediction_type,
-            w_embedding_dim=0 if args.use_lora else unet.config.time_cond_proj_dim, args=args,
-            autocast=accelerator.autocast,
-        )
+        self.ctx = make_lcd_context(
+            args, noise_scheduler, unet, teacher_unet=unet if args.use_lora else teacher_unet,
+            target_unet=unet if args.use_lora else self.target_unet,
+            w_embedding_dim=0 if args.use_lora else unet.config.time_cond_proj_dim, device=device,
+            autocast=accelerator.autocast, teacher_is_student_without_adapters=args.use_lora)
         # SDXL base zeroes the unconditional text inputs; a teacher whose pipeline does not is guided against ""
         self.empty_prompt = (None if teacher_zeroes_empty_prompt(args)
                              else encode_prompts_sdxl(self.text_encoders, self.tokenizers, [""]))
@@ -1005,7 +913,7 @@ class LatentConsistencyDistillationXL:
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution,
                                     args.use_fix_crop_and_size).to(latents.device)
         cond = unet_conditioning(prompt_embeds, pooled_embeds, time_ids)
-        return lcd_loss_sdxl(self.ctx, latents, cond, unconditional_conditioning(cond, self.empty_prompt)), {}
+        return lcd_loss(self.ctx, latents, cond, unconditional_conditioning(cond, self.empty_prompt)), {}
 
     def after_update(self, step):
         if not self.args.use_lora:  # LoRA mode has no EMA: its target is the online student
@@ -1081,6 +989,80 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, lr_warmup_steps=500,
+                    adam_weight_decay=0.0, validation_steps=200, tracker_project_name="text2image-fine-tune"):
+    """The flags every script shares: optimiser, precision, run control, output and Hub. The keyword arguments
+    are the defaults that differ between scripts."""
+    group = parser.add_argument_group("optimiser")
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=learning_rate)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    group.add_argument("--lr_warmup_steps", type=bounded(int, 0, None),
+                       default=lr_warmup_steps, help="Warm-up length in optimiser steps.")
+    group.add_argument("--lr_num_cycles", type=bounded(int, 1, None),
+                       default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
+                       default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
+                       default=1.0, help="Gradient clipping norm (0 disables).")
+
+    group = parser.add_argument_group("precision and speed")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Trained weights stay fp32.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for the trained network's activation memory.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+
+    group = parser.add_argument_group("run control")
+    group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=train_batch_size,
+                       help="Examples per process and micro-step.")
+    group.add_argument("--max_train_steps", type=bounded(int, 1, None), default=None,
+                       help="Optimiser steps; overrides --num_train_epochs.")
+    group.add_argument("--num_train_epochs", type=bounded(int, 1, None), default=1,
+                       help="Passes over the training data, used when --max_train_steps is not set (a shard "
+                            "stream's pass is --max_train_samples samples).")
+    group.add_argument("--gradient_accumulation_steps", type=bounded(int, 1, None), default=1)
+    group.add_argument("--seed", type=bounded(int, 0, 2**32 - 1),
+                       default=None, help="Seed for a reproducible (and resumable-equal) run.")
+    group.add_argument("--validation_steps", type=bounded(int, 0, None), default=validation_steps,
+                       help="Validate every N optimiser steps (and at the end); 0 validates only at the end.")
+    group.add_argument("--checkpointing_steps", type=bounded(int, 1, None),
+                       default=500, help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=bounded(int, 1, None),
+                       default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' or a checkpoint directory ('latest' with none saved starts fresh).")
+    group.add_argument("--allow_topology_change", action="store_true",
+                       help="Resume even though processes, loader workers, batch size, accumulation, seed or the "
+                            "training data differ from the checkpoint's run; the data position is then approximate.")
+    group.add_argument("--max_nonfinite_steps", type=bounded(int, 1, None), default=3,
+                       help="Skip optimiser steps whose loss is NaN/inf; stop after this many in a row.")
+
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", type=str, default=output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Train into an --output_dir that already holds a finished run.")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help="'tensorboard', 'wandb', 'all' or a comma-separated list of accelerate trackers.")
+    group.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub at the end.")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+
+
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
@@ -1090,23 +1072,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
     """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
     if args.resolution % 8 != 0 or args.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.num_train_epochs < 1:
-        parser.error(f"--num_train_epochs must be >= 1, got {args.num_train_epochs}")
-    if getattr(args, "dataloader_num_workers", 0) < 0:
-        parser.error("--dataloader_num_workers must be >= 0")
-    if args.checkpointing_steps < 1:
-        parser.error("--checkpointing_steps must be >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
-    if args.validation_steps < 0:
-        parser.error("--validation_steps must be >= 0")
-    if not 0.0 <= getattr(args, "proportion_empty_prompts", 0.0) <= 1.0:
-        parser.error("--proportion_empty_prompts must be in [0, 1]")
     model = getattr(args, model_flag)
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         parser.error(f"--{model_flag}: no such directory: {model}")
@@ -1133,8 +1098,6 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
         if not os.path.isfile(os.path.join(path, "training_state.json")):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be >= 1")
     check_output_dir(parser, args)
 
 
@@ -1812,7 +1775,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps,
-                                 num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -1917,6 +1880,40 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
 # ==========================================================================================================
 
 
+def add_stream_args(parser, *, resolution=512, shards_required=True):
+    """The flags of the shard stream (and of the images it yields); returns the "data" group for more."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_shards_path_or_url", type=str, required=shards_required, default=None,
+                       help="WebDataset shards: a local path or brace pattern (data/{00000..00099}.tar), a URL, a "
+                            "'pipe:' command, or several of those joined by '::'.")
+    group.add_argument("--resolution", type=bounded(int, 8, None),
+                       default=resolution, help="Training resolution (square), divisible by 8.")
+    group.add_argument("--interpolation_type", type=str, default="bilinear",
+                       choices=["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"],
+                       help="Resampling filter used to resize the shorter side to --resolution.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    group.add_argument("--max_train_samples", type=bounded(int, 1, None), default=None,
+                       help="Samples per epoch: each pass over the data is truncated to this many samples (an image "
+                            "folder's default: all of its images).")
+    group.add_argument("--min_image_size", type=bounded(int, 0, None), default=0,
+                       help="Drop samples whose shorter side is below this (from the json, else the decoded image).")
+    group.add_argument("--max_watermark_probability", type=bounded(float, 0, 1), default=None,
+                       help="Drop samples whose json 'pwatermark' is above this (samples without it are kept).")
+    group.add_argument("--min_aesthetic_score", type=bounded(float), default=None,
+                       help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
+    group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
+                       help="Samples held by each reader to shuffle within and across shards (0 disables).")
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
+                       help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
+                       help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
+                            "skipped and counted as data/stalled_shards).")
+    group.add_argument("--vae_encode_batch_size", type=bounded(int, 1, None), default=32,
+                       help="Images per VAE encoder call (lower it to save memory at high resolution).")
+    return group
+
+
 def expand_shard_urls(spec):
     """'a/{000..009}.tar::pipe:curl ...' -> list of shard urls (brace patterns expanded, '::' separates lists)."""
     urls = []
@@ -1944,17 +1941,6 @@ def check_shard_args(parser, args):
             "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
             "(samples per epoch) with --num_train_epochs"
         )
-    check_stream_args(parser, args)
-
-
-def check_stream_args(parser, args):
-    """Checks of the sample stream's own flags, whatever its source."""
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        parser.error("--max_train_samples must be >= 1")
-    if args.min_image_size < 0:
-        parser.error("--min_image_size must be >= 0")
-    if args.shuffle_buffer_size < 0:
-        parser.error("--shuffle_buffer_size must be >= 0")
 
 
 class ImageTransform:

@@ -6,7 +6,7 @@ Each configuration runs in its own process (so peak memory is its own), with the
 training step, on random images and fixed captions, so data loading is not measured. Modes:
   batched   train_lcm_distill_sd_wds.py: `lcd_loss` + backward + AdamW + EMA; teacher CFG as ONE 2B forward
   separate  the same with two teacher forwards (B + B), as the reference scripts do
-  lora      train_lcm_distill_lora_sd_wds.py: `lcd_lora_loss` + backward + AdamW on the LoRA weights; one UNet
+  lora      train_lcm_distill_lora_sd_wds.py: `lcd_loss` + backward + AdamW on the LoRA weights; one UNet
   xl-full   train_lcm_distill_sdxl_wds.py, full mode (an SDXL preset: tiny-sdxl, sdxl)
   xl-lora   train_lcm_distill_sdxl_wds.py --use_lora
 
@@ -126,19 +126,13 @@ def run_child_lora(args):
     unet.to(device).train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    solver = lora.DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
-                             script_args.num_ddim_timesteps).to(device)
-    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)
 
     def autocast():
         return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
-    ctx = lora.LCDLoraContext(
-        unet=unet, base_unet=unet, noise_scheduler=noise_scheduler, solver=solver,
-        alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1 - alphas_cumprod).sqrt().to(device),
-        prediction_type=noise_scheduler.config.prediction_type, args=script_args, autocast=autocast,
-    )
+    ctx = lora.make_lcd_context(script_args, noise_scheduler, unet, teacher_unet=unet, target_unet=unet,
+                                w_embedding_dim=0, device=device, autocast=autocast,
+                                teacher_is_student_without_adapters=True)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = lora.make_optimizer(script_args, lora_params, 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
@@ -149,7 +143,8 @@ def run_child_lora(args):
     def step():
         latents = lora.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
         prompt_embeds = lora.encode_prompts(text_encoder, tokenizer, captions)
-        loss = lora.lcd_lora_loss(ctx, latents, prompt_embeds, uncond.expand(args.batch_size, -1, -1))
+        loss = lora.lcd_loss(ctx, latents, {"encoder_hidden_states": prompt_embeds},
+                             {"encoder_hidden_states": uncond.expand(args.batch_size, -1, -1)})
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -198,20 +193,14 @@ def run_child_xl(args):
         target_unet.to(device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    solver = xl.DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
-                           script_args.num_ddim_timesteps).to(device)
-    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)
 
     def autocast():
         return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
-    ctx = xl.LCDXLContext(
-        unet=unet, teacher_unet=unet if use_lora else teacher_unet, target_unet=unet if use_lora else target_unet,
-        noise_scheduler=noise_scheduler, solver=solver, alpha_schedule=alphas_cumprod.sqrt().to(device),
-        sigma_schedule=(1 - alphas_cumprod).sqrt().to(device), prediction_type=noise_scheduler.config.prediction_type,
-        w_embedding_dim=0 if use_lora else unet.config.time_cond_proj_dim, args=script_args, autocast=autocast,
-    )
+    ctx = xl.make_lcd_context(script_args, noise_scheduler, unet, teacher_unet=unet if use_lora else teacher_unet,
+                              target_unet=unet if use_lora else target_unet,
+                              w_embedding_dim=0 if use_lora else unet.config.time_cond_proj_dim, device=device,
+                              autocast=autocast, teacher_is_student_without_adapters=use_lora)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = xl.make_optimizer(script_args, trainable, script_args.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
@@ -223,7 +212,7 @@ def run_child_xl(args):
     def step():
         latents = xl.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
         cond = xl.unet_conditioning(*xl.encode_prompts_sdxl(text_encoders, tokenizers, captions), time_ids)
-        loss = xl.lcd_loss_sdxl(ctx, latents, cond, xl.unconditional_conditioning(cond))
+        loss = xl.lcd_loss(ctx, latents, cond, xl.unconditional_conditioning(cond))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -273,21 +262,13 @@ def run_child(args):
     unet.to(device).train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    solver = lcd.DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps,
-                            script_args.num_ddim_timesteps).to(device)
-    noise_scheduler.alphas_cumprod = alphas_cumprod.to(device)
 
     def autocast():
         return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
-    ctx = lcd.LCDContext(
-        unet=unet, teacher_unet=teacher_unet, target_unet=target_unet, noise_scheduler=noise_scheduler,
-        solver=solver, alpha_schedule=alphas_cumprod.sqrt().to(device),
-        sigma_schedule=(1 - alphas_cumprod).sqrt().to(device), prediction_type=noise_scheduler.config.prediction_type,
-        w_embedding_dim=unet.config.time_cond_proj_dim, args=script_args, autocast=autocast,
-        batched_teacher=args.child == "batched",
-    )
+    ctx = lcd.make_lcd_context(script_args, noise_scheduler, unet, teacher_unet, target_unet,
+                               w_embedding_dim=unet.config.time_cond_proj_dim, device=device, autocast=autocast,
+                               batched_teacher=args.child == "batched")
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -302,7 +283,8 @@ def run_child(args):
     def step():
         latents = lcd.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
         prompt_embeds = lcd.encode_prompts(text_encoder, tokenizer, captions)
-        loss = lcd.lcd_loss(ctx, latents, prompt_embeds, uncond.expand(args.batch_size, -1, -1))
+        loss = lcd.lcd_loss(ctx, latents, {"encoder_hidden_states": prompt_embeds},
+                            {"encoder_hidden_states": uncond.expand(args.batch_size, -1, -1)})
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

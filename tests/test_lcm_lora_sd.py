@@ -213,13 +213,10 @@ def test_training_steps_move_only_lora_and_gradient_checkpointing_keeps_grads(sc
     _, _, _, _, unet = lcm_lora.load_models(script_args, torch.float32)
     base_before = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
     scheduler = lcm_lora.DDPMScheduler.from_pretrained(script_args.pretrained_teacher_model, subfolder="scheduler")
-    alphas_cumprod = scheduler.alphas_cumprod
-    ctx = lcm_lora.LCDLoraContext(
-        unet=unet, base_unet=unet, noise_scheduler=scheduler,
-        solver=lcm_lora.DDIMSolver(alphas_cumprod, 1000, script_args.num_ddim_timesteps),
-        alpha_schedule=alphas_cumprod.sqrt(), sigma_schedule=(1 - alphas_cumprod).sqrt(),
-        prediction_type="epsilon", args=script_args, autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
+    ctx = lcm_lora.make_lcd_context(script_args, scheduler, unet, teacher_unet=unet, target_unet=unet,
+                                    w_embedding_dim=0, device=torch.device("cpu"),
+                                    autocast=lambda: torch.autocast("cpu", enabled=False),
+                                    teacher_is_student_without_adapters=True)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = lcm_lora.make_optimizer(script_args, lora_params, 1e-3)
     unet.enable_gradient_checkpointing()
@@ -228,7 +225,7 @@ def test_training_steps_move_only_lora_and_gradient_checkpointing_keeps_grads(sc
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
     uncond = torch.zeros_like(context)
     for _ in range(2):
-        loss = lcm_lora.lcd_lora_loss(ctx, latents, context, uncond)
+        loss = lcm_lora.lcd_loss(ctx, latents, {"encoder_hidden_states": context}, {"encoder_hidden_states": uncond})
         assert torch.isfinite(loss)
         loss.backward()
         grads = [p.grad for p in lora_params if p.grad is not None]

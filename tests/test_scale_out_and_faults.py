@@ -206,7 +206,7 @@ def test_sigterm_to_a_launched_run_checkpoints_and_resume_continues(assets, tmp_
 def test_sigint_finishes_the_step_saves_and_exits(assets, tmp_path, monkeypatch):
     """Ctrl-C during step 2 of the LoRA script: step 2 completes, checkpoint-2 is written, exit code 130."""
     calls = {"n": 0}
-    original = lcm_lora.lcd_lora_loss
+    original = lcm_lora.lcd_loss
 
     def loss_then_ctrl_c(*args, **kwargs):
         calls["n"] += 1
@@ -214,14 +214,14 @@ def test_sigint_finishes_the_step_saves_and_exits(assets, tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lcm_lora, "lcd_lora_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(lcm_lora, "lcd_loss", loss_then_ctrl_c)
     out = tmp_path / "interrupted"
     flags = lora_flags(assets, out) + ["--max_train_steps", "5", "--checkpointing_steps", "100"]
     result = run_in_process(LORA, flags, check=False)
     assert result.returncode == 128 + signal.SIGINT
     assert f"stopped by SIGINT after step 2; checkpoint saved: {out / 'checkpoint-2'}" in result.stdout
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.setattr(lcm_lora, "lcd_lora_loss", original)
+    monkeypatch.setattr(lcm_lora, "lcd_loss", original)
     resumed = run_in_process(LORA, flags + ["--resume_from_checkpoint", "latest"])
     assert "at step 2" in resumed.stdout and (out / lcm_lora.LORA_WEIGHT_NAME).is_file()
 
@@ -262,7 +262,7 @@ def test_one_nan_step_is_skipped_and_training_goes_on(assets, tmp_path, monkeypa
 @pytest.mark.slow
 def test_nan_steps_in_a_row_stop_the_run_with_the_last_checkpoint_intact(assets, tmp_path, monkeypatch):
     out = tmp_path / "nan-always"
-    nan_on(lcm_lora, "lcd_lora_loss", {2, 3, 4, 5}, monkeypatch)
+    nan_on(lcm_lora, "lcd_loss", {2, 3, 4, 5}, monkeypatch)
     flags = lora_flags(assets, out) + ["--max_train_steps", "5", "--checkpointing_steps", "1",
                                        "--max_nonfinite_steps", "2", "--checkpoints_total_limit", "3"]
     result = run_in_process(LORA, flags, check=False)
