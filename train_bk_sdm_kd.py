@@ -47,11 +47,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go without the output-dir lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,6 +68,7 @@ from diffusers import (
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
+from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -82,12 +78,6 @@ logger = get_logger(__name__)
 
 
 UNET_CONFIG_NAMES = ("bk_base", "bk_small", "bk_tiny")
-DEFAULT_VALIDATION_PROMPTS = [
-    "a photograph of an astronaut riding a horse",
-    "a red fox in a snowy forest, golden hour",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a watercolor painting of a lighthouse at dawn",
-]
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SCRIPT_NAME = "train_bk_sdm_kd.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
@@ -147,14 +137,15 @@ def parse_args(input_args=None):
     add_engine_args(parser, output_dir="bk-sdm-model", learning_rate=5e-5, lr_warmup_steps=0, adam_weight_decay=1e-2,
                     validation_steps=500, tracker_project_name="bk-sdm-kd")
 
-    args = parser.parse_args(input_args)
-    validate_args(parser, args)
+    args = parse_and_check(parser, input_args, "sd")
+    check_data_source_args(parser, args)
+    if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
+        parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
     return args
 
 
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sd")
-    check_common_args(parser, args)
+def check_data_source_args(parser, args):
+    """Exactly one of the shards and the image folder, and the flags of that one."""
     if (args.train_shards_path_or_url is None) == (args.train_data_dir is None):
         parser.error("give exactly one data source: --train_shards_path_or_url or --train_data_dir")
     if args.train_shards_path_or_url is not None:
@@ -166,8 +157,6 @@ def validate_args(parser, args):
         args.image_column = args.image_column or "file_name"
         args.caption_column = args.caption_column or "text"
         check_image_folder_args(parser, args)
-    if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
-        parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
 
 
 def check_image_folder_args(parser, args):
@@ -343,20 +332,25 @@ class KDContext:
     autocast: callable
 
 
+def noised_latents_and_target(noise_scheduler, latents):
+    """The denoising task of ordinary SD training: t ~ U{0..T-1}, x_t ~ q(x_t | x_0), and the regression target
+    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target)."""
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return timesteps, noisy_latents, noise_scheduler.get_velocity(latents, noise, timesteps)
+    return timesteps, noisy_latents, noise
+
+
 def bk_sdm_loss(ctx, latents, prompt_embeds):
     """One BK-SDM step (Kim et al., Eq. 1-3). Returns the total loss and its three terms (all fp32).
 
     L = lambda_sd * ||eps_s - target||^2 + lambda_out * ||eps_s - eps_t||^2 + lambda_feat * sum_l ||f_s^l - f_t^l||^2
     """
     # 1. Noise latents at a uniform timestep, as in ordinary SD training.
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
-    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
-        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    timesteps, noisy_latents, target = noised_latents_and_target(ctx.noise_scheduler, latents)
 
     # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
     with torch.no_grad():
@@ -416,8 +410,9 @@ def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=T
     return student
 
 
-def load_models(args):
-    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
+# Copied from train_lcm_distill_sd_wds.load_teacher
+def load_teacher(args, vae_path=None):
+    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet."""
     teacher = args.pretrained_teacher_model
     noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
                                                     cache_dir=args.cache_dir)
@@ -425,10 +420,19 @@ def load_models(args):
                                               cache_dir=args.cache_dir)
     text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
                                                  variant=args.variant, cache_dir=args.cache_dir)
-    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
-                                        variant=args.variant, cache_dir=args.cache_dir)
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                        variant=args.variant, cache_dir=args.cache_dir)
+    if vae_path is not None:
+        vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
+                                            variant=args.variant, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
+                                                variant=args.variant, cache_dir=args.cache_dir)
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def load_models(args):
+    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
+    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args)
     try:
         unet = make_student_unet(teacher_unet, args.unet_config_name, args.copy_weight_from_teacher)
     except ValueError as error:
@@ -441,15 +445,16 @@ def load_unet_weights(checkpoint_dir, subfolder):
     return UNet2DConditionModel.from_pretrained(checkpoint_dir, subfolder=subfolder).state_dict()
 
 
-def checkpoint_hooks(accelerator, ema_unet):
+# Copied from train_lcm_distill_sd_wds.checkpoint_hooks
+def checkpoint_hooks(accelerator, ema_unet, ema_folder):
     """accelerate's save/load pre-hooks: checkpoints hold loadable diffusers folders, unet/ (the student, full
-    weights even when DeepSpeed/FSDP shard it) and, with --use_ema, unet_ema/ (which accelerate does not know
-    about, so it is restored from there in every regime; only the main process keeps one)."""
+    weights even when DeepSpeed/FSDP shard it) and `ema_folder`/ (the EMA network, when this process has one:
+    accelerate does not know about it, so it is restored from there in every regime)."""
 
     def save_model_hook(models, weights, output_dir):
         save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and ema_unet is not None:
-            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            ema_unet.save_pretrained(os.path.join(output_dir, ema_folder))
         if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
             weights.pop()
 
@@ -457,7 +462,7 @@ def checkpoint_hooks(accelerator, ema_unet):
         if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the student from their own files
             models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
         if ema_unet is not None:
-            ema_unet.load_state_dict(load_unet_weights(input_dir, "unet_ema"))
+            ema_unet.load_state_dict(load_unet_weights(input_dir, ema_folder))
 
     return save_model_hook, load_model_hook
 
@@ -512,12 +517,8 @@ def log_validation(args, accelerator, models, step, weight_dtype, teacher_images
     models.pop("teacher", None)
     columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet,
                                                              weight_dtype) for unet in models.values()]
-    grid = make_image_grid([list(row) for row in zip(*columns)])
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, "validation/" + "_".join(["teacher", *models]), grid, step)
-    return path
+    return save_validation_grid(accelerator, args.output_dir, [list(row) for row in zip(*columns)],
+                                f"step_{step:06d}.png", "validation/" + "_".join(["teacher", *models]), step)
 
 
 def model_card_text(args, repo_id, parameter_counts, validation_image=None):
@@ -569,18 +570,11 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[
 
 ## Training
 
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url or args.train_data_dir}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| loss | {args.lambda_sd} x task + {args.lambda_kd_output} x output KD + {args.lambda_kd_feat} x feature KD |
-| EMA | {f"decay {args.ema_decay}" if args.use_ema else "no"} |
-| mixed precision | {args.mixed_precision} |
-"""
+{training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
+                       ("data", f"`{args.train_shards_path_or_url or args.train_data_dir}`")],
+               [("loss", f"{args.lambda_sd} x task + {args.lambda_kd_output} x output KD + "
+                         f"{args.lambda_kd_feat} x feature KD"),
+                ("EMA", f"decay {args.ema_decay}" if args.use_ema else "no")])}"""
 
 
 class BlockRemovalDistillation:
@@ -628,10 +622,12 @@ class BlockRemovalDistillation:
         )
         self.teacher_images = []  # the teacher column of the validation grid, generated once
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.use_prepared
     def use_prepared(self, modules):
         self.modules = list(modules)
         self.ctx.unet = modules[0]
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.optimizer_params
     def optimizer_params(self):
         return self.modules[0].parameters()
 
@@ -646,7 +642,7 @@ class BlockRemovalDistillation:
             update_ema(self.ema_unet.parameters(), student.parameters(), ema_decay_at(step, self.args.ema_decay))
 
     def checkpoint_hooks(self, accelerator):
-        return checkpoint_hooks(accelerator, self.ema_unet)
+        return checkpoint_hooks(accelerator, self.ema_unet, "unet_ema")
 
     def validate(self, step):
         models = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
@@ -683,6 +679,15 @@ class BlockRemovalDistillation:
 # ----------------------------------------
 # Flags and checks every script shares
 # ----------------------------------------
+
+
+# what validation draws when no --validation_prompts are given
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -790,6 +795,14 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+    args = parser.parse_args(input_args)
+    check_model_kinds(parser, args, model_kind, model_flag)
+    check_common_args(parser, args, model_flag)
+    return args
 
 
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
@@ -1052,8 +1065,12 @@ class OutputDirLock:
 
     @classmethod
     def acquire(cls, parser, output_dir):
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs there go without the output-dir lock
+            return
         key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+        if key in cls.held:  # parse_args again in the process that holds it
             return
         path = os.path.join(output_dir, cls.FILE_NAME)
         try:
@@ -1260,14 +1277,14 @@ class NonFiniteGuard:
 # ----------------------------------------
 
 
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
+    """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
+    path = os.path.join(output_dir, "validation", file_name)
+    grid.save(path)
+    log_grid_to_trackers(accelerator, tracker_key, grid, step)
+    return path
 
 
 def log_grid_to_trackers(accelerator, name, grid, step):
@@ -1442,6 +1459,16 @@ class TrainingMethod(Protocol):
 
     def close(self):
         """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def training_table(args, source_rows, method_rows):
+    """The model card's "Training" table: where the model came from (source_rows, e.g. teacher and data), the
+    run's settings, the method's own (method_rows), then the precision. Rows are (name, value) pairs."""
+    rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
+            ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
+            ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
+            ("mixed precision", args.mixed_precision)]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
 def start_run(args):
@@ -2123,9 +2150,9 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
-    stream = ShardStream(
-        expand_shard_urls(args.train_shards_path_or_url),
+def stream_options(args, accelerator, skip_batches):
+    """The ShardStream settings every sample source shares: batches, transform, filters, seed, split, resume."""
+    return dict(
         batch_size=args.train_batch_size,
         transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
         sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
@@ -2133,12 +2160,16 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
-        max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=needs_original_size,
     )
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
+    stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
+                         **stream_options(args, accelerator, skip_batches),
+                         max_samples_per_pass=args.max_train_samples, needs_original_size=needs_original_size)
     return stream_dataloader(stream, args, accelerator)
 
 
@@ -2270,19 +2301,8 @@ class ImageFolderStream(ShardStream):
 def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, samples_per_epoch):
     """The batch stream of an image folder: `entries` (read_image_folder) as one-image shards of the same
     deterministic, resumable stream as the shards, read by the same DataLoader."""
-    stream = ImageFolderStream(
-        entries,
-        batch_size=args.train_batch_size,
-        transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
-        sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
-        seed=args.seed if args.seed is not None else 0,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        max_samples_per_pass=samples_per_epoch,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        skip_batches=skip_batches,
-        shard_read_timeout=args.shard_read_timeout,
-    )
+    stream = ImageFolderStream(entries, **stream_options(args, accelerator, skip_batches),
+                               max_samples_per_pass=samples_per_epoch)
     return stream_dataloader(stream, args, accelerator)
 
 

@@ -40,11 +40,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go without the output-dir lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,6 +57,7 @@ from diffusers import (
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
+from diffusers.utils import make_image_grid
 from huggingface_hub import create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -208,18 +204,24 @@ class DreamBoothContext:
     autocast: callable
 
 
+# Copied from train_bk_sdm_kd.noised_latents_and_target
+def noised_latents_and_target(noise_scheduler, latents):
+    """The denoising task of ordinary SD training: t ~ U{0..T-1}, x_t ~ q(x_t | x_0), and the regression target
+    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target)."""
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return timesteps, noisy_latents, noise_scheduler.get_velocity(latents, noise, timesteps)
+    return timesteps, noisy_latents, noise
+
+
 def dreambooth_loss(ctx, latents, prompt_embeds, num_instance):
     """Denoising loss on instance examples, plus prior_loss_weight x the same on class examples (which follow
     the instance ones in the batch). Returns the loss and its two terms (fp32)."""
     # 1. Noise the latents at a uniform timestep.
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, timesteps)
-    if ctx.noise_scheduler.config.prediction_type == "v_prediction":
-        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    timesteps, noisy_latents, target = noised_latents_and_target(ctx.noise_scheduler, latents)
 
     # 2. One UNet pass over instance and class examples together.
     with ctx.autocast():
@@ -393,11 +395,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, valida
             generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
             images.append(pipeline(**prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
                                    generator=generator).images[0])
-    grid = make_image_grid([images])
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, "validation", grid, step)
+    path = save_validation_grid(accelerator, args.output_dir, [images], f"step_{step:06d}.png", "validation", step)
     del pipeline
     free_memory()
     return path
@@ -445,17 +443,9 @@ image = pipe("{args.instance_prompt} on the beach", num_inference_steps=25).imag
 
 ## Training
 
-| setting | value |
-|---|---|
-| base model | `{args.pretrained_model_name_or_path}` |
-| instance prompt | `{args.instance_prompt}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| text encoder trained | {args.train_text_encoder} |
-| mixed precision | {args.mixed_precision} |
-"""
+{training_table(args, [("base model", f"`{args.pretrained_model_name_or_path}`"),
+                       ("instance prompt", f"`{args.instance_prompt}`")],
+               [("text encoder trained", args.train_text_encoder)])}"""
 
 
 
@@ -582,6 +572,7 @@ class DreamBoothLoRA:
                             self.args.output_dir, dtype=weight_dtype_for(self.args.save_precision),
                             full_states=full_states)
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
         return model_card_text(self.args, repo_id, validation_image)
 
@@ -597,6 +588,15 @@ class DreamBoothLoRA:
 # ----------------------------------------
 # Flags and checks every script shares
 # ----------------------------------------
+
+
+# what validation draws when no --validation_prompts are given
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -704,6 +704,14 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+    args = parser.parse_args(input_args)
+    check_model_kinds(parser, args, model_kind, model_flag)
+    check_common_args(parser, args, model_flag)
+    return args
 
 
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
@@ -966,8 +974,12 @@ class OutputDirLock:
 
     @classmethod
     def acquire(cls, parser, output_dir):
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs there go without the output-dir lock
+            return
         key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+        if key in cls.held:  # parse_args again in the process that holds it
             return
         path = os.path.join(output_dir, cls.FILE_NAME)
         try:
@@ -1174,14 +1186,14 @@ class NonFiniteGuard:
 # ----------------------------------------
 
 
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
+    """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
+    path = os.path.join(output_dir, "validation", file_name)
+    grid.save(path)
+    log_grid_to_trackers(accelerator, tracker_key, grid, step)
+    return path
 
 
 def log_grid_to_trackers(accelerator, name, grid, step):
@@ -1356,6 +1368,16 @@ class TrainingMethod(Protocol):
 
     def close(self):
         """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def training_table(args, source_rows, method_rows):
+    """The model card's "Training" table: where the model came from (source_rows, e.g. teacher and data), the
+    run's settings, the method's own (method_rows), then the precision. Rows are (name, value) pairs."""
+    rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
+            ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
+            ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
+            ("mixed precision", args.mixed_precision)]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
 def start_run(args):

@@ -46,11 +46,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go without the output-dir lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,6 +60,7 @@ from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
+from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -74,13 +70,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = get_logger(__name__)
 
-DEFAULT_VALIDATION_PROMPTS = [
-    "a photograph of an astronaut riding a horse",
-    "a red fox in a snowy forest, golden hour",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a watercolor painting of a lighthouse at dawn",
-]
-VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
 SCRIPT_NAME = "train_lcm_distill_lora_sd_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 # LoRA target kinds: module-name suffixes in diffusers' UNet2DConditionModel (attention, feed-forward, resnet convs,
 # time-embedding projections, down/upsampler convs): the layers the LCM-LoRA paper adapts.
@@ -98,12 +87,9 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 # ==========================================================================================================
 
 
-def parse_args(input_args=None):
-    parser = OneLineErrorParser(
-        prog="train_lcm_distill_lora_sd_wds.py",
-        description="LCM-LoRA: Latent Consistency Distillation of a Stable Diffusion 1.x/2.x teacher into LoRA "
-                    "adapters.",
-    )
+# Copied from train_lcm_distill_sd_wds.add_teacher_args
+def add_teacher_args(parser):
+    """The flags naming the SD 1.x/2.x teacher and where its files come from."""
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
@@ -113,6 +99,15 @@ def parse_args(input_args=None):
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        prog="train_lcm_distill_lora_sd_wds.py",
+        description="LCM-LoRA: Latent Consistency Distillation of a Stable Diffusion 1.x/2.x teacher into LoRA "
+                    "adapters.",
+    )
+    add_teacher_args(parser)
     add_stream_args(parser)
     add_lcd_args(parser)
     group = parser.add_argument_group("LoRA")
@@ -133,14 +128,7 @@ def parse_args(input_args=None):
                        help="Pipeline guidance_scale of validation images (LCM-LoRA: 1.0-2.0; 1.0 runs no CFG pass).")
     add_engine_args(parser, output_dir="lcm-lora-sd-model", learning_rate=1e-4)
 
-    args = parser.parse_args(input_args)
-    validate_args(parser, args)
-    return args
-
-
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sd")
-    check_common_args(parser, args)
+    args = parse_and_check(parser, input_args, "sd")
     check_shard_args(parser, args)
     check_lcd_args(parser, args)
     if args.lora_alpha is None:
@@ -149,6 +137,7 @@ def validate_args(parser, args):
         args.lora_target_modules = parse_lora_target_modules(args.lora_target_modules)
     except ValueError as error:
         parser.error(f"--lora_target_modules: {error}")
+    return args
 
 
 def parse_lora_target_modules(spec):
@@ -163,6 +152,9 @@ def parse_lora_target_modules(spec):
 
 
 # region LCD copied from train_lcm_distill_sd_wds
+
+
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows
 
 
 def add_lcd_args(parser, *, w_min=5.0):
@@ -426,6 +418,12 @@ def lcd_loss(ctx, latents, cond, uncond):
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
 
 
+def lcd_table_rows(args):
+    """The model card rows of the distillation's own settings."""
+    return [("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps),
+            ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
+
+
 def lcm_scheduler_for(args):
     """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
     (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
@@ -498,8 +496,9 @@ def cast_lora_params_to_fp32(unet):
             param.data = param.data.float()
 
 
-def load_models(args, weight_dtype):
-    """Teacher components from `--pretrained_teacher_model`; the one UNet gets frozen base weights + LoRA."""
+# Copied from train_lcm_distill_sd_wds.load_teacher
+def load_teacher(args, vae_path=None):
+    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet."""
     teacher = args.pretrained_teacher_model
     noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
                                                     cache_dir=args.cache_dir)
@@ -507,13 +506,19 @@ def load_models(args, weight_dtype):
                                               cache_dir=args.cache_dir)
     text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
                                                  variant=args.variant, cache_dir=args.cache_dir)
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    if vae_path is not None:
+        vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir)
     else:
         vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
                                             variant=args.variant, cache_dir=args.cache_dir)
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
                                                 variant=args.variant, cache_dir=args.cache_dir)
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def load_models(args, weight_dtype):
+    """Teacher components from `--pretrained_teacher_model`; the one UNet gets frozen base weights + LoRA."""
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_teacher(args, args.pretrained_vae_model_name_or_path)
     return noise_scheduler, tokenizer, text_encoder, vae, add_lora(unet, args, weight_dtype)
 
 
@@ -609,11 +614,8 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
                                     guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                     width=args.resolution, generator=generator).images[0])
             rows.append(row)
-    grid = make_image_grid(rows)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
+    path = save_validation_grid(accelerator, args.output_dir, rows, f"{name}_step_{step:06d}.png", f"validation/{name}",
+                                step)
     del pipeline
     free_memory()
     return path
@@ -655,21 +657,10 @@ ComfyUI.
 
 ## Training
 
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |
-| LoRA targets | {", ".join(args.lora_target_modules)} |
-| loss | {args.loss_type} (huber c = {args.huber_c}) |
-| DDIM steps N | {args.num_ddim_timesteps} |
-| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
-| mixed precision | {args.mixed_precision} |
-"""
+{training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
+                       ("data", f"`{args.train_shards_path_or_url}`")],
+               [("LoRA rank / alpha / dropout", f"{args.lora_rank} / {args.lora_alpha} / {args.lora_dropout}"),
+                ("LoRA targets", ", ".join(args.lora_target_modules)), *lcd_table_rows(args)])}"""
 
 
 class LatentConsistencyLoraDistillation:
@@ -713,6 +704,7 @@ class LatentConsistencyLoraDistillation:
     def optimizer_params(self):
         return self.lora_params
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.loss
     def loss(self, batch):
         latents = encode_latents(self.vae, batch["pixel_values"], self.args.vae_encode_batch_size)
         prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, batch["captions"])
@@ -737,6 +729,7 @@ class LatentConsistencyLoraDistillation:
                             dtype=weight_dtype_for(self.args.save_precision), full_state=full_state)
             lcm_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
         return model_card_text(self.args, repo_id, validation_image)
 
@@ -752,6 +745,15 @@ class LatentConsistencyLoraDistillation:
 # ----------------------------------------
 # Flags and checks every script shares
 # ----------------------------------------
+
+
+# what validation draws when no --validation_prompts are given
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -859,6 +861,14 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+    args = parser.parse_args(input_args)
+    check_model_kinds(parser, args, model_kind, model_flag)
+    check_common_args(parser, args, model_flag)
+    return args
 
 
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
@@ -1121,8 +1131,12 @@ class OutputDirLock:
 
     @classmethod
     def acquire(cls, parser, output_dir):
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs there go without the output-dir lock
+            return
         key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+        if key in cls.held:  # parse_args again in the process that holds it
             return
         path = os.path.join(output_dir, cls.FILE_NAME)
         try:
@@ -1329,14 +1343,14 @@ class NonFiniteGuard:
 # ----------------------------------------
 
 
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
+    """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
+    path = os.path.join(output_dir, "validation", file_name)
+    grid.save(path)
+    log_grid_to_trackers(accelerator, tracker_key, grid, step)
+    return path
 
 
 def log_grid_to_trackers(accelerator, name, grid, step):
@@ -1511,6 +1525,16 @@ class TrainingMethod(Protocol):
 
     def close(self):
         """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def training_table(args, source_rows, method_rows):
+    """The model card's "Training" table: where the model came from (source_rows, e.g. teacher and data), the
+    run's settings, the method's own (method_rows), then the precision. Rows are (name, value) pairs."""
+    rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
+            ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
+            ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
+            ("mixed precision", args.mixed_precision)]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
 def start_run(args):
@@ -2192,9 +2216,9 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
-    stream = ShardStream(
-        expand_shard_urls(args.train_shards_path_or_url),
+def stream_options(args, accelerator, skip_batches):
+    """The ShardStream settings every sample source shares: batches, transform, filters, seed, split, resume."""
+    return dict(
         batch_size=args.train_batch_size,
         transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
         sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
@@ -2202,12 +2226,16 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
-        max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=needs_original_size,
     )
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
+    stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
+                         **stream_options(args, accelerator, skip_batches),
+                         max_samples_per_pass=args.max_train_samples, needs_original_size=needs_original_size)
     return stream_dataloader(stream, args, accelerator)
 
 

@@ -39,11 +39,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go without the output-dir lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,19 +54,13 @@ from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
+from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = get_logger(__name__)
 
-DEFAULT_VALIDATION_PROMPTS = [
-    "a photograph of an astronaut riding a horse",
-    "a red fox in a snowy forest, golden hour",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a watercolor painting of a lighthouse at dawn",
-]
-VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
 SCRIPT_NAME = "train_lcm_distill_sd_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
 
@@ -81,11 +70,8 @@ SCRIPT_NAME = "train_lcm_distill_sd_wds.py"  # recorded in checkpoints (a litera
 # ==========================================================================================================
 
 
-def parse_args(input_args=None):
-    parser = OneLineErrorParser(
-        prog="train_lcm_distill_sd_wds.py",
-        description="Latent Consistency Distillation of a Stable Diffusion 1.x/2.x UNet (full student).",
-    )
+def add_teacher_args(parser):
+    """The flags naming the SD 1.x/2.x teacher and where its files come from."""
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", type=str, required=True,
                        help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
@@ -95,6 +81,14 @@ def parse_args(input_args=None):
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        prog="train_lcm_distill_sd_wds.py",
+        description="Latent Consistency Distillation of a Stable Diffusion 1.x/2.x UNet (full student).",
+    )
+    add_teacher_args(parser)
     add_stream_args(parser)
     group = add_lcd_args(parser)
     group.add_argument("--unet_time_cond_proj_dim", type=bounded(int, 1, None), default=256,
@@ -112,19 +106,16 @@ def parse_args(input_args=None):
                        help="Pipeline guidance_scale of validation images (the student sees omega = scale - 1).")
     add_engine_args(parser, output_dir="lcm-sd-model", learning_rate=1e-6)
 
-    args = parser.parse_args(input_args)
-    validate_args(parser, args)
+    args = parse_and_check(parser, input_args, "sd")
+    check_shard_args(parser, args)
+    check_lcd_args(parser, args)
     return args
 
 
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sd")
-    check_common_args(parser, args)
-    check_shard_args(parser, args)
-    check_lcd_args(parser, args)
-
-
 # region LCD -- latent consistency distillation: flags, math and loss, shared by the three LCM scripts
+
+
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows
 
 
 def add_lcd_args(parser, *, w_min=5.0):
@@ -388,6 +379,12 @@ def lcd_loss(ctx, latents, cond, uncond):
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
 
 
+def lcd_table_rows(args):
+    """The model card rows of the distillation's own settings."""
+    return [("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps),
+            ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
+
+
 def lcm_scheduler_for(args):
     """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
     (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
@@ -442,8 +439,8 @@ def make_student_unet(teacher_unet, time_cond_proj_dim):
     return student
 
 
-def load_models(args):
-    """Teacher components from `--pretrained_teacher_model`, plus the student and its EMA target (fp32)."""
+def load_teacher(args, vae_path=None):
+    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet."""
     teacher = args.pretrained_teacher_model
     noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
                                                     cache_dir=args.cache_dir)
@@ -451,13 +448,19 @@ def load_models(args):
                                               cache_dir=args.cache_dir)
     text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
                                                  variant=args.variant, cache_dir=args.cache_dir)
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    if vae_path is not None:
+        vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir)
     else:
         vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
                                             variant=args.variant, cache_dir=args.cache_dir)
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                        variant=args.variant, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
+                                                variant=args.variant, cache_dir=args.cache_dir)
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def load_models(args):
+    """Teacher components from `--pretrained_teacher_model`, plus the student and its EMA target (fp32)."""
+    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args, args.pretrained_vae_model_name_or_path)
     unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
     target_unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
     target_unet.load_state_dict(unet.state_dict())
@@ -468,22 +471,23 @@ def load_unet_weights(checkpoint_dir, subfolder):
     return UNet2DConditionModel.from_pretrained(checkpoint_dir, subfolder=subfolder).state_dict()
 
 
-def checkpoint_hooks(accelerator, target_unet):
+def checkpoint_hooks(accelerator, ema_unet, ema_folder):
     """accelerate's save/load pre-hooks: checkpoints hold loadable diffusers folders, unet/ (the student, full
-    weights even when DeepSpeed/FSDP shard it) and unet_target/ (the EMA target, which accelerate does not
-    know about, so it is restored from there in every regime)."""
+    weights even when DeepSpeed/FSDP shard it) and `ema_folder`/ (the EMA network, when this process has one:
+    accelerate does not know about it, so it is restored from there in every regime)."""
 
     def save_model_hook(models, weights, output_dir):
         save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
-        if accelerator.is_main_process:
-            target_unet.save_pretrained(os.path.join(output_dir, "unet_target"))
+        if accelerator.is_main_process and ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, ema_folder))
         if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
             weights.pop()
 
     def load_model_hook(models, input_dir):
         if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the student from their own files
             models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
-        target_unet.load_state_dict(load_unet_weights(input_dir, "unet_target"))
+        if ema_unet is not None:
+            ema_unet.load_state_dict(load_unet_weights(input_dir, ema_folder))
 
     return save_model_hook, load_model_hook
 
@@ -509,11 +513,8 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
                                     guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                     width=args.resolution, generator=generator).images[0])
             rows.append(row)
-    grid = make_image_grid(rows)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
+    path = save_validation_grid(accelerator, args.output_dir, rows, f"{name}_step_{step:06d}.png", f"validation/{name}",
+                                step)
     del pipeline
     free_memory()
     return path
@@ -557,20 +558,9 @@ so use `guidance_scale` between {args.w_min + 1} and {args.w_max + 1}.
 
 ## Training
 
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| loss | {args.loss_type} (huber c = {args.huber_c}) |
-| DDIM steps N | {args.num_ddim_timesteps} |
-| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
-| EMA decay | {args.ema_decay} |
-| mixed precision | {args.mixed_precision} |
-"""
+{training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
+                       ("data", f"`{args.train_shards_path_or_url}`")],
+               [*lcd_table_rows(args), ("EMA decay", args.ema_decay)])}"""
 
 
 class LatentConsistencyDistillation:
@@ -621,7 +611,7 @@ class LatentConsistencyDistillation:
         update_ema(self.target_unet.parameters(), student.parameters(), self.args.ema_decay)
 
     def checkpoint_hooks(self, accelerator):
-        return checkpoint_hooks(accelerator, self.target_unet)
+        return checkpoint_hooks(accelerator, self.target_unet, "unet_target")
 
     def validate(self, step):
         paths = {name: log_validation(self.args, self.accelerator, self.vae, self.text_encoder, self.tokenizer,
@@ -651,6 +641,15 @@ class LatentConsistencyDistillation:
 # ----------------------------------------
 # Flags and checks every script shares
 # ----------------------------------------
+
+
+# what validation draws when no --validation_prompts are given
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -758,6 +757,14 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+    args = parser.parse_args(input_args)
+    check_model_kinds(parser, args, model_kind, model_flag)
+    check_common_args(parser, args, model_flag)
+    return args
 
 
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
@@ -1020,8 +1027,12 @@ class OutputDirLock:
 
     @classmethod
     def acquire(cls, parser, output_dir):
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs there go without the output-dir lock
+            return
         key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+        if key in cls.held:  # parse_args again in the process that holds it
             return
         path = os.path.join(output_dir, cls.FILE_NAME)
         try:
@@ -1228,14 +1239,14 @@ class NonFiniteGuard:
 # ----------------------------------------
 
 
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
+    """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
+    path = os.path.join(output_dir, "validation", file_name)
+    grid.save(path)
+    log_grid_to_trackers(accelerator, tracker_key, grid, step)
+    return path
 
 
 def log_grid_to_trackers(accelerator, name, grid, step):
@@ -1410,6 +1421,16 @@ class TrainingMethod(Protocol):
 
     def close(self):
         """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def training_table(args, source_rows, method_rows):
+    """The model card's "Training" table: where the model came from (source_rows, e.g. teacher and data), the
+    run's settings, the method's own (method_rows), then the precision. Rows are (name, value) pairs."""
+    rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
+            ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
+            ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
+            ("mixed precision", args.mixed_precision)]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
 def start_run(args):
@@ -2091,9 +2112,9 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
-    stream = ShardStream(
-        expand_shard_urls(args.train_shards_path_or_url),
+def stream_options(args, accelerator, skip_batches):
+    """The ShardStream settings every sample source shares: batches, transform, filters, seed, split, resume."""
+    return dict(
         batch_size=args.train_batch_size,
         transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
         sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
@@ -2101,12 +2122,16 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
-        max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=needs_original_size,
     )
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
+    stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
+                         **stream_options(args, accelerator, skip_batches),
+                         max_samples_per_pass=args.max_train_samples, needs_original_size=needs_original_size)
     return stream_dataloader(stream, args, accelerator)
 
 

@@ -47,11 +47,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go without the output-dir lock
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,6 +61,7 @@ from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
+from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -75,13 +71,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 logger = get_logger(__name__)
 
-DEFAULT_VALIDATION_PROMPTS = [
-    "a photograph of an astronaut riding a horse",
-    "a red fox in a snowy forest, golden hour",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a watercolor painting of a lighthouse at dawn",
-]
-VALIDATION_STEP_COUNTS = (1, 2, 4, 8)
 SCRIPT_NAME = "train_lcm_distill_sdxl_wds.py"  # recorded in checkpoints (a literal: survives a renamed file)
 # LoRA target kinds: module-name suffixes in diffusers' UNet2DConditionModel (attention, feed-forward, resnet convs,
 # time-embedding projections, down/upsampler convs): the layers the LCM-LoRA paper adapts.
@@ -151,16 +140,15 @@ def parse_args(input_args=None):
                             "omega = scale - 1) or 1.0 (--use_lora: no CFG pass).")
     add_engine_args(parser, output_dir="lcm-sdxl-model", learning_rate=None)  # 1e-6, or 1e-4 with --use_lora
 
-    args = parser.parse_args(input_args)
-    validate_args(parser, args)
+    args = parse_and_check(parser, input_args, "sdxl")
+    check_shard_args(parser, args)
+    check_lcd_args(parser, args)
+    check_mode_args(parser, args)
     return args
 
 
-def validate_args(parser, args):
-    check_model_kinds(parser, args, "sdxl")
-    check_common_args(parser, args)
-    check_shard_args(parser, args)
-    check_lcd_args(parser, args)
+def check_mode_args(parser, args):
+    """Full LCD or LCM-LoRA: refuse the other mode's flags, then fill in this mode's defaults."""
     # a flag of the other mode would silently do nothing: refuse it
     wrong_mode = FULL_ONLY_FLAGS if args.use_lora else LORA_ONLY_FLAGS
     for name in wrong_mode:
@@ -198,6 +186,9 @@ def parse_lora_target_modules(spec):
 
 
 # region LCD copied from train_lcm_distill_sd_wds
+
+
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows
 
 
 def add_lcd_args(parser, *, w_min=5.0):
@@ -459,6 +450,12 @@ def lcd_loss(ctx, latents, cond, uncond):
 
     # 8. Consistency distance d(f_theta, f_theta-).
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+def lcd_table_rows(args):
+    """The model card rows of the distillation's own settings."""
+    return [("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps),
+            ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
 
 
 def lcm_scheduler_for(args):
@@ -765,11 +762,8 @@ def log_validation(args, accelerator, vae, text_encoders, tokenizers, unet, name
                                        generator=generator, output_type="latent").images
                 row.append(decode_latents_to_image(pipeline, latents))
             rows.append(row)
-    grid = make_image_grid(rows)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    path = os.path.join(args.output_dir, "validation", f"{name}_step_{step:06d}.png")
-    grid.save(path)
-    log_grid_to_trackers(accelerator, f"validation/{name}", grid, step)
+    path = save_validation_grid(accelerator, args.output_dir, rows, f"{name}_step_{step:06d}.png", f"validation/{name}",
+                                step)
     del pipeline
     free_memory()
     return path
@@ -787,8 +781,8 @@ def model_card_text(args, repo_id, validation_image=None):
                 f'torch_dtype=torch.float16)\npipe.load_lora_weights("{repo_id}")')
         imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline"
         guidance, tags = 1.0, ["lora", "lcm-lora"]
-        details = (f"| LoRA rank / alpha / dropout | {args.lora_rank} / {args.lora_alpha} / {args.lora_dropout} |\n"
-                   f"| LoRA targets | {', '.join(args.lora_target_modules)} |\n")
+        details = [("LoRA rank / alpha / dropout", f"{args.lora_rank} / {args.lora_alpha} / {args.lora_dropout}"),
+                   ("LoRA targets", ", ".join(args.lora_target_modules))]
         advice = (f"Use `guidance_scale` between 1.0 and 2.0. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya "
                   "format for AUTOMATIC1111 and ComfyUI.")
     else:
@@ -798,7 +792,7 @@ def model_card_text(args, repo_id, validation_image=None):
                 f'"{args.pretrained_teacher_model}", unet=unet{vae_kwarg}, torch_dtype=torch.float16)')
         imports = "AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel"
         guidance, tags = args.validation_guidance_scale, []
-        details = f"| EMA decay | {args.ema_decay} |\n"
+        details = [("EMA decay", args.ema_decay)]
         advice = (f"The guidance scale is a model input (omega in [{args.w_min}, {args.w_max}]; the pipeline feeds "
                   f"`guidance_scale - 1`). `unet_target` is the EMA network, `unet` the online student.")
     front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
@@ -830,21 +824,10 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance
 
 ## Training
 
-| setting | value |
-|---|---|
-| teacher | `{args.pretrained_teacher_model}` |
-| VAE | `{args.pretrained_vae_model_name_or_path or args.pretrained_teacher_model}` |
-| data | `{args.train_shards_path_or_url}` |
-| resolution | {args.resolution} |
-| steps | {args.max_train_steps} |
-| batch size per GPU x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-{details}| loss | {args.loss_type} (huber c = {args.huber_c}) |
-| DDIM steps N | {args.num_ddim_timesteps} |
-| timestep scaling (c_skip, c_out) | {args.timestep_scaling_factor} |
-| guidance range omega | [{args.w_min}, {args.w_max}] |
-| mixed precision | {args.mixed_precision} |
-"""
+{training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
+                       ("VAE", f"`{args.pretrained_vae_model_name_or_path or args.pretrained_teacher_model}`"),
+                       ("data", f"`{args.train_shards_path_or_url}`")],
+               [*details, *lcd_table_rows(args), ("guidance range omega", f"[{args.w_min}, {args.w_max}]")])}"""
 
 
 
@@ -944,6 +927,7 @@ class LatentConsistencyDistillationXL:
         if accelerator.is_main_process:
             lcm_scheduler_for(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
 
+    # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
         return model_card_text(self.args, repo_id, validation_image)
 
@@ -959,6 +943,15 @@ class LatentConsistencyDistillationXL:
 # ----------------------------------------
 # Flags and checks every script shares
 # ----------------------------------------
+
+
+# what validation draws when no --validation_prompts are given
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -1066,6 +1059,14 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
 def looks_like_local_path(name):
     """True when `name` can only mean a local path (hub ids are 'org/name' without a leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+    args = parser.parse_args(input_args)
+    check_model_kinds(parser, args, model_kind, model_flag)
+    check_common_args(parser, args, model_flag)
+    return args
 
 
 def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
@@ -1328,8 +1329,12 @@ class OutputDirLock:
 
     @classmethod
     def acquire(cls, parser, output_dir):
+        try:
+            import fcntl
+        except ImportError:  # Windows: runs there go without the output-dir lock
+            return
         key = os.path.realpath(output_dir)
-        if fcntl is None or key in cls.held:  # parse_args again in the process that holds it
+        if key in cls.held:  # parse_args again in the process that holds it
             return
         path = os.path.join(output_dir, cls.FILE_NAME)
         try:
@@ -1536,14 +1541,14 @@ class NonFiniteGuard:
 # ----------------------------------------
 
 
-def make_image_grid(rows):
-    """rows: list of lists of PIL images of one size -> one PIL image."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
+def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
+    """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
+    path = os.path.join(output_dir, "validation", file_name)
+    grid.save(path)
+    log_grid_to_trackers(accelerator, tracker_key, grid, step)
+    return path
 
 
 def log_grid_to_trackers(accelerator, name, grid, step):
@@ -1718,6 +1723,16 @@ class TrainingMethod(Protocol):
 
     def close(self):
         """Release what the method holds outside the models (hooks), also after an error."""
+
+
+def training_table(args, source_rows, method_rows):
+    """The model card's "Training" table: where the model came from (source_rows, e.g. teacher and data), the
+    run's settings, the method's own (method_rows), then the precision. Rows are (name, value) pairs."""
+    rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
+            ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
+            ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
+            ("mixed precision", args.mixed_precision)]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
 def start_run(args):
@@ -2399,9 +2414,9 @@ def stream_topology(args, num_processes):
             "--max_train_samples": args.max_train_samples, "--shuffle_buffer_size": args.shuffle_buffer_size}
 
 
-def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
-    stream = ShardStream(
-        expand_shard_urls(args.train_shards_path_or_url),
+def stream_options(args, accelerator, skip_batches):
+    """The ShardStream settings every sample source shares: batches, transform, filters, seed, split, resume."""
+    return dict(
         batch_size=args.train_batch_size,
         transform=ImageTransform(args.resolution, args.interpolation_type, args.center_crop, args.random_flip),
         sample_filter=SampleFilter(args.min_image_size, args.max_watermark_probability, args.min_aesthetic_score),
@@ -2409,12 +2424,16 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0),
-        max_samples_per_pass=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_batches=skip_batches,
         shard_read_timeout=args.shard_read_timeout,
-        needs_original_size=needs_original_size,
     )
+
+
+def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size=False):
+    stream = ShardStream(expand_shard_urls(args.train_shards_path_or_url),
+                         **stream_options(args, accelerator, skip_batches),
+                         max_samples_per_pass=args.max_train_samples, needs_original_size=needs_original_size)
     return stream_dataloader(stream, args, accelerator)
 
 

@@ -117,7 +117,7 @@ class ShardedAccelerator:
 
 
 @pytest.mark.parametrize("module, hooks_args, ema_folder", [
-    (lcd, (), "unet_target"), (lcm_xl, (False,), "unet_target"), (bk, (), "unet_ema")])
+    (lcd, ("unet_target",), "unet_target"), (lcm_xl, (False,), "unet_target"), (bk, ("unet_ema",), "unet_ema")])
 def test_hooks_at_the_sharded_boundary_restore_the_ema(module, hooks_args, ema_folder, assets, tmp_path):
     """Call the hooks as accelerate does under DeepSpeed/FSDP: save with the prepared model and no weights,
     load with no models at all. The EMA network must come back from the checkpoint; unet/ must hold the
