@@ -984,7 +984,8 @@ def unet_forward(unet, sample, timesteps, **conditioning):
 
 @torch.no_grad()
 def update_ema(target_params, source_params, decay):
-    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op (torch has no public name for it; its
+    optimisers use the same). Not diffusers' EMAModel: its decay is 0 at step 1, and the target needs a forward."""
     target_params, source_params = list(target_params), list(source_params)
     torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
 
@@ -1024,7 +1025,8 @@ def complete_checkpoints(output_dir):
 
 def rotate_checkpoints(output_dir, total_limit):
     """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
+    a save that fails never leaves the run without the checkpoints it had (accelerate's
+    ProjectConfiguration(total_limit) deletes before saving, and its saves are not atomic)."""
     if total_limit is None:
         return
     checkpoints = complete_checkpoints(output_dir)
@@ -1853,7 +1855,8 @@ def batches_already_read(total_batches, worker_id, num_workers):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
+    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker (not by
+    webdataset's node/worker splitters: they give no exact resume and hang on an endless empty stream).
 
     * Deterministic: every random choice (shard order, shuffle buffer, crop, flip, empty prompt) comes from
       generators seeded by (seed, rank, worker), so a resumed run skips `skip_batches` and then sees exactly

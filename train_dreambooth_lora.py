@@ -56,7 +56,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import make_image_grid
 from huggingface_hub import create_repo, upload_folder
 from peft import LoraConfig
@@ -251,14 +251,6 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
-# Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32
-def cast_lora_params_to_fp32(unet):
-    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-
-
 def lora_config(args, target_modules):
     # gaussian A, zero B: the adapted model starts exactly at the base model
     return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -279,10 +271,10 @@ def load_models(args, weight_dtype):
         model.requires_grad_(False)
         model.to(dtype=weight_dtype)
     unet.add_adapter(lora_config(args, UNET_LORA_TARGETS))
-    cast_lora_params_to_fp32(unet)
+    cast_training_params(unet)
     if args.train_text_encoder:
         text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
-        cast_lora_params_to_fp32(text_encoder)
+        cast_training_params(text_encoder)
     return noise_scheduler, tokenizer, text_encoder, vae, unet
 
 
@@ -302,7 +294,8 @@ def lora_adapter_metadata(unet):
 
 # Copied from train_lcm_distill_lora_sd_wds.peft_to_kohya_state_dict
 def peft_to_kohya_state_dict(peft_state_dict, alpha):
-    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
+    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha.
+    Not diffusers' convert_state_dict_to_kohya: it writes alpha = rank, and drops lora_unet_ without a unet. prefix."""
     kohya = {}
     for key, tensor in peft_state_dict.items():
         module, _, kind = key.rpartition(".lora_")
@@ -362,7 +355,7 @@ def load_lora_checkpoint(unet, text_encoder, checkpoint_dir):
             raise SystemExit(f"{mismatch} (another --rank?)") from None
         if getattr(result, "unexpected_keys", None):
             raise SystemExit(f"{mismatch} (unexpected {result.unexpected_keys[0]})")
-        cast_lora_params_to_fp32(model)
+        cast_training_params(model)
 
 
 
@@ -893,7 +886,8 @@ def unet_forward(unet, sample, timesteps, **conditioning):
 
 @torch.no_grad()
 def update_ema(target_params, source_params, decay):
-    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op (torch has no public name for it; its
+    optimisers use the same). Not diffusers' EMAModel: its decay is 0 at step 1, and the target needs a forward."""
     target_params, source_params = list(target_params), list(source_params)
     torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
 
@@ -933,7 +927,8 @@ def complete_checkpoints(output_dir):
 
 def rotate_checkpoints(output_dir, total_limit):
     """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
+    a save that fails never leaves the run without the checkpoints it had (accelerate's
+    ProjectConfiguration(total_limit) deletes before saving, and its saves are not atomic)."""
     if total_limit is None:
         return
     checkpoints = complete_checkpoints(output_dir)

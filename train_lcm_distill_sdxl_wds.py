@@ -60,7 +60,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from braceexpand import braceexpand
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
@@ -589,16 +589,8 @@ def add_lora(unet, args, weight_dtype):
     unet.requires_grad_(False)
     unet.to(dtype=weight_dtype)
     unet.add_adapter(lora_config(args))
-    cast_lora_params_to_fp32(unet)
+    cast_training_params(unet)
     return unet
-
-
-# Copied from train_lcm_distill_lora_sd_wds.cast_lora_params_to_fp32
-def cast_lora_params_to_fp32(unet):
-    """Trainable (LoRA) parameters in fp32 whatever the base dtype: fp16 Adam updates would underflow."""
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
 
 
 def load_models(args, weight_dtype):
@@ -647,7 +639,8 @@ def lora_adapter_metadata(unet):
 
 # Copied from train_lcm_distill_lora_sd_wds.peft_to_kohya_state_dict
 def peft_to_kohya_state_dict(peft_state_dict, alpha):
-    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha."""
+    """PEFT LoRA keys -> kohya/A1111 keys: lora_unet_<module path with '_'>.lora_down / .lora_up / .alpha.
+    Not diffusers' convert_state_dict_to_kohya: it writes alpha = rank, and drops lora_unet_ without a unet. prefix."""
     kohya = {}
     for key, tensor in peft_state_dict.items():
         module, _, kind = key.rpartition(".lora_")
@@ -685,7 +678,7 @@ def load_lora_checkpoint(unet, checkpoint_dir):
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the LoRA config: unexpected {unexpected[:3]}")
-    cast_lora_params_to_fp32(unet)
+    cast_training_params(unet)
 
 
 # Copied from train_lcm_distill_sd_wds.load_unet_weights
@@ -1248,7 +1241,8 @@ def unet_forward(unet, sample, timesteps, **conditioning):
 
 @torch.no_grad()
 def update_ema(target_params, source_params, decay):
-    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op."""
+    """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op (torch has no public name for it; its
+    optimisers use the same). Not diffusers' EMAModel: its decay is 0 at step 1, and the target needs a forward."""
     target_params, source_params = list(target_params), list(source_params)
     torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
 
@@ -1288,7 +1282,8 @@ def complete_checkpoints(output_dir):
 
 def rotate_checkpoints(output_dir, total_limit):
     """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
-    a save that fails never leaves the run without the checkpoints it had."""
+    a save that fails never leaves the run without the checkpoints it had (accelerate's
+    ProjectConfiguration(total_limit) deletes before saving, and its saves are not atomic)."""
     if total_limit is None:
         return
     checkpoints = complete_checkpoints(output_dir)
@@ -2117,7 +2112,8 @@ def batches_already_read(total_batches, worker_id, num_workers):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker.
+    """Endless stream of collated batches from WebDataset shards, split by rank and by DataLoader worker (not by
+    webdataset's node/worker splitters: they give no exact resume and hang on an endless empty stream).
 
     * Deterministic: every random choice (shard order, shuffle buffer, crop, flip, empty prompt) comes from
       generators seeded by (seed, rank, worker), so a resumed run skips `skip_batches` and then sees exactly

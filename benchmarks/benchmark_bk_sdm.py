@@ -120,7 +120,8 @@ def run_child_inference(args):
                 unet(sample, 500, encoder_hidden_states=embeds)
 
         elapsed = time_steps(args, call, device)
-        rows.append({"unet": name, "ms_per_call": 1000 * elapsed / args.steps, "params_m": bk.count_parameters(unet) / 1e6})
+        rows.append({"unet": name, "ms_per_call": 1000 * elapsed / args.steps,
+                     "params_m": bk.count_parameters(unet) / 1e6})
         unet.to("cpu")
     return rows
 

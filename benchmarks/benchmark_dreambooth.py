@@ -50,7 +50,8 @@ def run_child(args):
                 db.Image.fromarray((torch.rand(args.resolution, args.resolution, 3) * 255).byte().numpy()).save(path)
     script_args = db.parse_args([
         "--pretrained_model_name_or_path", str(pipeline_dir), "--instance_data_dir", str(image_dir),
-        "--instance_prompt", "a photo of sks dog", "--rank", str(args.rank), "--output_dir", str(Path(args.work_dir) / "db"),
+        "--instance_prompt", "a photo of sks dog", "--rank", str(args.rank),
+        "--output_dir", str(Path(args.work_dir) / "db"),
     ])
     device = torch.device(args.device)
     weight_dtype = db.weight_dtype_for(args.mixed_precision)
@@ -65,7 +66,8 @@ def run_child(args):
     classes = db.ImageSet([db.load_image(p) for p in sorted(image_dir.glob("class-*.png"))] * 4)
     transform = db.ImageTransform(args.resolution, center_crop=True)
     prompt_ids = tokenizer(["a photo of sks dog", "a photo of dog"], padding="max_length",
-                           max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+                           max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device)
     prompt_embeds = None
     if cached:
         for kind, image_set in (("instance", instances), ("class", classes)):
@@ -85,8 +87,10 @@ def run_child(args):
         positions = db.example_positions(next(counter), batch_size, 0, 1)
         flips = [p % 2 == 1 for p in positions]
         latents = torch.cat([
-            db.sample_latents(vae, instances, [p % 5 for p in positions], flips, transform, positions, 0, "instance", cached),
-            db.sample_latents(vae, classes, [p % 20 for p in positions], flips, transform, positions, 0, "class", cached),
+            db.sample_latents(vae, instances, [p % 5 for p in positions], flips, transform, positions, 0, "instance",
+                              cached),
+            db.sample_latents(vae, classes, [p % 20 for p in positions], flips, transform, positions, 0, "class",
+                              cached),
         ])
         embeds = prompt_embeds
         if embeds is None:

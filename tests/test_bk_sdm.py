@@ -88,7 +88,7 @@ def test_non_sd_teacher_is_refused_in_one_line():
 # Weight copy
 # ----------------------------------------------------------------------------------------------------------
 
-# the mapping written out by hand from SPEC section 7, for one tensor of each kind
+# the mapping written out by hand from the BK-SDM block-removal tables (Kim et al., 2023), for one tensor of each kind
 EXPECTED_SOURCES = {
     "bk_small": {
         "conv_in.weight": "conv_in.weight",
@@ -213,7 +213,8 @@ def independent_terms(ctx, latents, embeds, seed):
     ctx.teacher_features.remove()
     captured = {}
     handles = []
-    for side, model, names in (("s", ctx.unet, [s for s, _ in ctx.pairs]), ("t", ctx.teacher_unet, [t for _, t in ctx.pairs])):
+    sides = (("s", ctx.unet, [s for s, _ in ctx.pairs]), ("t", ctx.teacher_unet, [t for _, t in ctx.pairs]))
+    for side, model, names in sides:
         modules = dict(model.named_modules())
         for name in names:
             handles.append(modules[name].register_forward_hook(

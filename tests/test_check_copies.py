@@ -273,9 +273,11 @@ def test_class_copy_covers_its_methods(root: Path):
 
 def test_decorators_belong_to_the_object(root: Path):
     write(root, "train_a.py", "import functools\n\n\n@functools.cache\ndef f():\n    return 1\n")
-    write(root, "train_b.py", "import functools\n\n\n# Copied from train_a.f\n@functools.cache\ndef f():\n    return 1\n")
+    write(root, "train_b.py",
+          "import functools\n\n\n# Copied from train_a.f\n@functools.cache\ndef f():\n    return 1\n")
     assert cc.check_copies(root) == []
-    write(root, "train_b.py", "import functools\n\n\n# Copied from train_a.f\n@functools.lru_cache\ndef f():\n    return 1\n")
+    write(root, "train_b.py",
+          "import functools\n\n\n# Copied from train_a.f\n@functools.lru_cache\ndef f():\n    return 1\n")
     assert len(cc.check_copies(root)) == 1
 
 

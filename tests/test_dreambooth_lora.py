@@ -142,7 +142,8 @@ def test_empty_or_missing_instance_folder_is_one_line_error(assets, capsys, tmp_
     base = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--instance_prompt", INSTANCE_PROMPT]
     assert f"--instance_data_dir: no readable image in {empty}" in parse_error(
         capsys, base + ["--instance_data_dir", str(empty)])
-    assert "--instance_data_dir: no such directory" in parse_error(capsys, base + ["--instance_data_dir", str(tmp_path / "x")])
+    missing_dir = ["--instance_data_dir", str(tmp_path / "x")]
+    assert "--instance_data_dir: no such directory" in parse_error(capsys, base + missing_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +234,8 @@ def test_prior_run_lora_files_load_and_change_the_image(prior_run, assets):
 def test_second_run_reuses_class_images_and_caches_everything(prior_run, assets, instance_dir, tmp_path):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in prior_run["class_dir"].iterdir())
     flags = common_flags(assets["tiny-sd"], instance_dir, tmp_path / "again") + [
-        "--with_prior_preservation", "--class_data_dir", prior_run["class_dir"], "--class_prompt", "a photo of a circle",
+        "--with_prior_preservation", "--class_data_dir", prior_run["class_dir"],
+        "--class_prompt", "a photo of a circle",
         "--num_class_images", "3", "--random_flip", "--max_train_steps", "1", "--report_to", "none",
         "--pre_compute_text_embeddings",
     ]

@@ -1,4 +1,4 @@
-"""The LCD math of train_lcm_distill_sd_wds against formulas written out independently (SPEC section 4)."""
+"""The LCD math of train_lcm_distill_sd_wds against formulas written out independently from the LCM paper."""
 
 import math
 

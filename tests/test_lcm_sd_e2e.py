@@ -119,7 +119,8 @@ def test_resume_from_latest_equals_uninterrupted_run(main_run, tmp_path):
     resumed = tmp_path / "resumed"
     original = main_run["output_dir"]
     dropped = {"checkpoint-4", "unet", "unet_target", "validation", "logs", "README.md"}  # the run "died" after step 3
-    shutil.copytree(original, resumed, ignore=lambda d, names: [n for n in names if Path(d) == original and n in dropped])
+    shutil.copytree(original, resumed,
+                    ignore=lambda d, names: [n for n in names if Path(d) == original and n in dropped])
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-3"]
     assert (resumed / "checkpoint-3" / "unet_target" / "config.json").is_file()
     flags = [str(resumed) if str(f) == str(original) else str(f) for f in main_run["flags"]]

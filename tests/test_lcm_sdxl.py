@@ -203,7 +203,8 @@ def test_defaults_per_mode(tiny_sdxl, assets, tmp_path):
     assert (full.learning_rate, full.ema_decay, full.w_min, full.validation_guidance_scale) == (1e-6, 0.95, 3.0, 8.0)
     assert full.resolution == 64 and lcm_xl.parse_args(base[:6] + base[8:]).resolution == 1024
     lora = lcm_xl.parse_args(base + ["--use_lora"])
-    assert (lora.learning_rate, lora.lora_rank, lora.lora_alpha, lora.validation_guidance_scale) == (1e-4, 64, 64.0, 1.0)
+    lora_defaults = (lora.learning_rate, lora.lora_rank, lora.lora_alpha, lora.validation_guidance_scale)
+    assert lora_defaults == (1e-4, 64, 64.0, 1.0)
     assert lora.lora_target_modules == list(lcm_xl.LORA_TARGET_KINDS) and lora.save_precision == "fp16"
 
 

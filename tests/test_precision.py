@@ -154,7 +154,8 @@ def test_trains_saves_and_generates_in_precision(kind, precision, assets, tiny_s
     watch = NetworkWatch(module, monkeypatch)
     decoded_dtypes = vae_decode_watch(monkeypatch)
     out = tmp_path / "out"
-    run_in_process(SCRIPTS[kind], flags_for(kind, teacher, assets, instance_dir, out) + ["--mixed_precision", precision])
+    run_in_process(SCRIPTS[kind],
+                   flags_for(kind, teacher, assets, instance_dir, out) + ["--mixed_precision", precision])
 
     # what was saved: finite, and validation grids that are not blank
     saved = [p for p in out.rglob("*.safetensors") if "checkpoint-" not in str(p)]

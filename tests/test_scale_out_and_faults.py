@@ -127,7 +127,8 @@ def test_sdxl_two_processes(assets, tmp_path):
 
     teacher = build_pipeline("tiny-sdxl", str(tmp_path / "tiny-sdxl"), seed=0)
     out = tmp_path / "xl2"
-    flags = ["--pretrained_teacher_model", teacher, "--train_shards_path_or_url", assets["shards"], "--output_dir", out, "--resolution", "64", "--train_batch_size", "1",
+    flags = ["--pretrained_teacher_model", teacher, "--train_shards_path_or_url", assets["shards"], "--output_dir", out,
+             "--resolution", "64", "--train_batch_size", "1",
              "--max_train_steps", "2", "--seed", "0", "--shuffle_buffer_size", "4", "--dataloader_num_workers", "0",
              "--validation_prompts", "--report_to", "none", "--use_lora", "--lora_rank", "4"]
     log = run_script("train_lcm_distill_sdxl_wds.py", flags, num_processes=2).stdout
@@ -375,8 +376,8 @@ def test_unwritable_output_dir_and_full_disk_fail_before_loading(assets, tmp_pat
 
 def test_incomplete_checkpoint_named_explicitly_is_refused(assets, tmp_path, capsys):
     (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
-    message = rejection_line(lcd, lcd_flags(assets, tmp_path / "out") + ["--max_train_steps", "1",
-                                                                       "--resume_from_checkpoint", "checkpoint-5"], capsys)
+    flags = lcd_flags(assets, tmp_path / "out") + ["--max_train_steps", "1", "--resume_from_checkpoint", "checkpoint-5"]
+    message = rejection_line(lcd, flags, capsys)
     assert "checkpoint-5 is incomplete (no training_state.json)" in message
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check (and optionally repair) code that training scripts copy from each other.
 
-Why this exists: every ``train_*.py`` script in this suite is standalone (SPEC section 2), so
+Why this exists: every ``train_*.py`` script in this suite is standalone (it imports only pip packages), so
 code shared between scripts is repeated instead of imported.  Repetition only stays honest if
 something notices when the copies drift apart, so each repeat carries a marker comment on the
 line directly above its ``def`` or ``class`` (or above its first decorator)::
@@ -488,7 +488,7 @@ def _check_region(
     # Follow the chain (a copy of a copy of ...) to make sure it ends in a real source region;
     # the comparison itself is only against the immediate source, as for definitions.
     seen = [os.path.realpath(copy_file.path)]
-    current_file, current, source_file, source = copy_file, region, None, None
+    current, source_file, source = region, None, None
     while current.module is not None:
         path = os.path.normpath(os.path.join(root, current.module + ".py"))
         what = label if current is region else f"region {current.module}.{region.name} (via {label})"
@@ -511,7 +511,7 @@ def _check_region(
             )
         if source is None:
             source_file, source = next_file, found
-        current_file, current = next_file, found
+        current = found
 
     expected = []
     for raw in source_file.lines[source.start : source.end - 1]:

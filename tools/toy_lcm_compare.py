@@ -75,7 +75,8 @@ def main(argv=None):
     student, guidance = toy_metrics.load_student(args.teacher, args.unet, args.lora)
     lcm = {"num_ddim_timesteps": args.num_ddim_timesteps, "timestep_scaling": args.timestep_scaling_factor}
     rows = toy_metrics.measure_lcm(teacher, student, guidance, **lcm)
-    picture_rows = toy_metrics.measure_lcm(teacher, student, guidance, prompts=list(PICTURE_PROMPTS), seeds_per_prompt=1, **lcm)
+    picture_rows = toy_metrics.measure_lcm(teacher, student, guidance, prompts=list(PICTURE_PROMPTS),
+                                           seeds_per_prompt=1, **lcm)
     comparison_picture(picture_rows, PICTURE_PROMPTS).save(args.output)
     table = toy_metrics.table(metric_rows(rows), columns=("model", "sampler", "steps", "accuracy", "distance"))
     print(table)
