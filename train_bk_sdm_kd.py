@@ -332,10 +332,15 @@ class KDContext:
     autocast: callable
 
 
-def noised_latents_and_target(noise_scheduler, latents):
+def noised_latents_and_target(noise_scheduler, latents, noise_offset=0.0):
     """The denoising task of ordinary SD training: t ~ U{0..T-1}, x_t ~ q(x_t | x_0), and the regression target
-    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target)."""
+    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target).
+
+    `noise_offset` adds noise_offset x N(0, 1) per example and channel to the noise (Guttenberg, 2023): a shift
+    of the whole channel that the model must learn to predict, which lets it reach very dark or bright images."""
     noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)

@@ -24,9 +24,11 @@ The training step is `dreambooth_loss`; everything else is set-up and bookkeepin
 
 import argparse
 import contextlib
+import csv
 import hashlib
 import importlib.util
 import itertools
+import io
 import json
 import logging
 import math
@@ -72,6 +74,7 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CLASS_IMAGE_INFERENCE_STEPS = 50
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SCRIPT_NAME = "train_dreambooth_lora.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
 
@@ -97,10 +100,22 @@ def parse_args(input_args=None):
     group.add_argument("--revision", type=str, default=None, help="Revision of the model on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the model files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    group = parser.add_argument_group("data")
-    group.add_argument("--instance_data_dir", type=str, required=True, help="Folder of the subject's photos.")
-    group.add_argument("--instance_prompt", type=str, required=True,
+    group = parser.add_argument_group("data (--instance_data_dir with --instance_prompt, or --train_data_dir)")
+    group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of the subject's photos.")
+    group.add_argument("--instance_prompt", type=str, default=None,
                        help="Prompt with the subject's identifier, e.g. 'a photo of sks dog'.")
+    group.add_argument("--train_data_dir", type=str, default=None,
+                       help="A folder of captioned images instead: metadata.jsonl or metadata.csv (image path in "
+                            "--image_column, caption in --caption_column), or a .txt caption beside each image.")
+    group.add_argument("--image_column", type=str, default=None,
+                       help="Metadata column of the image path (--train_data_dir; default 'file_name').")
+    group.add_argument("--caption_column", type=str, default=None,
+                       help="Metadata column of the caption (--train_data_dir; default 'text').")
+    group.add_argument("--caption_prefix", type=str, default=None,
+                       help="Put before every caption of --train_data_dir, joined by a space (e.g. a trigger word).")
+    group.add_argument("--caption_dropout_rate", type=bounded(float, 0, 1, high_open=True), default=0.0,
+                       help="Train each instance example with the empty caption with this probability (class "
+                            "examples keep the class prompt).")
     group.add_argument("--with_prior_preservation", action="store_true",
                        help="Also train on images of the subject's class (prior-preservation loss).")
     group.add_argument("--class_data_dir", type=str, default=None,
@@ -130,12 +145,21 @@ def parse_args(input_args=None):
                        help="Require the prompt embeddings to be computed once and the text encoder freed (the "
                             "default whenever the text encoder does not train); refused with --no_cache or "
                             "--train_text_encoder.")
+    group = parser.add_argument_group("denoising loss")
+    group.add_argument("--noise_offset", type=bounded(float, 0, None), default=0.0,
+                       help="Add this x N(0, 1) per example and channel to the noise (0.05-0.1 lets the model reach "
+                            "very dark and bright images).")
+    group.add_argument("--snr_gamma", type=bounded(float, 0, None, low_open=True), default=None,
+                       help="Min-SNR loss weighting with this gamma (5.0 is the paper's), for epsilon and "
+                            "v-prediction models; default: unweighted.")
     group = parser.add_argument_group("LoRA")
     group.add_argument("--rank", type=bounded(int, 1, None), default=4, help="Rank r of the LoRA adapters.")
     group.add_argument("--lora_alpha", type=bounded(float, 0, None, low_open=True), default=None,
                        help="LoRA alpha (the update is scaled by alpha / r); default: equal to --rank.")
     group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
                        default=0.0, help="Dropout on the LoRA branch input.")
+    group.add_argument("--use_dora", action="store_true",
+                       help="DoRA adapters (weight-decomposed LoRA, peft's use_dora); no kohya file is written.")
     group.add_argument("--train_text_encoder", action="store_true",
                        help="Also train LoRA adapters on the text encoder.")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
@@ -154,10 +178,7 @@ def parse_args(input_args=None):
 def validate_args(parser, args):
     """Fail at start-up, in one line, before any model is loaded."""
     check_model_kinds(parser, args, "sd", "pretrained_model_name_or_path")
-    if not os.path.isdir(args.instance_data_dir):
-        parser.error(f"--instance_data_dir: no such directory: {args.instance_data_dir}")
-    if not list_images(args.instance_data_dir)[0]:
-        parser.error(f"--instance_data_dir: no readable image in {args.instance_data_dir}")
+    check_data_args(parser, args)
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
@@ -173,6 +194,34 @@ def validate_args(parser, args):
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     check_common_args(parser, args, "pretrained_model_name_or_path")
+
+
+def check_data_args(parser, args):
+    """One source of training images, and the flags of that source."""
+    if args.instance_data_dir is not None and args.train_data_dir is not None:
+        parser.error("--instance_data_dir and --train_data_dir are two sources of training images: give one")
+    if args.instance_data_dir is None and args.train_data_dir is None:
+        parser.error("give --instance_data_dir (with --instance_prompt) or --train_data_dir (captioned images)")
+    if args.instance_data_dir is not None:
+        if args.instance_prompt is None:
+            parser.error("--instance_data_dir needs --instance_prompt")
+        for name in ("image_column", "caption_column", "caption_prefix"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name} applies to --train_data_dir only")
+        if not os.path.isdir(args.instance_data_dir):
+            parser.error(f"--instance_data_dir: no such directory: {args.instance_data_dir}")
+        if not list_images(args.instance_data_dir)[0]:
+            parser.error(f"--instance_data_dir: no readable image in {args.instance_data_dir}")
+        return
+    if args.instance_prompt is not None:
+        parser.error("--instance_prompt applies to --instance_data_dir only: --train_data_dir images have their own "
+                     "captions (put a trigger word in --caption_prefix)")
+    args.image_column = args.image_column or "file_name"
+    args.caption_column = args.caption_column or "text"
+    try:
+        read_captioned_folder(args.train_data_dir, args.image_column, args.caption_column, args.caption_prefix)
+    except DataError as error:
+        parser.error(f"--train_data_dir: {error}")
 
 
 def text_encoder_adapter_problem():
@@ -202,13 +251,20 @@ class DreamBoothContext:
     noise_scheduler: DDPMScheduler
     prior_loss_weight: float
     autocast: callable
+    noise_offset: float = 0.0
+    snr_gamma: float = None  # None: unweighted MSE
 
 
 # Copied from train_bk_sdm_kd.noised_latents_and_target
-def noised_latents_and_target(noise_scheduler, latents):
+def noised_latents_and_target(noise_scheduler, latents, noise_offset=0.0):
     """The denoising task of ordinary SD training: t ~ U{0..T-1}, x_t ~ q(x_t | x_0), and the regression target
-    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target)."""
+    (the noise, or the velocity for v-prediction models). Returns (timesteps, x_t, target).
+
+    `noise_offset` adds noise_offset x N(0, 1) per example and channel to the noise (Guttenberg, 2023): a shift
+    of the whole channel that the model must learn to predict, which lets it reach very dark or bright images."""
     noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -217,21 +273,45 @@ def noised_latents_and_target(noise_scheduler, latents):
     return timesteps, noisy_latents, noise
 
 
+def min_snr_weights(noise_scheduler, timesteps, gamma):
+    """Min-SNR-gamma loss weights (Hang et al., 2023, arXiv:2303.09556), SNR(t) = abar_t / (1 - abar_t):
+    min(SNR, gamma) / SNR for an epsilon target, min(SNR, gamma) / (SNR + 1) for a v target. Both weight the
+    implied x0 error by min(SNR, gamma), so no timestep range dominates the gradient."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped / snr
+
+
+def denoising_mse(model_pred, target, weights=None):
+    """Mean squared error in fp32; with per-example `weights`, the mean over examples of weight x its MSE."""
+    if weights is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, model_pred.ndim)))
+    return (weights * per_example).mean()
+
+
 def dreambooth_loss(ctx, latents, prompt_embeds, num_instance):
     """Denoising loss on instance examples, plus prior_loss_weight x the same on class examples (which follow
     the instance ones in the batch). Returns the loss and its two terms (fp32)."""
-    # 1. Noise the latents at a uniform timestep.
-    timesteps, noisy_latents, target = noised_latents_and_target(ctx.noise_scheduler, latents)
+    # 1. Noise the latents at a uniform timestep (with --noise_offset, offset noise).
+    timesteps, noisy_latents, target = noised_latents_and_target(ctx.noise_scheduler, latents, ctx.noise_offset)
 
     # 2. One UNet pass over instance and class examples together.
     with ctx.autocast():
         model_pred = unet_forward(ctx.unet, noisy_latents, timesteps, encoder_hidden_states=prompt_embeds)
 
-    # 3. Instance loss, and the prior-preservation loss on the class half.
-    loss_instance = F.mse_loss(model_pred[:num_instance].float(), target[:num_instance].float())
+    # 3. Instance loss, and the prior-preservation loss on the class half (min-SNR weighted with --snr_gamma).
+    weights = None if ctx.snr_gamma is None else min_snr_weights(ctx.noise_scheduler, timesteps, ctx.snr_gamma)
+    loss_instance = denoising_mse(model_pred[:num_instance], target[:num_instance],
+                                  None if weights is None else weights[:num_instance])
     if num_instance == latents.shape[0]:
         return loss_instance, {"loss_instance": loss_instance.detach()}
-    loss_prior = F.mse_loss(model_pred[num_instance:].float(), target[num_instance:].float())
+    loss_prior = denoising_mse(model_pred[num_instance:], target[num_instance:],
+                               None if weights is None else weights[num_instance:])
     loss = loss_instance + ctx.prior_loss_weight * loss_prior
     return loss, {"loss_instance": loss_instance.detach(), "loss_prior": loss_prior.detach()}
 
@@ -254,7 +334,7 @@ def encode_prompts(text_encoder, tokenizer, prompts):
 def lora_config(args, target_modules):
     # gaussian A, zero B: the adapted model starts exactly at the base model
     return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=target_modules)
+                      init_lora_weights="gaussian", target_modules=target_modules, use_dora=args.use_dora)
 
 
 def load_models(args, weight_dtype):
@@ -400,11 +480,27 @@ def model_card_text(args, repo_id, validation_image=None):
     image_line = f"\n![validation: {args.validation_prompt}]({validation_image})\n" if validation_image else ""
     prior = (f"with prior preservation ({args.num_class_images} images of '{args.class_prompt}', weight "
              f"{args.prior_loss_weight})" if args.with_prior_preservation else "without prior preservation")
+    kohya_line = ("No kohya file: DoRA adapters load in diffusers." if args.use_dora else
+                  f"`{KOHYA_WEIGHT_NAME}` holds the same adapters in kohya format for AUTOMATIC1111 and ComfyUI.")
+    if args.train_data_dir is None:
+        trigger = args.instance_prompt
+        usage = f"Use the instance prompt\n`{args.instance_prompt}` to generate the subject."
+        source = ("instance prompt", f"`{args.instance_prompt}`")
+    else:
+        trigger = args.caption_prefix
+        usage = (f"It was trained on the captioned images of\n`{args.train_data_dir}`"
+                 + (f"; put `{args.caption_prefix}` in the prompt." if args.caption_prefix else "."))
+        source = ("data", f"`{args.train_data_dir}` (captioned)")
+    extra_rows = [row for row, used in (
+        (("adapter", "DoRA"), args.use_dora),
+        (("caption dropout", args.caption_dropout_rate), args.caption_dropout_rate),
+        (("noise offset", args.noise_offset), args.noise_offset),
+        (("loss weighting", f"min-SNR, gamma {args.snr_gamma}"), args.snr_gamma is not None)) if used]
     return f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
 license: creativeml-openrail-m
-instance_prompt: {json.dumps(args.instance_prompt)}
+instance_prompt: {json.dumps(trigger)}
 tags:
 - stable-diffusion
 - text-to-image
@@ -417,8 +513,7 @@ inference: true
 # {repo_id}: DreamBooth LoRA for {args.pretrained_model_name_or_path}
 
 LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}) on the UNet{te_part},
-trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py`. Use the instance prompt
-`{args.instance_prompt}` to generate the subject.
+trained with DreamBooth (Ruiz et al., 2022) {prior} by `train_dreambooth_lora.py`. {usage}
 {image_line}
 ## Inference
 
@@ -429,16 +524,15 @@ from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}",
                                                torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{repo_id}")
-image = pipe("{args.instance_prompt} on the beach", num_inference_steps=25).images[0]
+image = pipe("{trigger or 'a photo'} on the beach", num_inference_steps=25).images[0]
 ```
 
-`{KOHYA_WEIGHT_NAME}` holds the same adapters in kohya format for AUTOMATIC1111 and ComfyUI.
+{kohya_line}
 
 ## Training
 
-{training_table(args, [("base model", f"`{args.pretrained_model_name_or_path}`"),
-                       ("instance prompt", f"`{args.instance_prompt}`")],
-               [("text encoder trained", args.train_text_encoder)])}"""
+{training_table(args, [("base model", f"`{args.pretrained_model_name_or_path}`"), source],
+               [("text encoder trained", args.train_text_encoder), *extra_rows])}"""
 
 
 
@@ -469,9 +563,10 @@ class DreamBoothLoRA:
                 text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         instances, classes = examples.instances, examples.classes
-        prompts = [args.instance_prompt] + ([args.class_prompt] if classes else [])
-        self.prompt_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="pt").input_ids.to(device)
+        # every prompt a batch can use, once: a batch row picks its row of this table
+        self.prompts = list(dict.fromkeys(instances.captions + (classes.captions if classes else [])
+                                          + ([""] if args.caption_dropout_rate else [])))
+        self.prompt_row = {prompt: row for row, prompt in enumerate(self.prompts)}
         self.cached_prompt_embeds = self.validation_embeds = None
         if args.cache:
             for image_set in (instances, classes):
@@ -479,7 +574,9 @@ class DreamBoothLoRA:
                     cache_latents(self.vae, image_set, examples.transform, args.random_flip, args.cached_crops)
             if not args.train_text_encoder:
                 with torch.no_grad():
-                    self.cached_prompt_embeds = text_encoder(self.prompt_ids)[0]
+                    self.cached_prompt_embeds = torch.cat([
+                        text_encoder(self.prompt_ids(self.prompts[i:i + 64]))[0]
+                        for i in range(0, len(self.prompts), 64)])
                     if args.validation_prompt:
                         self.validation_embeds = (
                             encode_prompts(text_encoder, self.tokenizer, [args.validation_prompt]),
@@ -489,12 +586,14 @@ class DreamBoothLoRA:
             num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
             logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
                         f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
-                        f"{', and the prompt embeddings' if self.cached_prompt_embeds is not None else ''}")
+                        + (f", and the embeddings of {len(self.prompts)} prompts"
+                           if self.cached_prompt_embeds is not None else ""))
         self.text_encoder = text_encoder
         self.modules = [unet, text_encoder] if args.train_text_encoder else [unet]
         self.lora_params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.ctx = DreamBoothContext(unet=unet, noise_scheduler=noise_scheduler,
-                                     prior_loss_weight=args.prior_loss_weight, autocast=accelerator.autocast)
+                                     prior_loss_weight=args.prior_loss_weight, autocast=accelerator.autocast,
+                                     noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
         logger.info(f"DreamBooth LoRA: {len(instances.images)} instance images"
                     f"{f', {len(classes.images)} class images (as many per step as instances)' if classes else ''}; "
                     f"{sum(p.numel() for p in self.lora_params):,} LoRA parameters")
@@ -508,23 +607,36 @@ class DreamBoothLoRA:
     def optimizer_params(self):
         return self.lora_params
 
+    def prompt_ids(self, prompts):
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
+
+    def prompt_embeddings(self, rows):
+        """The text encoder's output for prompt-table rows: looked up in the cache, or encoded now (each distinct
+        prompt once) when the text encoder trains or --no_cache."""
+        if self.cached_prompt_embeds is not None:
+            return self.cached_prompt_embeds[rows]
+        distinct = sorted(set(rows))
+        with torch.set_grad_enabled(self.args.train_text_encoder):
+            embeds = self.text_encoder(self.prompt_ids([self.prompts[row] for row in distinct]))[0]
+        return embeds[[distinct.index(row) for row in rows]]
+
     def loss(self, batch):
         """Latents and prompt embeddings of this rank's batch (instances, then as many classes), then the loss."""
         args, examples = self.args, self.examples
         positions, chosen, flips = batch["positions"], batch["examples"], batch["flips"]
-        latents = sample_latents(self.vae, examples.instances, [e % len(examples.instances.images) for e in chosen],
-                                 flips, examples.transform, positions, examples.seed, "instance", args.cache)
+        instance_indices = [e % len(examples.instances.images) for e in chosen]
+        latents = sample_latents(self.vae, examples.instances, instance_indices, flips, examples.transform,
+                                 positions, examples.seed, "instance", args.cache)
+        captions = ["" if dropped else examples.instances.captions[i]
+                    for i, dropped in zip(instance_indices, batch["captions_dropped"])]
         if examples.classes is not None:
-            class_latents = sample_latents(self.vae, examples.classes,
-                                           [e % len(examples.classes.images) for e in chosen], flips,
-                                           examples.transform, positions, examples.seed, "class", args.cache)
+            class_indices = [e % len(examples.classes.images) for e in chosen]
+            class_latents = sample_latents(self.vae, examples.classes, class_indices, flips, examples.transform,
+                                           positions, examples.seed, "class", args.cache)
             latents = torch.cat([latents, class_latents])
-        if self.cached_prompt_embeds is not None:
-            embeds = self.cached_prompt_embeds
-        else:
-            with torch.set_grad_enabled(args.train_text_encoder):
-                embeds = self.text_encoder(self.prompt_ids)[0]
-        prompt_embeds = embeds.repeat_interleave(len(positions), dim=0)  # instance rows, then class rows
+            captions += [examples.classes.captions[i] for i in class_indices]
+        prompt_embeds = self.prompt_embeddings([self.prompt_row[caption] for caption in captions])
         return dreambooth_loss(self.ctx, latents, prompt_embeds.to(latents.dtype), len(positions))
 
     def after_update(self, step):
@@ -563,7 +675,7 @@ class DreamBoothLoRA:
         if self.accelerator.is_main_process:
             save_lora_files(self.accelerator.unwrap_model(self.modules[0]), self.trained_text_encoder(),
                             self.args.output_dir, dtype=weight_dtype_for(self.args.save_precision),
-                            full_states=full_states)
+                            kohya=not self.args.use_dora, full_states=full_states)
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
@@ -1569,17 +1681,112 @@ def load_image(path):
         return None
 
 
-def load_images(paths, folder):
-    """The readable images of `paths`; an unreadable one (say, a truncated JPEG) is skipped with a warning, and a
-    folder left with none is a one-line error."""
+def load_image_set(paths, captions, folder):
+    """The ImageSet of the readable images of `paths` with their captions; an unreadable one (say, a truncated
+    JPEG) is skipped with a warning, and a folder left with none is a one-line error."""
     images = [load_image(path) for path in paths]
     broken = [os.path.basename(path) for path, image in zip(paths, images) if image is None]
     if broken:
         logger.warning(f"skipped {len(broken)} unreadable image(s) in {folder}: {', '.join(broken[:5])}")
-    images = [image for image in images if image is not None]
-    if not images:
+    kept = [(image, caption) for image, caption in zip(images, captions) if image is not None]
+    if not kept:
         raise SystemExit(f"error: no readable image in {folder}")
-    return images
+    return ImageSet([image for image, _ in kept], [caption for _, caption in kept])
+
+
+# Copied from train_bk_sdm_kd.read_metadata_rows
+def read_metadata_rows(data_dir, image_column="file_name"):
+    """(metadata file name, [(line number, row)]) of an image folder: metadata.jsonl, else metadata.csv.
+
+    CSV is read as spreadsheets write it: a UTF-8 byte-order mark, CRLF line ends, quoted fields holding commas
+    or line breaks, ';' or tab as the separator (the one that splits the header so it names `image_column`),
+    and cp1252 text when the file is not UTF-8."""
+    for name in METADATA_FILES:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+            logging.getLogger(__name__).warning(f"{path} is not UTF-8; read as Windows-1252 (cp1252)")
+        if name.endswith(".csv"):
+            header = text.splitlines()[0] if text.strip() else ""
+            delimiter = ","
+            for candidate in (",", ";", "\t"):
+                if image_column in next(csv.reader([header], delimiter=candidate), []):
+                    delimiter = candidate
+                    break
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+            try:
+                # the line a row ends on: a quoted field may span lines
+                return name, [(reader.line_num, row) for row in reader]
+            except csv.Error as error:
+                raise DataError(f"{path} line {reader.line_num}: {error}") from None
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path} line {line_number} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {line_number} is not a JSON object")
+            rows.append((line_number, row))
+        return name, rows
+    raise DataError(f"{data_dir} has no metadata.jsonl or metadata.csv (one row per image: file name and caption)")
+
+
+def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None):
+    """([image paths], [captions]) of a captioned folder: the rows of metadata.jsonl / metadata.csv, or, without
+    a metadata file, every image with a .txt of the same name beside it. An image without a caption is an error
+    naming it: trained with an empty caption it would teach the unconditional prompt the subject."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"no such directory: {data_dir}")
+    paths, captions = [], []
+    if any(os.path.isfile(os.path.join(data_dir, name)) for name in METADATA_FILES):
+        metadata_name, rows = read_metadata_rows(data_dir, image_column)
+        columns = [str(column) for column in rows[0][1]] if rows else []
+        for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+            if column not in columns:
+                raise DataError(f"{metadata_name} has no column {column!r} (columns: {', '.join(columns)}); "
+                                f"choose one with {flag}")
+        missing = 0
+        for line_number, row in rows:
+            image, caption = row.get(image_column), row.get(caption_column)
+            where = f"{metadata_name} line {line_number}"
+            if not isinstance(image, str) or not image.strip():
+                raise DataError(f"{where}: no {image_column!r} (the image's path) in this row")
+            if caption is None or not str(caption).strip():
+                raise DataError(f"{where}: image {image.strip()} has no caption in column {caption_column!r}")
+            path = os.path.join(data_dir, image.strip())
+            if not os.path.isfile(path):
+                missing += 1
+                continue
+            paths.append(path)
+            captions.append(str(caption).strip())
+        if missing:
+            logger.warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing and skipped")
+    else:
+        for path in list_images(data_dir)[0]:
+            sidecar = os.path.splitext(path)[0] + ".txt"
+            caption = ""
+            if os.path.isfile(sidecar):
+                with open(sidecar, encoding="utf-8", errors="replace") as f:
+                    caption = f.read().strip()
+            if not caption:
+                raise DataError(f"image {os.path.basename(path)} has no caption: no metadata.jsonl/metadata.csv "
+                                f"in the folder, and {os.path.basename(sidecar)} is missing or empty")
+            paths.append(path)
+            captions.append(caption)
+    if not paths:
+        raise DataError(f"no captioned image in {data_dir}")
+    if caption_prefix:
+        captions = [f"{caption_prefix.rstrip()} {caption}" for caption in captions]
+    return paths, captions
 
 
 def list_images(folder):
@@ -1658,11 +1865,17 @@ def example_at(position, num_examples, seed, permutations):
     return permutations[epoch][offset]
 
 
+def caption_dropped(seed, position, rate):
+    """Whether the instance example at a stream position trains with the empty caption (probability `rate`)."""
+    return rate > 0 and random.Random(f"{seed}-caption-dropout-{position}").random() < rate
+
+
 @dataclass
 class ImageSet:
-    """One kind of training image (instance or class): the images, and their cached latent distributions."""
+    """One kind of training image (instance or class): the images, their captions, their cached latents."""
 
     images: list
+    captions: list = None
     mean: list = None  # per image: (2 if flipped copies else 1, number of distinct crops, 4, h, w)
     std: list = None
 
@@ -1787,16 +2000,22 @@ class DreamBoothExamples:
     def __init__(self, args, accelerator):
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.seed = args.seed if args.seed is not None else 0
-        instance_paths, skipped = list_images(args.instance_data_dir)
-        if skipped:
-            logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: "
-                           f"{', '.join(skipped[:5])}")
-        self.instances = ImageSet(load_images(instance_paths, args.instance_data_dir))
+        self.caption_dropout_rate = args.caption_dropout_rate
+        if args.train_data_dir is not None:
+            paths, captions = read_captioned_folder(args.train_data_dir, args.image_column, args.caption_column,
+                                                    args.caption_prefix)
+            self.instances = load_image_set(paths, captions, args.train_data_dir)
+        else:
+            paths, skipped = list_images(args.instance_data_dir)
+            if skipped:
+                logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: "
+                               f"{', '.join(skipped[:5])}")
+            self.instances = load_image_set(paths, [args.instance_prompt] * len(paths), args.instance_data_dir)
         self.classes = None
         if args.with_prior_preservation:
             generate_class_images(args, accelerator)
             class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
-            self.classes = ImageSet(load_images(class_paths, args.class_data_dir))
+            self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir)
         self.num_examples = max(len(self.instances.images), len(self.classes.images) if self.classes else 0)
         self.transform = ImageTransform(args.resolution, center_crop=args.center_crop)
 
@@ -1818,7 +2037,8 @@ class DreamBoothExamples:
             yield {"positions": positions,
                    "examples": [example_at(p, self.num_examples, self.seed, permutations) for p in positions],
                    "flips": [args.random_flip and random.Random(f"{self.seed}-flip-{p}").random() < 0.5
-                             for p in positions]}
+                             for p in positions],
+                   "captions_dropped": [caption_dropped(self.seed, p, self.caption_dropout_rate) for p in positions]}
 
 
 def main(args):
