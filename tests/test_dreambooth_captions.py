@@ -1,0 +1,242 @@
+"""train_dreambooth_lora.py on captioned folders, and the loss options users expect from the popular trainers:
+min-SNR weighting, offset noise, caption dropout, DoRA. Each against an independent computation; the end-to-end
+runs load what they saved into the diffusers pipeline."""
+
+import contextlib
+import csv
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+import train_dreambooth_lora as db
+from conftest import REPO, rejection_line, run_in_process
+
+sys.path.insert(0, str(REPO / "tools"))
+from make_toy_dataset import make_toy_dataset  # noqa: E402
+
+
+def scaled_linear_alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012):
+    """abar_t of SD's schedule, written out: betas evenly spaced in sqrt, squared, then the running product."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_paper(prediction_type):
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 100, 400, 700, 999])
+    abar = scaled_linear_alphas_cumprod()[timesteps.numpy()]
+    snr = abar / (1 - abar)
+    gamma = 5.0
+    expected = np.minimum(snr, gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    np.testing.assert_allclose(db.min_snr_weights(scheduler, timesteps, gamma).numpy(), expected, rtol=1e-4)
+    # low-noise steps (SNR above gamma) are damped, high-noise ones kept
+    weights = db.min_snr_weights(scheduler, timesteps, gamma)
+    assert weights[0] < 0.01 and weights[-1] > 0.99 * (snr[-1] / (snr[-1] + 1) if prediction_type == "v_prediction"
+                                                        else 1.0)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2, norm_num_groups=8,
+    )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_weighted_loss_with_offset_noise_against_its_formula(prediction_type):
+    """--snr_gamma and --noise_offset together, the prior half included, recomputed step by step."""
+    unet = tiny_unet()
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    ctx = db.DreamBoothContext(unet=unet, noise_scheduler=scheduler, prior_loss_weight=0.5,
+                               autocast=contextlib.nullcontext, noise_offset=0.1, snr_gamma=5.0)
+    latents, embeds = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
+    torch.manual_seed(7)
+    loss, terms = db.dreambooth_loss(ctx, latents, embeds, num_instance=2)
+
+    torch.manual_seed(7)
+    noise = torch.randn_like(latents) + 0.1 * torch.randn(4, 4, 1, 1)  # one shift per example and channel
+    timesteps = torch.randint(0, 1000, (4,)).long()
+    abar = torch.from_numpy(scaled_linear_alphas_cumprod()).float()[timesteps].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = abar.sqrt() * noise - (1 - abar).sqrt() * latents if prediction_type == "v_prediction" else noise
+    with torch.no_grad():
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+    snr = abar.flatten() / (1 - abar.flatten())
+    weights = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    per_example = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    instance, prior = (weights[:2] * per_example[:2]).mean(), (weights[2:] * per_example[2:]).mean()
+    torch.testing.assert_close(terms["loss_instance"], instance, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(terms["loss_prior"], prior, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), instance + 0.5 * prior, rtol=2e-4, atol=1e-6)
+
+
+def test_noise_offset_zero_draws_nothing_extra():
+    """Without --noise_offset the random stream is the one runs made before the flag existed."""
+    scheduler = DDPMScheduler()
+    latents = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(3)
+    plain = db.noised_latents_and_target(scheduler, latents)
+    torch.manual_seed(3)
+    zero = db.noised_latents_and_target(scheduler, latents, 0.0)
+    after_zero = torch.rand(1)
+    torch.manual_seed(3)
+    torch.randn_like(latents), torch.randint(0, 1000, (2,))
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero)) and torch.equal(after_zero, torch.rand(1))
+
+
+def test_caption_dropout_rate_over_many_draws():
+    draws = [db.caption_dropped(0, position, 0.3) for position in range(20000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.015  # 4.6 standard deviations
+    assert draws == [db.caption_dropped(0, position, 0.3) for position in range(20000)]  # by position: resumable
+    assert draws != [db.caption_dropped(1, position, 0.3) for position in range(20000)]  # and by seed
+    assert not any(db.caption_dropped(0, position, 0.0) for position in range(1000))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captioned folders and their errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(str(folder), num_images=4, seed=5, captions="txt")
+    return sorted(folder.glob("*.png"))
+
+
+def folder_with(root, images, kind, captions=None):
+    """A captioned folder of `images`: jsonl with columns image/caption, csv with file_name/text, or .txt files."""
+    folder = root / kind
+    folder.mkdir(parents=True)
+    captions = captions or [f"a drawing number {i}" for i in range(len(images))]
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    if kind == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({"image": image.name, "caption": caption, "score": i}) + "\n"
+            for i, (image, caption) in enumerate(zip(images, captions))))
+    elif kind == "csv":
+        with open(folder / "metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name", "text"])
+            writer.writerows([image.name, caption] for image, caption in zip(images, captions))
+    else:
+        for image, caption in zip(images, captions):
+            (folder / f"{image.stem}.txt").write_text(caption + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("kind, columns", [("jsonl", ("image", "caption")), ("csv", ("file_name", "text")),
+                                           ("txt", ("file_name", "text"))])
+def test_captioned_folders_are_read_with_their_prefix(tmp_path, images, kind, columns):
+    folder = folder_with(tmp_path, images, kind)
+    paths, captions = db.read_captioned_folder(str(folder), *columns, caption_prefix="sks style,")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [image.name for image in images]
+    assert captions == [f"sks style, a drawing number {i}" for i in range(len(images))]
+
+
+def test_captioned_folder_errors_are_one_line(assets, tmp_path, images, capsys):
+    base = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--output_dir", str(tmp_path / "out")]
+    jsonl = folder_with(tmp_path, images, "jsonl")
+    message = rejection_line(db, base + ["--train_data_dir", str(jsonl), "--caption_column", "text",
+                                         "--image_column", "image"], capsys)
+    assert "metadata.jsonl has no column 'text' (columns: image, caption, score); choose one with --caption_column" \
+        in message
+
+    uncaptioned = folder_with(tmp_path / "uncaptioned", images, "jsonl", captions=["a", "", "c", "d"])
+    message = rejection_line(db, base + ["--train_data_dir", str(uncaptioned), "--image_column", "image",
+                                         "--caption_column", "caption"], capsys)
+    assert f"metadata.jsonl line 2: image {images[1].name} has no caption in column 'caption'" in message
+
+    sidecars = folder_with(tmp_path, images, "txt")
+    (sidecars / f"{images[2].stem}.txt").unlink()
+    message = rejection_line(db, base + ["--train_data_dir", str(sidecars)], capsys)
+    assert f"image {images[2].name} has no caption" in message and f"{images[2].stem}.txt is missing" in message
+
+    both = base + ["--train_data_dir", str(jsonl), "--instance_data_dir", str(jsonl), "--instance_prompt", "x"]
+    assert "--instance_data_dir and --train_data_dir are two sources of training images: give one" in \
+        rejection_line(db, both, capsys)
+    assert "--instance_prompt applies to --instance_data_dir only" in rejection_line(
+        db, base + ["--train_data_dir", str(sidecars.parent / "jsonl"), "--instance_prompt", "x",
+                    "--image_column", "image", "--caption_column", "caption"], capsys)
+    assert "give --instance_data_dir (with --instance_prompt) or --train_data_dir" in rejection_line(db, base, capsys)
+    for gamma in ("0", "-1"):
+        assert "--snr_gamma: must be > 0" in rejection_line(
+            db, base + ["--train_data_dir", str(jsonl), "--image_column", "image", "--caption_column", "caption",
+                        "--snr_gamma", gamma], capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------
+
+
+def generate(pipe, prompt):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_captioned_dora_run_saves_files_diffusers_loads(assets, images, tmp_path):
+    """jsonl captions, DoRA on the UNet and the text encoder, min-SNR, offset noise and caption dropout: the
+    run writes a diffusers file with DoRA magnitudes (and no kohya file) that diffusers loads as saved and
+    that changes the base pipeline's image."""
+    folder = folder_with(tmp_path, images, "jsonl")
+    out = tmp_path / "dora"
+    run = run_in_process("train_dreambooth_lora.py", [
+        "--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", folder, "--image_column", "image",
+        "--caption_column", "caption", "--caption_prefix", "sks", "--caption_dropout_rate", "0.5",
+        "--snr_gamma", "5", "--noise_offset", "0.05", "--use_dora", "--train_text_encoder", "--rank", "4",
+        "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
+        "--learning_rate", "1e-2", "--output_dir", out, "--report_to", "none", "--save_precision", "fp32"])
+    assert "4 instance images" in run.stdout
+    saved = load_file(str(out / db.LORA_WEIGHT_NAME))
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
+    magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
+    assert magnitudes and any(k.startswith("text_encoder.") for k in magnitudes)
+    assert not (out / db.KOHYA_WEIGHT_NAME).exists()
+    card = (out / "README.md").read_text()
+    assert 'instance_prompt: "sks"' in card and "| adapter | DoRA |" in card and "min-SNR, gamma 5.0" in card
+
+    base = StableDiffusionPipeline.from_pretrained(assets["tiny-sd"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    before = generate(base, "sks a drawing number 1")
+    base.load_lora_weights(str(out))
+    after = generate(base, "sks a drawing number 1")
+    assert np.abs(after - before).max() > 1e-3, "the DoRA file changed nothing"
+    # the adapters in the pipeline are the saved tensors: a magnitude vector came back unchanged
+    key = next(k for k in magnitudes if k.startswith("unet."))
+    module_path = key.removeprefix("unet.").split(".lora_magnitude_vector")[0]
+    module = base.unet.get_submodule(module_path)
+    loaded = next(v for name, v in module.named_parameters() if "lora_magnitude_vector" in name)
+    torch.testing.assert_close(loaded.detach().float().flatten(), saved[key].float().flatten())
+
+
+def test_txt_captions_are_cached_once_per_distinct_prompt(assets, images, tmp_path):
+    """Sidecar captions, two of them equal, and caption dropout: the cache holds each distinct prompt once
+    (3 captions + the empty one), and the run resumes bit-identically."""
+    folder = folder_with(tmp_path, images, "txt", captions=["a red circle", "a blue square", "a red circle",
+                                                             "a green triangle"])
+    flags = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", folder,
+             "--caption_dropout_rate", "0.25", "--rank", "4", "--resolution", "64", "--train_batch_size", "2",
+             "--seed", "0", "--report_to", "none", "--checkpointing_steps", "2", "--random_flip"]
+    full = run_in_process("train_dreambooth_lora.py", flags + ["--max_train_steps", "4", "--output_dir",
+                                                                tmp_path / "full"])
+    assert "and the embeddings of 4 prompts" in full.stdout
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run_in_process("train_dreambooth_lora.py", flags + ["--max_train_steps", "4", "--output_dir",
+                                                         tmp_path / "resumed", "--resume_from_checkpoint", "latest"])
+    a, b = (load_file(str(tmp_path / run / db.LORA_WEIGHT_NAME)) for run in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
