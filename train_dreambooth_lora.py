@@ -1809,7 +1809,8 @@ def list_images(folder):
 
 # Copied from train_lcm_distill_sd_wds.ImageTransform
 class ImageTransform:
-    """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
+    """Resize to cover the target size, crop it (centre or random), maybe flip, scale to [-1, 1]. The target is
+    a square of side `resolution`, or a (height, width) pair (an aspect-ratio bucket).
 
     Returns the CHW float tensor plus what SDXL's micro-conditioning needs: the original (height, width)
     and the (top, left) of the crop in the resized image.
@@ -1826,21 +1827,22 @@ class ImageTransform:
 
     def __init__(self, resolution, interpolation="bilinear", center_crop=False, random_flip=False):
         self.resolution = resolution
+        self.height, self.width = (resolution, resolution) if isinstance(resolution, int) else resolution
         self.interpolation = self.FILTERS[interpolation]
         self.center_crop = center_crop
         self.random_flip = random_flip
 
     def __call__(self, image, rng):
         original_size = (image.height, image.width)
-        scale = self.resolution / min(image.width, image.height)
-        width = max(self.resolution, round(image.width * scale))
-        height = max(self.resolution, round(image.height * scale))
+        scale = max(self.width / image.width, self.height / image.height)
+        width = max(self.width, round(image.width * scale))
+        height = max(self.height, round(image.height * scale))
         image = image.resize((width, height), resample=self.interpolation)
         if self.center_crop:
-            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+            top, left = (height - self.height) // 2, (width - self.width) // 2
         else:
-            top, left = rng.randint(0, height - self.resolution), rng.randint(0, width - self.resolution)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            top, left = rng.randint(0, height - self.height), rng.randint(0, width - self.width)
+        image = image.crop((left, top, left + self.width, top + self.height))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -1863,6 +1865,51 @@ def example_at(position, num_examples, seed, permutations):
         permutations.clear()  # only the current epoch is ever needed again
         permutations[epoch] = order
     return permutations[epoch][offset]
+
+
+def resolution_buckets(spec, resolution):
+    """The (height, width) aspect-ratio buckets of --resolution_buckets: 'auto' (about resolution^2 pixels each,
+    sides in steps of 64, or of 8 below 256 px, aspect ratios from 1:2 to 2:1), or a list 'WxH,WxH,...'."""
+    if spec == "auto":
+        step = 64 if resolution >= 256 else 8
+        buckets = set()
+        for width in range(resolution, 2 * resolution + 1, step):  # landscape and square; portrait mirrors them
+            height = resolution * resolution // width // step * step
+            if height > 0 and width / height <= 2.0:
+                buckets.update({(height, width), (width, height)})
+        return sorted(buckets)
+    buckets = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if match is None:
+            raise ValueError(f"{item.strip()!r} is not WIDTHxHEIGHT")
+        width, height = int(match.group(1)), int(match.group(2))
+        if width <= 0 or height <= 0 or width % 8 or height % 8:
+            raise ValueError(f"{width}x{height}: both sides must be positive multiples of 8 (the VAE downsamples by 8)")
+        buckets.append((height, width))
+    return sorted(set(buckets))
+
+
+def nearest_bucket(height, width, buckets):
+    """The bucket whose aspect ratio is closest to the image's (in log ratio, so 2:1 and 1:2 are as far from 1:1)."""
+    return min(buckets, key=lambda bucket: (abs(math.log(width / height) - math.log(bucket[1] / bucket[0])),
+                                            -bucket[0] * bucket[1]))
+
+
+def bucket_epoch(epoch, example_buckets, batch_size, seed):
+    """One epoch of bucketed batches: each bucket's examples shuffled and dealt into batches of `batch_size`
+    (the last one topped up from the start of that bucket's order, so every batch is full and of one shape),
+    then the batches shuffled. Returns [(bucket, [example indices])]; every epoch has as many batches."""
+    rng = random.Random(f"{seed}-buckets-epoch-{epoch}")
+    batches = []
+    for bucket in sorted(set(example_buckets)):
+        members = [i for i, b in enumerate(example_buckets) if b == bucket]
+        rng.shuffle(members)
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            batches.append((bucket, chunk + (members * batch_size)[:batch_size - len(chunk)]))
+    rng.shuffle(batches)
+    return batches
 
 
 def caption_dropped(seed, position, rate):

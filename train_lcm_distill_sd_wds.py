@@ -1660,7 +1660,8 @@ def check_shard_args(parser, args):
 
 
 class ImageTransform:
-    """Resize the shorter side, crop a square (centre or random), maybe flip, scale to [-1, 1].
+    """Resize to cover the target size, crop it (centre or random), maybe flip, scale to [-1, 1]. The target is
+    a square of side `resolution`, or a (height, width) pair (an aspect-ratio bucket).
 
     Returns the CHW float tensor plus what SDXL's micro-conditioning needs: the original (height, width)
     and the (top, left) of the crop in the resized image.
@@ -1677,21 +1678,22 @@ class ImageTransform:
 
     def __init__(self, resolution, interpolation="bilinear", center_crop=False, random_flip=False):
         self.resolution = resolution
+        self.height, self.width = (resolution, resolution) if isinstance(resolution, int) else resolution
         self.interpolation = self.FILTERS[interpolation]
         self.center_crop = center_crop
         self.random_flip = random_flip
 
     def __call__(self, image, rng):
         original_size = (image.height, image.width)
-        scale = self.resolution / min(image.width, image.height)
-        width = max(self.resolution, round(image.width * scale))
-        height = max(self.resolution, round(image.height * scale))
+        scale = max(self.width / image.width, self.height / image.height)
+        width = max(self.width, round(image.width * scale))
+        height = max(self.height, round(image.height * scale))
         image = image.resize((width, height), resample=self.interpolation)
         if self.center_crop:
-            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+            top, left = (height - self.height) // 2, (width - self.width) // 2
         else:
-            top, left = rng.randint(0, height - self.resolution), rng.randint(0, width - self.resolution)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            top, left = rng.randint(0, height - self.height), rng.randint(0, width - self.width)
+        image = image.crop((left, top, left + self.width, top + self.height))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

@@ -240,3 +240,56 @@ def test_txt_captions_are_cached_once_per_distinct_prompt(assets, images, tmp_pa
                                                          tmp_path / "resumed", "--resume_from_checkpoint", "latest"])
     a, b = (load_file(str(tmp_path / run / db.LORA_WEIGHT_NAME)) for run in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", [64, 512, 1024])
+def test_auto_buckets_keep_the_area_and_mirror_each_other(resolution):
+    buckets = db.resolution_buckets("auto", resolution)
+    assert (resolution, resolution) in buckets
+    assert {(w, h) for h, w in buckets} == set(buckets)  # every landscape bucket has its portrait twin
+    for height, width in buckets:
+        assert height % 8 == 0 and width % 8 == 0 and 0.5 <= width / height <= 2.0
+        assert 0.8 <= height * width / resolution**2 <= 1.0  # about the pixels of the square, never more
+
+
+def test_explicit_buckets_and_their_errors():
+    assert db.resolution_buckets("512x512, 640X384", 512) == [(384, 640), (512, 512)]
+    for spec, message in (("512", "is not WIDTHxHEIGHT"), ("500x512", "multiples of 8")):
+        with pytest.raises(ValueError, match=message):
+            db.resolution_buckets(spec, 512)
+
+
+def test_images_go_to_the_bucket_of_the_nearest_aspect_ratio():
+    buckets = db.resolution_buckets("auto", 512)
+    assert db.nearest_bucket(1000, 1000, buckets) == (512, 512)
+    assert db.nearest_bucket(300, 500, buckets) == (384, 640)  # 1.67:1
+    assert db.nearest_bucket(1200, 900, buckets) == (576, 448)  # 3:4 portrait -> 1.29 (nearest to 1.33)
+    assert db.nearest_bucket(100, 1000, buckets) == (384, 640)  # beyond the widest: the widest
+
+
+def test_bucket_epochs_deal_full_single_bucket_batches_covering_every_example():
+    example_buckets = [(64, 64)] * 5 + [(48, 80)] * 2 + [(80, 48)]
+    for epoch in range(3):
+        batches = db.bucket_epoch(epoch, example_buckets, 2, seed=0)
+        assert len(batches) == 3 + 1 + 1  # ceil(5/2) + ceil(2/2) + ceil(1/2): as many every epoch
+        assert all(len(members) == 2 and {example_buckets[i] for i in members} == {bucket}
+                   for bucket, members in batches)
+        assert set().union(*(members for _, members in batches)) == set(range(8))
+        assert batches == db.bucket_epoch(epoch, example_buckets, 2, seed=0)  # deterministic: exact resume
+    assert db.bucket_epoch(0, example_buckets, 2, 0) != db.bucket_epoch(1, example_buckets, 2, 0)
+
+
+def test_transform_to_a_bucket_covers_then_crops():
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 100), (200, 10, 10))  # 3:1, wider than the (48, 80) bucket
+    pixels, original_size, (top, left) = db.ImageTransform((48, 80), center_crop=True)(image, None)
+    assert pixels.shape == (3, 48, 80) and original_size == (100, 300)
+    assert top == 0 and left == (144 - 80) // 2  # resized to 48 x 144 (height covers), centred crop
+    square = db.ImageTransform(64, center_crop=True)(image, None)
+    assert square[0].shape == (3, 64, 64) and square[2] == (0, (192 - 64) // 2)
