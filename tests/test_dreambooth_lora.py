@@ -58,7 +58,7 @@ def test_loss_is_instance_mse_plus_weighted_prior_mse():
                                autocast=contextlib.nullcontext)
     latents, embeds = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
     torch.manual_seed(1)
-    loss, terms = db.dreambooth_loss(ctx, latents, embeds, num_instance=2)
+    loss, terms = db.dreambooth_loss(ctx, latents, {"encoder_hidden_states": embeds}, num_instance=2)
     torch.manual_seed(1)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, 1000, (4,)).long()
