@@ -249,3 +249,31 @@ def test_sdxl_prompt_table_and_conditioning(tiny_sdxl):
     sd_conditioning = db.unet_conditioning({"encoder_hidden_states": table["encoder_hidden_states"]},
                                            db.prompt_rows(2, with_classes=False), time_ids[:2])
     assert set(sd_conditioning) == {"encoder_hidden_states"} and sd_conditioning["encoder_hidden_states"].shape[0] == 2
+
+
+@pytest.mark.slow
+def test_sdxl_caching_on_and_off_give_the_same_step_and_image(sdxl_run, tmp_path):
+    """Cached latents, time_ids and prompt table (text encoders freed, validation from embeddings computed at
+    start-up) against everything encoded at each use (text encoders kept): the same first step and image."""
+    def one_step(name, extra):
+        flags = ["--pretrained_model_name_or_path", sdxl_run["tiny"],
+                 "--instance_data_dir", sdxl_run["flags"][sdxl_run["flags"].index("--instance_data_dir") + 1],
+                 "--instance_prompt", INSTANCE_PROMPT, "--output_dir", tmp_path / name, "--resolution", "64",
+                 "--train_batch_size", "2", "--seed", "0", "--rank", "4", "--learning_rate", "1e-2",
+                 "--with_prior_preservation", "--class_data_dir", sdxl_run["root"] / "class",
+                 "--class_prompt", "a photo of a circle", "--num_class_images", "2", "--random_flip", "--center_crop",
+                 "--max_train_steps", "1", "--validation_prompt", VALIDATION_PROMPT, "--num_validation_images", "1",
+                 "--report_to", "tensorboard", *extra]
+        log = run_in_process(SCRIPT, flags).stdout
+        assert ("and the prompt embeddings" in log) == (extra == [])
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(next((tmp_path / name / "logs").rglob("events.out.tfevents.*")).parent))
+        events.Reload()
+        image = np.asarray(Image.open(tmp_path / name / "validation" / "step_000001.png")).astype(np.int16)
+        return {tag: events.Scalars(tag)[0].value for tag in ("train/loss_instance", "train/loss_prior")}, image
+
+    cached, cached_image = one_step("cached", [])
+    uncached, uncached_image = one_step("uncached", ["--no_cache"])
+    assert cached == pytest.approx(uncached, rel=1e-5, abs=1e-7)
+    assert np.abs(cached_image - uncached_image).max() <= 1
