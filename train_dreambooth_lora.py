@@ -195,6 +195,8 @@ def base_is_sdxl(parser, args):
     that check_model_kinds names what it is instead; a Hub model's index is fetched (a few hundred bytes) because
     the default resolution depends on it."""
     path = os.path.expanduser(args.pretrained_model_name_or_path)
+    if looks_like_local_path(path) and not os.path.isdir(path):
+        return False  # check_common_args names the missing folder
     if os.path.isdir(path):
         index = {}
         with contextlib.suppress(OSError, ValueError):
@@ -358,8 +360,14 @@ def load_models(args, weight_dtype):
     unet.add_adapter(lora_config(args, UNET_LORA_TARGETS))
     cast_training_params(unet)
     if args.train_text_encoder:
-        for text_encoder in text_encoders:
-            text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
+        for k, text_encoder in enumerate(text_encoders):
+            targets = TEXT_ENCODER_LORA_TARGETS
+            if args.sdxl and k == 0:
+                # SDXL reads the first encoder's penultimate hidden states: adapters in its last layer would never
+                # get a gradient, and DDP stops a run whose trained parameters get none
+                last = text_encoder.config.num_hidden_layers - 1
+                targets = [f"encoder.layers.{i}.self_attn.{name}" for i in range(last) for name in targets]
+            text_encoder.add_adapter(lora_config(args, targets))
             cast_training_params(text_encoder)
     return noise_scheduler, tokenizers, text_encoders, vae, unet
 
