@@ -149,7 +149,7 @@ def parse_args(input_args=None):
     group.add_argument("--lora_dropout", type=bounded(float, 0, 1, high_open=True),
                        default=0.0, help="Dropout on the LoRA branch input.")
     group.add_argument("--train_text_encoder", action="store_true",
-                       help="Also train LoRA adapters on the text encoder.")
+                       help="Also train LoRA adapters on the text encoder (SDXL: on both).")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (checkpoints always keep fp32).")
     group = parser.add_argument_group("validation")

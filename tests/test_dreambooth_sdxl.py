@@ -3,6 +3,7 @@ training crop, then one run through `accelerate launch` with prior preservation 
 whose outputs must load into diffusers' SDXL pipeline and reproduce the in-training validation image; resume
 runs in process (see conftest)."""
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -259,11 +260,21 @@ def test_sdxl_prompt_table_and_conditioning(tiny_sdxl):
 
 
 @pytest.mark.slow
-def test_sdxl_caching_on_and_off_give_the_same_step_and_image(sdxl_run, tmp_path):
+@pytest.mark.parametrize("zeroes_empty_prompt", [True, False])
+def test_sdxl_caching_on_and_off_give_the_same_step_and_image(sdxl_run, tmp_path, zeroes_empty_prompt):
     """Cached latents, time_ids and prompt table (text encoders freed, validation from embeddings computed at
-    start-up) against everything encoded at each use (text encoders kept): the same first step and image."""
+    start-up) against everything encoded at each use (text encoders kept): the same first step and image, for a
+    base pipeline whose unconditional input is zeros (SDXL base) and for one that encodes "" instead."""
+    base = sdxl_run["tiny"]
+    if not zeroes_empty_prompt:
+        base = tmp_path / "no-zeros"
+        shutil.copytree(sdxl_run["tiny"], base)
+        index = json.loads((base / "model_index.json").read_text())
+        index["force_zeros_for_empty_prompt"] = False
+        (base / "model_index.json").write_text(json.dumps(index))
+
     def one_step(name, extra):
-        flags = ["--pretrained_model_name_or_path", sdxl_run["tiny"],
+        flags = ["--pretrained_model_name_or_path", base,
                  "--instance_data_dir", sdxl_run["flags"][sdxl_run["flags"].index("--instance_data_dir") + 1],
                  "--instance_prompt", INSTANCE_PROMPT, "--output_dir", tmp_path / name, "--resolution", "64",
                  "--train_batch_size", "2", "--seed", "0", "--rank", "4", "--learning_rate", "1e-2",
@@ -284,3 +295,28 @@ def test_sdxl_caching_on_and_off_give_the_same_step_and_image(sdxl_run, tmp_path
     uncached, uncached_image = one_step("uncached", ["--no_cache"])
     assert cached == pytest.approx(uncached, rel=1e-5, abs=1e-7)
     assert np.abs(cached_image - uncached_image).max() <= 1
+
+
+def test_vae_precision_and_text_encoder_targets(tiny_sdxl, assets):
+    """Frozen weights in the mixed-precision dtype, except SDXL's own VAE (fp32: it overflows in fp16); a VAE
+    given by --pretrained_vae_model_name_or_path replaces the base model's and runs in that dtype."""
+    def loaded(base, sdxl, vae=None):
+        args = SimpleNamespace(pretrained_model_name_or_path=base, revision=None, cache_dir=None, variant=None,
+                               pretrained_vae_model_name_or_path=vae, sdxl=sdxl, rank=2, lora_alpha=2.0,
+                               lora_dropout=0.0, train_text_encoder=True)
+        _, tokenizers, text_encoders, vae_model, unet = db.load_models(args, torch.bfloat16)
+        assert len(tokenizers) == len(text_encoders) == (2 if sdxl else 1)
+        assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}
+        assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+        return text_encoders, vae_model
+
+    _, vae = loaded(tiny_sdxl, True)
+    assert vae.dtype == torch.float32
+    text_encoders, vae = loaded(tiny_sdxl, True, vae=f"{assets['tiny-sd']}/vae")
+    assert vae.dtype == torch.bfloat16 and vae.config.scaling_factor == 0.18215  # tiny-sd's VAE, not tiny-sdxl's
+    adapted = [{name.split("layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+               for model in text_encoders]
+    layers = text_encoders[0].config.num_hidden_layers
+    assert adapted[0] == {str(i) for i in range(layers - 1)} and adapted[1] == {str(i) for i in range(layers)}
+    _, vae = loaded(assets["tiny-sd"], False, vae=f"{tiny_sdxl}/vae")
+    assert vae.dtype == torch.bfloat16 and vae.config.scaling_factor == 0.13025
