@@ -23,6 +23,9 @@ Launch:
         --output_dir=dreambooth-dog --mixed_precision=fp16 --resolution=512 --train_batch_size=1 \
         --learning_rate=1e-4 --max_train_steps=500 --rank=16 --validation_prompt="a photo of sks dog on the moon"
 
+    SDXL: --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0, and with fp16 or bf16
+    --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix lets the VAE run in that dtype too.
+
 The training step is `dreambooth_loss`; everything else is set-up and bookkeeping.
 """
 
