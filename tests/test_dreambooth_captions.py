@@ -62,7 +62,7 @@ def test_weighted_loss_with_offset_noise_against_its_formula(prediction_type):
                                autocast=contextlib.nullcontext, noise_offset=0.1, snr_gamma=5.0)
     latents, embeds = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
     torch.manual_seed(7)
-    loss, terms = db.dreambooth_loss(ctx, latents, embeds, num_instance=2)
+    loss, terms = db.dreambooth_loss(ctx, latents, {"encoder_hidden_states": embeds}, num_instance=2)
 
     torch.manual_seed(7)
     noise = torch.randn_like(latents) + 0.1 * torch.randn(4, 4, 1, 1)  # one shift per example and channel

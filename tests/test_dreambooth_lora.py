@@ -58,7 +58,7 @@ def test_loss_is_instance_mse_plus_weighted_prior_mse():
                                autocast=contextlib.nullcontext)
     latents, embeds = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
     torch.manual_seed(1)
-    loss, terms = db.dreambooth_loss(ctx, latents, embeds, num_instance=2)
+    loss, terms = db.dreambooth_loss(ctx, latents, {"encoder_hidden_states": embeds}, num_instance=2)
     torch.manual_seed(1)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, 1000, (4,)).long()
@@ -242,7 +242,7 @@ def test_second_run_reuses_class_images_and_caches_everything(prior_run, assets,
     result = run_in_process(SCRIPT, flags)
     assert "generating" not in result.stdout
     assert sorted((p.name, p.stat().st_mtime_ns) for p in prior_run["class_dir"].iterdir()) == before
-    assert ("cached 4 instance and 3 class latents (19 crops, with mirror images), and the prompt embeddings"
+    assert ("cached 4 instance and 3 class latents (19 crops, with mirror images), and the embeddings of 2 prompts"
             in result.stdout)
     state = load_file(str(tmp_path / "again" / db.LORA_WEIGHT_NAME))
     assert {k.split(".")[0] for k in state} == {"unet"}
@@ -349,7 +349,9 @@ def test_model_card_front_matter_survives_any_prompt(tmp_path):
                            num_class_images=0, class_prompt=None, prior_loss_weight=1.0, rank=4, lora_alpha=4.0,
                            train_text_encoder=False, validation_prompt=None, resolution=512, max_train_steps=10,
                            train_batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-4,
-                           lr_scheduler="constant", mixed_precision="fp16")
+                           lr_scheduler="constant", mixed_precision="fp16", train_data_dir=None,
+                           caption_prefix=None, caption_dropout_rate=0.0, noise_offset=0.0, snr_gamma=None,
+                           use_dora=False)
     front = db.model_card_text(args, "me/dog").split("---")[1]
     assert yaml.safe_load(front)["instance_prompt"] == prompt
 

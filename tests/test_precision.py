@@ -22,10 +22,11 @@ from conftest import REPO, build_pipeline, make_toy_dataset, run_in_process
 pytestmark = pytest.mark.slow
 PROMPT = "a red circle"
 NUM_DDIM_TIMESTEPS, TIMESTEP_SCALING = 20, 5.0  # not LCMScheduler's defaults (50, 10): the saved config must carry them
-KINDS = ["lcd", "lcm_lora", "sdxl", "sdxl_lora", "bk", "dreambooth"]
+KINDS = ["lcd", "lcm_lora", "sdxl", "sdxl_lora", "bk", "dreambooth", "dreambooth_sdxl"]
 SCRIPTS = {"lcd": "train_lcm_distill_sd_wds.py", "lcm_lora": "train_lcm_distill_lora_sd_wds.py",
            "sdxl": "train_lcm_distill_sdxl_wds.py", "sdxl_lora": "train_lcm_distill_sdxl_wds.py",
-           "bk": "train_bk_sdm_kd.py", "dreambooth": "train_dreambooth_lora.py"}
+           "bk": "train_bk_sdm_kd.py", "dreambooth": "train_dreambooth_lora.py",
+           "dreambooth_sdxl": "train_dreambooth_lora.py"}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def flags_for(kind, teacher, assets, instance_dir, output_dir):
         "dreambooth": ["--pretrained_model_name_or_path", teacher, "--instance_data_dir", str(instance_dir),
                        "--instance_prompt", "a photo of sks circle", "--rank", "4", "--train_text_encoder",
                        "--validation_prompt", PROMPT],
-    }[kind]
-    return common + (streamed if kind != "dreambooth" else []) + flags
+    }[kind.removesuffix("_sdxl")]
+    return common + (streamed if not kind.startswith("dreambooth") else []) + flags
 
 
 class NetworkWatch:
@@ -133,10 +134,10 @@ def generate_from_outputs(kind, teacher, out):
     else:
         pipe = DiffusionPipeline.from_pretrained(teacher)
         pipe.load_lora_weights(str(out))
-    if kind != "bk" and kind != "dreambooth":
+    if kind != "bk" and not kind.startswith("dreambooth"):
         pipe.scheduler = LCMScheduler.from_pretrained(out / "scheduler")
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe, StableDiffusionXLPipeline) == kind.startswith("sdxl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) == ("sdxl" in kind)
     image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     return image
@@ -148,8 +149,8 @@ def test_trains_saves_and_generates_in_precision(kind, precision, assets, tiny_s
                                                  instance_dir, tmp_path, monkeypatch):
     module = pytest.importorskip(Path(SCRIPTS[kind]).stem)
     # the bf16 SDXL runs use a teacher whose pipeline does not zero the empty prompt
-    teacher = {"sdxl": tiny_sdxl, "sdxl_lora": tiny_sdxl}.get(kind, assets["tiny-sd"])
-    if kind.startswith("sdxl") and precision == "bf16":
+    teacher = tiny_sdxl if "sdxl" in kind else assets["tiny-sd"]
+    if "sdxl" in kind and precision == "bf16":
         teacher = tiny_sdxl_no_zeros
     watch = NetworkWatch(module, monkeypatch)
     decoded_dtypes = vae_decode_watch(monkeypatch)
@@ -167,7 +168,7 @@ def test_trains_saves_and_generates_in_precision(kind, precision, assets, tiny_s
     image = generate_from_outputs(kind, teacher, out)
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
 
-    if kind.startswith("sdxl"):  # the fp32 SDXL VAE decodes in fp32, not in the autocast dtype (it overflows in fp16)
+    if "sdxl" in kind:  # the fp32 SDXL VAE decodes in fp32, not in the autocast dtype (it overflows in fp16)
         assert decoded_dtypes and set(decoded_dtypes) == {torch.float32}, decoded_dtypes
     if kind in ("lcd", "lcm_lora", "sdxl", "sdxl_lora", "bk"):  # teacher and LCM target passes are deterministic:
         assert watch.no_grad_passes > 0 and watch.random_no_grad_passes == 0  # LoRA dropout is off in the target
