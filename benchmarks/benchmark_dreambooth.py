@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Time DreamBooth LoRA training steps with caching on and off, side by side, on a random-weight pipeline.
 
-Each configuration runs in its own process (peak memory is its own) and uses the script's own pieces:
-`load_models`, `cache_latents`, `sample_latents`, `dreambooth_loss`, backward and AdamW on the LoRA weights.
-With prior preservation every step trains on B instance + B class images. Modes:
-  cached    latent distributions and prompt embeddings computed once, text encoder freed (the default)
-  uncached  VAE encoder and text encoder run every step (`--no_cache`; what the diffusers example does)
+Each configuration runs in its own process (peak memory is its own) and trains through the script's own method
+class (`DreamBoothExamples`, `DreamBoothLoRA.loss`), then backward and AdamW (or 8-bit AdamW) on the LoRA weights.
+SD and SDXL presets alike. With prior preservation every step trains on B instance + B class images. Modes:
+  cached    latent distributions (and SDXL crop time_ids) and prompt embeddings computed once, text encoders
+            freed (the default)
+  uncached  VAE encoder and text encoders run every step (`--no_cache`; what the diffusers example does)
 
-    python benchmarks/benchmark_dreambooth.py --preset tiny-sd --resolution 64 --batch_size 1,4
-    python benchmarks/benchmark_dreambooth.py --preset sd15 --resolution 512 --batch_size 1,4 \
-        --mixed_precision fp16 --device cuda
+    python benchmarks/benchmark_dreambooth.py --preset tiny-sdxl --resolution 64 --batch_size 1,4
+    python benchmarks/benchmark_dreambooth.py --preset sdxl --resolution 1024 --batch_size 1 \
+        --mixed_precision fp16 --device cuda --gradient_checkpointing --use_8bit_adam --modes cached
 """
 
 import argparse
@@ -30,73 +31,48 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", default="1,4", help="instance images per step, comma-separated")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--modes", default="cached,uncached")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--use_8bit_adam", action="store_true")
     return parser.parse_args(argv)
 
 
 def run_child(args):
     import torch
+    from accelerate import Accelerator
 
     import train_dreambooth_lora as db
 
     mode, batch_size = args.child.split(":")
     batch_size, cached = int(batch_size), mode == "cached"
     pipeline_dir, _ = prepare_assets(args)
-    image_dir = Path(args.work_dir) / "dreambooth-images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(5):  # DreamBooth-sized sets: 5 instance photos, 20 class images
-        for kind in ("instance", "class"):
-            path = image_dir / f"{kind}-{i}.png"
+    image_dir = Path(args.work_dir) / f"dreambooth-images-{args.resolution}"
+    for kind, count in (("instance", 5), ("class", 20)):  # DreamBooth-sized sets: 5 photos, 20 class images
+        (image_dir / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = image_dir / kind / f"{i:05d}.png"
             if not path.exists():
-                db.Image.fromarray((torch.rand(args.resolution, args.resolution, 3) * 255).byte().numpy()).save(path)
-    script_args = db.parse_args([
-        "--pretrained_model_name_or_path", str(pipeline_dir), "--instance_data_dir", str(image_dir),
-        "--instance_prompt", "a photo of sks dog", "--rank", str(args.rank),
-        "--output_dir", str(Path(args.work_dir) / "db"),
-    ])
-    device = torch.device(args.device)
-    weight_dtype = db.weight_dtype_for(args.mixed_precision)
+                pixels = (torch.rand(args.resolution, args.resolution, 3) * 255).byte().numpy()
+                db.Image.fromarray(pixels).save(path)
+    flags = ["--pretrained_model_name_or_path", str(pipeline_dir), "--instance_data_dir", str(image_dir / "instance"),
+             "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+             "--class_data_dir", str(image_dir / "class"), "--class_prompt", "a photo of dog",
+             "--num_class_images", "20", "--rank", str(args.rank), "--resolution", str(args.resolution),
+             "--train_batch_size", str(batch_size), "--random_flip", "--seed", "0", "--report_to", "none",
+             "--output_dir", str(Path(args.work_dir) / f"db-{mode}-{batch_size}"), "--overwrite_output_dir",
+             "--mixed_precision", args.mixed_precision]
+    flags += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--use_8bit_adam"] * args.use_8bit_adam
+    script_args = db.parse_args(flags + ([] if cached else ["--no_cache"]))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
+    device = accelerator.device
     torch.manual_seed(0)
-    noise_scheduler, tokenizer, text_encoder, vae, unet = db.load_models(script_args, weight_dtype)
-    vae.to(device)
-    text_encoder.to(device)
-    unet.to(device).train()
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    images = [db.load_image(p) for p in sorted(image_dir.glob("instance-*.png"))]
-    instances = db.ImageSet(images)
-    classes = db.ImageSet([db.load_image(p) for p in sorted(image_dir.glob("class-*.png"))] * 4)
-    transform = db.ImageTransform(args.resolution, center_crop=True)
-    prompt_ids = tokenizer(["a photo of sks dog", "a photo of dog"], padding="max_length",
-                           max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device)
-    prompt_embeds = None
-    if cached:
-        for kind, image_set in (("instance", instances), ("class", classes)):
-            db.cache_latents(vae, image_set, transform, True, 0, kind)
-        with torch.no_grad():
-            prompt_embeds = text_encoder(prompt_ids)[0]
-        text_encoder = None
-    ctx = db.DreamBoothContext(unet=unet, noise_scheduler=noise_scheduler, prior_loss_weight=1.0,
-                               autocast=lambda: torch.autocast(device.type, dtype=weight_dtype,
-                                                               enabled=weight_dtype != torch.float32))
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora_params, lr=1e-4)
+    examples = db.DreamBoothExamples(script_args, accelerator)
+    method = db.DreamBoothLoRA(script_args, accelerator, examples)
+    optimizer = db.make_optimizer(script_args, method.optimizer_params(), 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    counter = iter(range(10**9))
+    batches = examples.batches(script_args, accelerator)
 
     def step():
-        positions = db.example_positions(next(counter), batch_size, 0, 1)
-        flips = [p % 2 == 1 for p in positions]
-        latents = torch.cat([
-            db.sample_latents(vae, instances, [p % 5 for p in positions], flips, transform, positions, 0, "instance",
-                              cached),
-            db.sample_latents(vae, classes, [p % 20 for p in positions], flips, transform, positions, 0, "class",
-                              cached),
-        ])
-        embeds = prompt_embeds
-        if embeds is None:
-            with torch.no_grad():
-                embeds = text_encoder(prompt_ids)[0]
-        loss, _ = db.dreambooth_loss(ctx, latents, embeds.repeat_interleave(batch_size, dim=0).float(), batch_size)
+        loss, _ = method.loss(next(batches))  # its networks run under accelerate's autocast, as in training
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -104,6 +80,7 @@ def run_child(args):
         return loss.item()
 
     elapsed = time_steps(args, step, device)
+    db.OutputDirLock.release_all()
     return {"mode": mode, "batch_size": batch_size, "samples_per_s": 2 * batch_size * args.steps / elapsed,
             "s_per_step": elapsed / args.steps, "peak_memory_gb": peak_memory_gb(args.device)}
 
@@ -123,7 +100,9 @@ def main(argv=None):
                 sys.exit(f"benchmark child {mode}:{batch_size} failed:\n{result.stderr[-3000:]}")
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"\npreset {args.preset}, {args.resolution}px, rank {args.rank}, {args.mixed_precision}, device "
+    extras = "".join(f", {flag}" for flag, on in (("gradient checkpointing", args.gradient_checkpointing),
+                                                  ("8-bit Adam", args.use_8bit_adam)) if on)
+    print(f"\npreset {args.preset}, {args.resolution}px, rank {args.rank}, {args.mixed_precision}{extras}, device "
           f"{args.device} ({platform.processor() or platform.machine()}), prior preservation (B instance + B class "
           f"per step), {args.steps} timed steps after {args.warmup}\n")
     print(f"| instance batch B | caching | samples/s | s/step | {memory} (GB) |")
