@@ -128,6 +128,10 @@ def parse_args(input_args=None):
                        help="Metadata column of the caption (--train_data_dir; default 'text').")
     group.add_argument("--caption_prefix", type=str, default=None,
                        help="Put before every caption of --train_data_dir, joined by a space (e.g. a trigger word).")
+    group.add_argument("--resolution_buckets", type=str, default=None,
+                       help="Aspect-ratio buckets: 'auto' (about --resolution^2 pixels, 1:2 to 2:1) or a list "
+                            "'WxH,WxH,...'. Each instance image trains at the bucket nearest its aspect ratio, and a "
+                            "batch holds one bucket; default: square --resolution crops.")
     group.add_argument("--caption_dropout_rate", type=bounded(float, 0, 1, high_open=True), default=0.0,
                        help="Train each instance example with the empty caption with this probability (class "
                             "examples keep the class prompt).")
@@ -197,6 +201,11 @@ def validate_args(parser, args):
     if args.resolution is None:
         args.resolution = 1024 if args.sdxl else 512
     check_data_args(parser, args)
+    if args.resolution_buckets is not None:
+        try:
+            resolution_buckets(args.resolution_buckets, args.resolution)
+        except ValueError as error:
+            parser.error(f"--resolution_buckets: {error}")
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
@@ -382,27 +391,13 @@ def encode_prompt_table(text_encoders, tokenizers, prompts, device):
 
 def unet_conditioning(table, rows, time_ids):
     """The UNet's keyword inputs for a batch whose examples use prompt-table `rows`; SDXL's also carry the pooled
-    prompt embeddings and each example's micro-conditioning `time_ids` (compute_time_ids)."""
+    prompt embeddings and each example's micro-conditioning `time_ids` (crop_time_ids)."""
     rows = rows.to(table["encoder_hidden_states"].device)
     conditioning = {"encoder_hidden_states": table["encoder_hidden_states"][rows]}
     if "text_embeds" in table:
         conditioning["added_cond_kwargs"] = {"text_embeds": table["text_embeds"][rows],
                                              "time_ids": time_ids.to(table["text_embeds"].device)}
     return conditioning
-
-
-# Copied from train_lcm_distill_sdxl_wds.compute_time_ids
-def compute_time_ids(original_sizes, crop_top_lefts, resolution, use_fix_crop_and_size=False):
-    """SDXL micro-conditioning per sample: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (height first).
-
-    original_sizes and crop_top_lefts are (B, 2) tensors of (height, width) and (top, left).
-    """
-    bsz = original_sizes.shape[0]
-    if use_fix_crop_and_size:
-        original_sizes = torch.full((bsz, 2), resolution)
-        crop_top_lefts = torch.zeros((bsz, 2), dtype=torch.long)
-    target_sizes = torch.full((bsz, 2), resolution)
-    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
 
 
 def lora_config(args, target_modules):
@@ -726,9 +721,8 @@ class DreamBoothLoRA:
         self.prompt_row = {prompt: row for row, prompt in enumerate(self.prompts)}
         self.cached_prompt_table = self.validation_embeds = None
         if args.cache:
-            for image_set in (instances, classes):
-                if image_set is not None:
-                    cache_latents(self.vae, image_set, examples.transform, args.random_flip, args.cached_crops)
+            for image_set, transform in examples.image_sets():
+                cache_latents(self.vae, image_set, transform, args.random_flip, args.cached_crops)
             if not args.train_text_encoder:
                 with torch.no_grad():
                     chunks = [encode_prompt_table(text_encoders, self.tokenizers, self.prompts[i:i + 64], device)
@@ -738,7 +732,7 @@ class DreamBoothLoRA:
                     self.validation_embeds = validation_prompt_embeds(args, text_encoders, self.tokenizers, device)
                 text_encoders = None  # freed: nothing needs them any more
                 free_memory()
-            num_crops = sum(m.shape[1] for image_set in (instances, classes) if image_set for m in image_set.mean)
+            num_crops = sum(m.shape[1] for image_set, _ in examples.image_sets() for m in image_set.mean)
             logger.info(f"cached {len(instances.images)} instance and {len(classes.images) if classes else 0} class "
                         f"latents ({num_crops} crops{', with mirror images' if args.random_flip else ''})"
                         + (f", and the embeddings of {len(self.prompts)} prompts"
@@ -778,18 +772,16 @@ class DreamBoothLoRA:
         """Latents and conditioning of this rank's batch (instances, then as many classes), then the loss."""
         args, examples = self.args, self.examples
         positions, chosen, flips = batch["positions"], batch["examples"], batch["flips"]
-        instance_indices = [e % len(examples.instances.images) for e in chosen]
-        latents, time_ids = sample_latents(self.vae, examples.instances, instance_indices, flips, examples.transform,
-                                           positions, examples.seed, "instance", args.cache)
-        captions = ["" if dropped else examples.instances.captions[i]
+        instances, classes, transform, instance_indices, class_indices = examples.batch_sets(batch["bucket"], chosen)
+        latents, time_ids = sample_latents(self.vae, instances, instance_indices, flips, transform, positions,
+                                           examples.seed, "instance", args.cache)
+        captions = ["" if dropped else instances.captions[i]
                     for i, dropped in zip(instance_indices, batch["captions_dropped"])]
-        if examples.classes is not None:
-            class_indices = [e % len(examples.classes.images) for e in chosen]
-            class_latents, class_time_ids = sample_latents(self.vae, examples.classes, class_indices, flips,
-                                                           examples.transform, positions, examples.seed, "class",
-                                                           args.cache)
+        if classes is not None:
+            class_latents, class_time_ids = sample_latents(self.vae, classes, class_indices, flips, transform,
+                                                           positions, examples.seed, "class", args.cache)
             latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
-            captions += [examples.classes.captions[i] for i in class_indices]
+            captions += [classes.captions[i] for i in class_indices]
         table, rows = self.prompt_table([self.prompt_row[caption] for caption in captions], latents.device)
         return dreambooth_loss(self.ctx, latents, unet_conditioning(table, rows, time_ids), len(positions))
 
@@ -2083,16 +2075,17 @@ class ImageSet:
     time_ids: list = None  # per image: (variants, crops, 6), each crop's SDXL micro-conditioning
 
 
-def crop_time_ids(original_size, top_left, resolution, flipped):
-    """SDXL's time_ids (orig h, orig w, crop top, crop left, resolution, resolution) of one training crop, as a
-    (1, 6) tensor. A mirrored crop is the crop of the mirrored picture at the mirrored left edge, so that the
-    left edge the UNet is told of is the one of the picture it sees; the resize is ImageTransform's."""
+def crop_time_ids(original_size, top_left, transform, flipped):
+    """SDXL's time_ids (orig h, orig w, crop top, crop left, target h, target w) of one training crop made by
+    `transform` (its square, or its bucket), as a (1, 6) tensor. A mirrored crop is the crop of the mirrored
+    picture at the mirrored left edge, so that the left edge the UNet is told of is the one of the picture it
+    sees; the resize is ImageTransform's."""
     top, left = top_left
     if flipped:
         height, width = original_size
-        resized_width = max(resolution, round(width * (resolution / min(width, height))))
-        left = resized_width - resolution - left
-    return compute_time_ids(torch.tensor([original_size]), torch.tensor([(top, left)]), resolution)
+        resized_width = max(transform.width, round(width * max(transform.width / width, transform.height / height)))
+        left = resized_width - transform.width - left
+    return torch.tensor([[*original_size, top, left, transform.height, transform.width]], dtype=torch.float32)
 
 
 class CropAt:
@@ -2133,7 +2126,7 @@ def cache_latents(vae, image_set, transform, random_flip, num_crops, batch_size=
                 crops.append(pixels)
                 owners.append(i)
                 places.append((original_size, top_left))
-    time_ids = torch.stack([torch.cat([crop_time_ids(*place, transform.resolution, flipped) for place in places])
+    time_ids = torch.stack([torch.cat([crop_time_ids(*place, transform, flipped) for place in places])
                             for flipped in ([False, True] if random_flip else [False])])
     pixels = torch.stack(crops)
     variants = [pixels, torch.flip(pixels, dims=[-1])] if random_flip else [pixels]
@@ -2166,7 +2159,7 @@ def sample_latents(vae, image_set, indices, flips, transform, positions, seed, k
         crops = [transform(image_set.images[i], random.Random(f"{seed}-crop-{kind}-at-{p}"))
                  for i, p in zip(indices, positions)]
         pixels = torch.stack([torch.flip(c[0], dims=[-1]) if f else c[0] for c, f in zip(crops, flips)])
-        time_ids = torch.cat([crop_time_ids(c[1], c[2], transform.resolution, f) for c, f in zip(crops, flips)])
+        time_ids = torch.cat([crop_time_ids(c[1], c[2], transform, f) for c, f in zip(crops, flips)])
         mean, std = latent_distribution(vae, pixels)
     # randn and a contiguous result: the VAE's outputs can be channels-last, and randn_like (here, or on these
     # latents in the loss) would lay the same random numbers out in another order, so cached and encoded-now
@@ -2245,6 +2238,44 @@ class DreamBoothExamples:
             self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir)
         self.num_examples = max(len(self.instances.images), len(self.classes.images) if self.classes else 0)
         self.transform = ImageTransform(args.resolution, center_crop=args.center_crop)
+        self.buckets = self.example_buckets = None
+        if args.resolution_buckets:
+            all_buckets = resolution_buckets(args.resolution_buckets, args.resolution)
+            self.example_buckets = [nearest_bucket(image.height, image.width, all_buckets)
+                                    for image in self.instances.images]
+            self.buckets = {}  # bucket -> its transform, instance images (global indices) and image sets
+            for bucket in sorted(set(self.example_buckets)):
+                members = [i for i, b in enumerate(self.example_buckets) if b == bucket]
+                self.buckets[bucket] = {
+                    "transform": ImageTransform(bucket, center_crop=args.center_crop), "members": members,
+                    "instances": ImageSet([self.instances.images[i] for i in members],
+                                          [self.instances.captions[i] for i in members]),
+                    # class images are cut to every bucket in use: a batch is one tensor of one shape
+                    "classes": ImageSet(self.classes.images, self.classes.captions) if self.classes else None}
+            self.local_index = {i: j for b in self.buckets.values() for j, i in enumerate(b["members"])}
+            self.batches_per_epoch = len(bucket_epoch(0, self.example_buckets, args.train_batch_size, self.seed))
+            self.num_examples = self.batches_per_epoch * args.train_batch_size
+            logger.info("aspect-ratio buckets (height x width: instance images): " + ", ".join(
+                f"{h}x{w}: {len(b['members'])}" for (h, w), b in self.buckets.items()))
+
+    def image_sets(self):
+        """(image set, transform) pairs the cache encodes: instances and classes, per bucket with buckets."""
+        if self.buckets is None:
+            return [(s, self.transform) for s in (self.instances, self.classes) if s is not None]
+        return [(b[kind], b["transform"]) for b in self.buckets.values() for kind in ("instances", "classes")
+                if b[kind] is not None]
+
+    def batch_sets(self, bucket, chosen):
+        """(instance set, class set, transform, instance indices, class indices) of a batch's examples."""
+        if bucket is None:
+            instances, classes, transform = self.instances, self.classes, self.transform
+            instance_indices = [e % len(instances.images) for e in chosen]
+        else:
+            entry = self.buckets[tuple(bucket)]
+            instances, classes, transform = entry["instances"], entry["classes"], entry["transform"]
+            instance_indices = [self.local_index[e] for e in chosen]
+        class_indices = [e % len(classes.images) for e in chosen] if classes is not None else None
+        return instances, classes, transform, instance_indices, class_indices
 
     def record(self, args):
         """What example_positions / example_at turn a step into: a resume must match it (check_resume_compatible)."""
@@ -2252,17 +2283,25 @@ class DreamBoothExamples:
             "processes": self.world_size, "--train_batch_size": args.train_batch_size,
             "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
             "instance images": len(self.instances.images),
-            "class images": len(self.classes.images) if self.classes else 0})
+            "class images": len(self.classes.images) if self.classes else 0,
+            "--resolution_buckets": args.resolution_buckets})
 
     def batches(self, args, accelerator, skip_batches=0):
         """This rank's batches from `skip_batches` on, endlessly: stream positions, the examples there, their flips.
         A plain generator, not a DataLoader: nothing here is slow, and a DataLoader iterator draws its base seed
         from torch's global generator, which would shift the LoRA initialisation that follows."""
-        permutations = {}
+        permutations, epochs = {}, {}
         for batch_index in itertools.count(skip_batches):
             positions = example_positions(batch_index, args.train_batch_size, self.rank, self.world_size)
-            yield {"positions": positions,
-                   "examples": [example_at(p, self.num_examples, self.seed, permutations) for p in positions],
+            bucket = None
+            if self.buckets is None:
+                chosen = [example_at(p, self.num_examples, self.seed, permutations) for p in positions]
+            else:  # the k-th batch of the stream (k = batch_index x ranks + rank), dealt by bucket_epoch
+                epoch, offset = divmod(positions[0] // args.train_batch_size, self.batches_per_epoch)
+                if epoch not in epochs:
+                    epochs = {epoch: bucket_epoch(epoch, self.example_buckets, args.train_batch_size, self.seed)}
+                bucket, chosen = epochs[epoch][offset]
+            yield {"positions": positions, "bucket": bucket, "examples": chosen,
                    "flips": [args.random_flip and random.Random(f"{self.seed}-flip-{p}").random() < 0.5
                              for p in positions],
                    "captions_dropped": [caption_dropped(self.seed, p, self.caption_dropout_rate) for p in positions]}

@@ -293,3 +293,79 @@ def test_transform_to_a_bucket_covers_then_crops():
     assert top == 0 and left == (144 - 80) // 2  # resized to 48 x 144 (height covers), centred crop
     square = db.ImageTransform(64, center_crop=True)(image, None)
     assert square[0].shape == (3, 64, 64) and square[2] == (0, (192 - 64) // 2)
+
+
+def bucket_folder(root, kind):
+    """Two square and two wide (5:3) pictures with captions, as jsonl or .txt sidecars."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    sizes = {"square-0.png": (64, 64), "square-1.png": (72, 72), "wide-0.png": (160, 96), "wide-1.png": (150, 90)}
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (width, height) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / name)
+        caption = f"a {'square' if name.startswith('square') else 'wide'} picture"
+        rows.append({"file_name": name, "text": caption})
+        if kind == "txt":
+            (root / name.replace(".png", ".txt")).write_text(caption)
+    if kind == "jsonl":
+        (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root, sizes
+
+
+def record_batches(monkeypatch):
+    """What each training step fed the loss: the latents' shape and, for SDXL, the time_ids."""
+    seen = []
+    original = db.dreambooth_loss
+
+    def recording_loss(ctx, latents, conditioning, num_instance):
+        extra = conditioning.get("added_cond_kwargs", {})
+        seen.append((tuple(latents.shape), extra.get("time_ids")))
+        return original(ctx, latents, conditioning, num_instance)
+
+    monkeypatch.setattr(db, "dreambooth_loss", recording_loss)
+    return seen
+
+
+def test_sdxl_buckets_batch_one_shape_and_tell_each_image_its_size(tmp_path, monkeypatch):
+    """jsonl captions on SDXL with buckets 64x64 and 80x48 (W x H): every batch is one bucket, both buckets
+    train, and the time_ids carry each image's true size, its crop and the bucket's size."""
+    from make_random_pipeline import build_pipeline
+
+    tiny = build_pipeline("tiny-sdxl", str(tmp_path / "tiny-sdxl"), seed=0)
+    folder, sizes = bucket_folder(tmp_path / "data", "jsonl")
+    seen = record_batches(monkeypatch)
+    run = run_in_process("train_dreambooth_lora.py", [
+        "--pretrained_model_name_or_path", tiny, "--train_data_dir", folder, "--resolution", "64",
+        "--resolution_buckets", "64x64,80x48", "--rank", "2", "--train_batch_size", "2", "--max_train_steps", "6",
+        "--seed", "0", "--report_to", "none", "--random_flip", "--output_dir", tmp_path / "out"])
+    assert "aspect-ratio buckets (height x width: instance images): 48x80: 2, 64x64: 2" in run.stdout
+    assert {shape for shape, _ in seen} == {(2, 4, 6, 10), (2, 4, 8, 8)}  # latents are 1/8 of the bucket
+    true_sizes = {(h, w) for w, h in sizes.values()}
+    for shape, time_ids in seen:
+        target = (shape[2] * 8, shape[3] * 8)
+        for original_h, original_w, top, left, target_h, target_w in time_ids.tolist():
+            assert (original_h, original_w) in true_sizes and (target_h, target_w) == target
+            is_wide = original_w > original_h
+            assert is_wide == (target == (48, 80))  # each image in the bucket of its aspect ratio
+            scale = max(target_w / original_w, target_h / original_h)
+            assert 0 <= top <= round(original_h * scale) - target_h
+            assert 0 <= left <= round(original_w * scale) - target_w
+
+
+def test_sd_buckets_from_txt_captions_uncached_resume_exactly(assets, tmp_path, monkeypatch):
+    """.txt captions, auto buckets, --no_cache: single-bucket batches of both shapes, and a resumed run is
+    bit-identical (the bucketed schedule is arithmetic on the step)."""
+    folder, _ = bucket_folder(tmp_path / "data", "txt")
+    seen = record_batches(monkeypatch)
+    flags = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", folder, "--resolution", "64",
+             "--resolution_buckets", "auto", "--rank", "2", "--train_batch_size", "2", "--seed", "0",
+             "--report_to", "none", "--no_cache", "--checkpointing_steps", "2", "--max_train_steps", "4"]
+    run_in_process("train_dreambooth_lora.py", flags + ["--output_dir", tmp_path / "full"])
+    assert {shape for shape, _ in seen} == {(2, 4, 6, 10), (2, 4, 8, 8)}  # auto: 48x80 is the 5:3 bucket at 64
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run_in_process("train_dreambooth_lora.py", flags + ["--output_dir", tmp_path / "resumed",
+                                                        "--resume_from_checkpoint", "latest"])
+    a, b = (load_file(str(tmp_path / run / db.LORA_WEIGHT_NAME)) for run in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

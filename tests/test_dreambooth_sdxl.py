@@ -63,9 +63,9 @@ def test_time_ids_carry_the_true_size_and_the_crop_the_picture_shows():
     picture, transform = wide_picture(), db.ImageTransform(64)  # resized to 96 x 64: lefts 0..32
     pixels, original_size, top_left = transform(picture, FixedCrop(0, 10))
     assert original_size == (200, 300) and top_left == (0, 10)
-    assert db.crop_time_ids(original_size, top_left, 64, flipped=False).tolist() == [[200, 300, 0, 10, 64, 64]]
+    assert db.crop_time_ids(original_size, top_left, transform, flipped=False).tolist() == [[200, 300, 0, 10, 64, 64]]
     # a mirrored crop is the mirrored picture's crop at the mirrored left edge (96 - 64 - 10)
-    mirrored_ids = db.crop_time_ids(original_size, top_left, 64, flipped=True)
+    mirrored_ids = db.crop_time_ids(original_size, top_left, transform, flipped=True)
     assert mirrored_ids.tolist() == [[200, 300, 0, 22, 64, 64]]
     mirrored = transform(picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT), FixedCrop(0, 22))[0]
     torch.testing.assert_close(torch.flip(pixels, dims=[-1]), mirrored, atol=2 / 255, rtol=0)
