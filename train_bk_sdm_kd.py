@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from webdataset.gopen import gopen
@@ -69,7 +70,7 @@ from diffusers import (
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from diffusers.utils import make_image_grid
-from huggingface_hub import ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCardData, create_repo, snapshot_download, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -416,30 +417,39 @@ def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=T
 
 
 # Copied from train_lcm_distill_sd_wds.load_teacher
-def load_teacher(args, vae_path=None):
-    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet."""
-    teacher = args.pretrained_teacher_model
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
-                                                    cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
-                                              cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir)
+def load_teacher(args, vae_path=None, *, dtype, unet_dtype=None):
+    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet,
+    each loaded directly in `dtype` (the UNet in `unet_dtype` when given)."""
+    teacher, common = args.pretrained_teacher_model, {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", **common)
+    text_encoder = from_pretrained_in_dtype(CLIPTextModel, dtype, teacher, subfolder="text_encoder",
+                                            variant=args.variant, **common)
     if vae_path is not None:
-        vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir)
+        vae = from_pretrained_in_dtype(AutoencoderKL, dtype, vae_path, cache_dir=args.cache_dir)
     else:
-        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
-                                            variant=args.variant, cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                variant=args.variant, cache_dir=args.cache_dir)
-    return noise_scheduler, tokenizer, text_encoder, vae, unet
+        vae = from_pretrained_in_dtype(AutoencoderKL, dtype, teacher, subfolder="vae", variant=args.variant, **common)
+    return noise_scheduler, tokenizer, text_encoder, vae, load_teacher_unet(args, unet_dtype or dtype)
 
 
-def load_models(args):
-    """Teacher components from `--pretrained_teacher_model` and the student derived from its UNet."""
-    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args)
+# Copied from train_lcm_distill_sd_wds.load_teacher_unet
+def load_teacher_unet(args, dtype, **config_overrides):
+    return from_pretrained_in_dtype(UNet2DConditionModel, dtype, args.pretrained_teacher_model, subfolder="unet",
+                                    revision=args.teacher_revision, variant=args.variant, cache_dir=args.cache_dir,
+                                    **config_overrides)
+
+
+def load_models(args, weight_dtype):
+    """Teacher components from `--pretrained_teacher_model`, frozen and loaded directly in `weight_dtype`, and the
+    student (fp32) derived from its UNet."""
+    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args, dtype=weight_dtype)
+    # the student copies the teacher's stored weights, not its bf16 copy: memory-mapped, read once for the copy
+    stored_teacher = teacher_unet if weight_dtype == torch.float32 else (
+        UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
+                                             revision=args.teacher_revision, variant=args.variant,
+                                             cache_dir=args.cache_dir))
     try:
-        unet = make_student_unet(teacher_unet, args.unet_config_name, args.copy_weight_from_teacher)
+        unet = make_student_unet(stored_teacher, args.unet_config_name, args.copy_weight_from_teacher)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet
@@ -590,7 +600,8 @@ class BlockRemovalDistillation:
     def __init__(self, args, accelerator):
         self.args, self.accelerator = args, accelerator
         device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
-        noise_scheduler, self.tokenizer, self.text_encoder, self.vae, self.teacher_unet, unet = load_models(args)
+        noise_scheduler, self.tokenizer, self.text_encoder, self.vae, self.teacher_unet, unet = (
+            load_models(args, self.weight_dtype))
         # after the weight copy, so the EMA starts there too
         self.ema_unet = copy.deepcopy(unet) if args.use_ema and accelerator.is_main_process else None
         counts = self.parameter_counts = {"teacher": count_parameters(self.teacher_unet),
@@ -602,11 +613,9 @@ class BlockRemovalDistillation:
                 frozen.requires_grad_(False)
                 frozen.eval()
         unet.train()
-        self.vae.to(device, dtype=self.weight_dtype)
-        self.text_encoder.to(device, dtype=self.weight_dtype)
-        self.teacher_unet.to(device, dtype=self.weight_dtype)
-        if self.ema_unet is not None:
-            self.ema_unet.to(device)
+        for model in (self.vae, self.text_encoder, self.teacher_unet, unet, self.ema_unet):
+            if model is not None:
+                model.to(device)
         if args.enable_xformers_memory_efficient_attention:
             for model in (unet, self.teacher_unet):
                 model.enable_xformers_memory_efficient_attention()
@@ -966,6 +975,61 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):
+    """`model_class.from_pretrained(location, torch_dtype=dtype, **kwargs)` without its memory transient.
+
+    With a dtype, from_pretrained reads the whole checkpoint at its stored precision before it casts: SD 1.5's fp32
+    UNet file adds 3.4 GB to the 1.7 GB of its bf16 weights, SDXL's 10 GB. Without one, diffusers and transformers
+    only memory-map the file. Each tensor is then read from a mapping of its own that closes at once, and cast, so
+    at most one stored-precision tensor is resident at a time, and every weight ends in memory of its own (trained
+    weights are updated in place). Tensors the files do not hold as loaded (other formats, converted keys) are cast
+    from the loaded model instead; weights from_pretrained left on the meta device (missing) stay there."""
+    model = model_class.from_pretrained(location, **kwargs)
+    tensor_files = safetensors_files_by_key(location, **kwargs)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        target = torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+        stored = read_safetensor(tensor_files.get(name), name)
+        loaded = tensor.detach()
+        if (stored is None or stored.shape != loaded.shape
+                or not torch.equal(stored.flatten()[:16], loaded.flatten()[:16].to(stored.dtype))):
+            stored = loaded
+        tensor.data = stored.to(target, copy=True)
+    return model
+
+
+def safetensors_files_by_key(location, subfolder=None, variant=None, revision=None, cache_dir=None, **_):
+    """{state-dict key: the .safetensors file holding it} for a model folder, or for a Hub id's files that
+    from_pretrained has just put in the cache; {} where there are none (then the loaded model is cast)."""
+    folder = os.path.join(location, subfolder or "")
+    if not os.path.isdir(folder):
+        try:
+            snapshot = snapshot_download(location, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # not a cached Hub repository either: cast the loaded model
+            return {}
+        folder = os.path.join(snapshot, subfolder or "")
+    if not os.path.isdir(folder):
+        return {}
+    # names like diffusion_pytorch_model[.fp16].safetensors or model[.fp16]-00001-of-00002.safetensors
+    names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+             and (f".{variant}." in name or f".{variant}-" in name if variant else name.count(".") == 1)]
+    files = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        with safe_open(path, framework="pt") as checkpoint:
+            files.update(dict.fromkeys(checkpoint.keys(), path))
+    return files
+
+
+def read_safetensor(path, key):
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as checkpoint:  # closed at once: the pages it read leave this process
+        return checkpoint.get_tensor(key)
 
 
 def cast_floats(value, dtype):

@@ -19,6 +19,7 @@ The training step is `lcd_loss` (one screen, mirrors the paper); everything else
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import io
@@ -43,10 +44,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
+import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -55,7 +58,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusio
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from diffusers.utils import make_image_grid
-from huggingface_hub import ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCardData, create_repo, snapshot_download, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -419,52 +422,67 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
-def make_student_unet(teacher_unet, time_cond_proj_dim):
-    """The teacher's UNet with a guidance-scale input; it starts as an exact copy of the teacher.
+def make_student_unet(args):
+    """The teacher's UNet with a guidance-scale input, in fp32; it starts as an exact copy of the teacher (read
+    from the teacher's files: a copy of the teacher held in bf16 would start it rounded).
 
     When the teacher has no `time_cond_proj_dim`, the new `time_embedding.cond_proj` layer is zero, so the
     omega embedding adds nothing until training moves it.
     """
-    config = dict(teacher_unet.config)
+    config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+                                              revision=args.teacher_revision, cache_dir=args.cache_dir)
     adds_cond_proj = config.get("time_cond_proj_dim") is None
+    with diffusers_log_level(logging.ERROR):  # not a warning: the one weight the teacher lacks is set just below
+        student = load_teacher_unet(args, torch.float32,
+                                    **({"time_cond_proj_dim": args.unet_time_cond_proj_dim} if adds_cond_proj else {}))
     if adds_cond_proj:
-        config["time_cond_proj_dim"] = time_cond_proj_dim
-    student = UNet2DConditionModel.from_config(config)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    expected_missing = {"time_embedding.cond_proj.weight"} if adds_cond_proj else set()
-    if set(missing) != expected_missing or unexpected:
-        raise RuntimeError(f"student/teacher weight mismatch: missing {missing}, unexpected {unexpected}")
-    if adds_cond_proj:
+        student.time_embedding.cond_proj.to_empty(device="cpu")
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    missing = [name for name, param in student.named_parameters() if param.is_meta]
+    if missing:
+        raise RuntimeError(f"student weights not in the teacher's UNet: {missing}")
     return student
 
 
-def load_teacher(args, vae_path=None):
-    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet."""
-    teacher = args.pretrained_teacher_model
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", revision=args.teacher_revision,
-                                                    cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", revision=args.teacher_revision,
-                                              cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", revision=args.teacher_revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir)
+@contextlib.contextmanager
+def diffusers_log_level(level):
+    previous = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(previous)
+
+
+def load_teacher(args, vae_path=None, *, dtype, unet_dtype=None):
+    """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet,
+    each loaded directly in `dtype` (the UNet in `unet_dtype` when given)."""
+    teacher, common = args.pretrained_teacher_model, {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", **common)
+    text_encoder = from_pretrained_in_dtype(CLIPTextModel, dtype, teacher, subfolder="text_encoder",
+                                            variant=args.variant, **common)
     if vae_path is not None:
-        vae = AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir)
+        vae = from_pretrained_in_dtype(AutoencoderKL, dtype, vae_path, cache_dir=args.cache_dir)
     else:
-        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", revision=args.teacher_revision,
-                                            variant=args.variant, cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", revision=args.teacher_revision,
-                                                variant=args.variant, cache_dir=args.cache_dir)
-    return noise_scheduler, tokenizer, text_encoder, vae, unet
+        vae = from_pretrained_in_dtype(AutoencoderKL, dtype, teacher, subfolder="vae", variant=args.variant, **common)
+    return noise_scheduler, tokenizer, text_encoder, vae, load_teacher_unet(args, unet_dtype or dtype)
 
 
-def load_models(args):
-    """Teacher components from `--pretrained_teacher_model`, plus the student and its EMA target (fp32)."""
-    vae_path = args.pretrained_vae_model_name_or_path
-    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args, vae_path)
-    unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
-    target_unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
-    target_unet.load_state_dict(unet.state_dict())
+def load_teacher_unet(args, dtype, **config_overrides):
+    return from_pretrained_in_dtype(UNet2DConditionModel, dtype, args.pretrained_teacher_model, subfolder="unet",
+                                    revision=args.teacher_revision, variant=args.variant, cache_dir=args.cache_dir,
+                                    **config_overrides)
+
+
+def load_models(args, weight_dtype):
+    """Teacher components from `--pretrained_teacher_model` (frozen, in `weight_dtype`; the UNet in fp32 with
+    --teacher_unet_fp32), plus the student and its EMA target (fp32)."""
+    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(
+        args, args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
+        unet_dtype=torch.float32 if args.teacher_unet_fp32 else weight_dtype)
+    unet = make_student_unet(args)
+    target_unet = copy.deepcopy(unet)
     return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet, target_unet
 
 
@@ -572,15 +590,13 @@ class LatentConsistencyDistillation:
         self.args, self.accelerator = args, accelerator
         device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
         noise_scheduler, self.tokenizer, self.text_encoder, self.vae, teacher_unet, unet, self.target_unet = (
-            load_models(args))
+            load_models(args, self.weight_dtype))
         for frozen in (self.vae, self.text_encoder, teacher_unet, self.target_unet):
             frozen.requires_grad_(False)
             frozen.eval()
         unet.train()
-        self.vae.to(device, dtype=self.weight_dtype)
-        self.text_encoder.to(device, dtype=self.weight_dtype)
-        teacher_unet.to(device, dtype=torch.float32 if args.teacher_unet_fp32 else self.weight_dtype)
-        self.target_unet.to(device)
+        for model in (self.vae, self.text_encoder, teacher_unet, unet, self.target_unet):
+            model.to(device)
         if args.enable_xformers_memory_efficient_attention:
             for model in (unet, teacher_unet, self.target_unet):
                 model.enable_xformers_memory_efficient_attention()
@@ -924,6 +940,61 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):
+    """`model_class.from_pretrained(location, torch_dtype=dtype, **kwargs)` without its memory transient.
+
+    With a dtype, from_pretrained reads the whole checkpoint at its stored precision before it casts: SD 1.5's fp32
+    UNet file adds 3.4 GB to the 1.7 GB of its bf16 weights, SDXL's 10 GB. Without one, diffusers and transformers
+    only memory-map the file. Each tensor is then read from a mapping of its own that closes at once, and cast, so
+    at most one stored-precision tensor is resident at a time, and every weight ends in memory of its own (trained
+    weights are updated in place). Tensors the files do not hold as loaded (other formats, converted keys) are cast
+    from the loaded model instead; weights from_pretrained left on the meta device (missing) stay there."""
+    model = model_class.from_pretrained(location, **kwargs)
+    tensor_files = safetensors_files_by_key(location, **kwargs)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        target = torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+        stored = read_safetensor(tensor_files.get(name), name)
+        loaded = tensor.detach()
+        if (stored is None or stored.shape != loaded.shape
+                or not torch.equal(stored.flatten()[:16], loaded.flatten()[:16].to(stored.dtype))):
+            stored = loaded
+        tensor.data = stored.to(target, copy=True)
+    return model
+
+
+def safetensors_files_by_key(location, subfolder=None, variant=None, revision=None, cache_dir=None, **_):
+    """{state-dict key: the .safetensors file holding it} for a model folder, or for a Hub id's files that
+    from_pretrained has just put in the cache; {} where there are none (then the loaded model is cast)."""
+    folder = os.path.join(location, subfolder or "")
+    if not os.path.isdir(folder):
+        try:
+            snapshot = snapshot_download(location, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # not a cached Hub repository either: cast the loaded model
+            return {}
+        folder = os.path.join(snapshot, subfolder or "")
+    if not os.path.isdir(folder):
+        return {}
+    # names like diffusion_pytorch_model[.fp16].safetensors or model[.fp16]-00001-of-00002.safetensors
+    names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+             and (f".{variant}." in name or f".{variant}-" in name if variant else name.count(".") == 1)]
+    files = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        with safe_open(path, framework="pt") as checkpoint:
+            files.update(dict.fromkeys(checkpoint.keys(), path))
+    return files
+
+
+def read_safetensor(path, key):
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as checkpoint:  # closed at once: the pages it read leave this process
+        return checkpoint.get_tensor(key)
 
 
 def cast_floats(value, dtype):

@@ -26,6 +26,7 @@ the models and `LatentConsistencyDistillationXL`, which the shared ENGINE region
 
 import argparse
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -54,6 +55,7 @@ from PIL import Image, ImageOps
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
+import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -62,9 +64,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusio
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import make_image_grid
-from huggingface_hub import ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCardData, create_repo, snapshot_download, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -540,23 +543,25 @@ def unconditional_conditioning(cond, empty_prompt=None):
 
 
 # Copied from train_lcm_distill_sd_wds.make_student_unet
-def make_student_unet(teacher_unet, time_cond_proj_dim):
-    """The teacher's UNet with a guidance-scale input; it starts as an exact copy of the teacher.
+def make_student_unet(args):
+    """The teacher's UNet with a guidance-scale input, in fp32; it starts as an exact copy of the teacher (read
+    from the teacher's files: a copy of the teacher held in bf16 would start it rounded).
 
     When the teacher has no `time_cond_proj_dim`, the new `time_embedding.cond_proj` layer is zero, so the
     omega embedding adds nothing until training moves it.
     """
-    config = dict(teacher_unet.config)
+    config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+                                              revision=args.teacher_revision, cache_dir=args.cache_dir)
     adds_cond_proj = config.get("time_cond_proj_dim") is None
+    with diffusers_log_level(logging.ERROR):  # not a warning: the one weight the teacher lacks is set just below
+        student = load_teacher_unet(args, torch.float32,
+                                    **({"time_cond_proj_dim": args.unet_time_cond_proj_dim} if adds_cond_proj else {}))
     if adds_cond_proj:
-        config["time_cond_proj_dim"] = time_cond_proj_dim
-    student = UNet2DConditionModel.from_config(config)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    expected_missing = {"time_embedding.cond_proj.weight"} if adds_cond_proj else set()
-    if set(missing) != expected_missing or unexpected:
-        raise RuntimeError(f"student/teacher weight mismatch: missing {missing}, unexpected {unexpected}")
-    if adds_cond_proj:
+        student.time_embedding.cond_proj.to_empty(device="cpu")
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    missing = [name for name, param in student.named_parameters() if param.is_meta]
+    if missing:
+        raise RuntimeError(f"student weights not in the teacher's UNet: {missing}")
     return student
 
 
@@ -583,39 +588,58 @@ def check_lora_targets(unet, target_kinds):
 
 
 # Copied from train_lcm_distill_lora_sd_wds.add_lora
-def add_lora(unet, args, weight_dtype):
-    """Freeze the base UNet in `weight_dtype` and add trainable fp32 LoRA adapters to it."""
+def add_lora(unet, args):
+    """Freeze the base UNet (loaded in `weight_dtype`) and add trainable fp32 LoRA adapters to it."""
     check_lora_targets(unet, args.lora_target_modules)
     unet.requires_grad_(False)
-    unet.to(dtype=weight_dtype)
     unet.add_adapter(lora_config(args))
     cast_training_params(unet)
     return unet
 
 
 def load_models(args, weight_dtype):
-    """Teacher components; full mode adds the omega student and its EMA target (fp32), LoRA mode adapters."""
+    """Teacher components, frozen and loaded directly in `weight_dtype` (the UNet in fp32 with --teacher_unet_fp32;
+    the VAE in fp32 unless --pretrained_vae_model_name_or_path names an fp16-safe one: SDXL's own overflows in
+    fp16); full mode adds the omega student and its EMA target (fp32), LoRA mode adapters."""
     teacher = args.pretrained_teacher_model
     common = {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
     noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", **common)
     tokenizers = [CLIPTokenizer.from_pretrained(teacher, subfolder=name, **common)
                   for name in ("tokenizer", "tokenizer_2")]
     text_encoders = [
-        CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", variant=args.variant, **common),
-        CLIPTextModelWithProjection.from_pretrained(teacher, subfolder="text_encoder_2", variant=args.variant,
-                                                    **common),
+        from_pretrained_in_dtype(model_class, weight_dtype, teacher, subfolder=name, variant=args.variant, **common)
+        for model_class, name in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
     ]
     if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        vae = from_pretrained_in_dtype(AutoencoderKL, weight_dtype, args.pretrained_vae_model_name_or_path,
+                                       cache_dir=args.cache_dir)
     else:
-        vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae", variant=args.variant, **common)
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", variant=args.variant, **common)
+        vae = from_pretrained_in_dtype(AutoencoderKL, torch.float32, teacher, subfolder="vae", variant=args.variant,
+                                       **common)
     if args.use_lora:
-        return noise_scheduler, tokenizers, text_encoders, vae, None, add_lora(teacher_unet, args, weight_dtype), None
-    unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
-    target_unet = make_student_unet(teacher_unet, args.unet_time_cond_proj_dim)
-    target_unet.load_state_dict(unet.state_dict())
-    return noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet, target_unet
+        unet = add_lora(load_teacher_unet(args, weight_dtype), args)
+        return noise_scheduler, tokenizers, text_encoders, vae, None, unet, None
+    teacher_unet = load_teacher_unet(args, torch.float32 if args.teacher_unet_fp32 else weight_dtype)
+    unet = make_student_unet(args)
+    return noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet, copy.deepcopy(unet)
+
+
+# Copied from train_lcm_distill_sd_wds.load_teacher_unet
+def load_teacher_unet(args, dtype, **config_overrides):
+    return from_pretrained_in_dtype(UNet2DConditionModel, dtype, args.pretrained_teacher_model, subfolder="unet",
+                                    revision=args.teacher_revision, variant=args.variant, cache_dir=args.cache_dir,
+                                    **config_overrides)
+
+
+# Copied from train_lcm_distill_sd_wds.diffusers_log_level
+@contextlib.contextmanager
+def diffusers_log_level(level):
+    previous = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(previous)
 
 
 # ----------------------------------------
@@ -847,13 +871,9 @@ class LatentConsistencyDistillationXL:
                 frozen.requires_grad_(False)
                 frozen.eval()
         unet.train()
-        self.vae.to(device, dtype=self.weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
-        for text_encoder in self.text_encoders:
-            text_encoder.to(device, dtype=self.weight_dtype)
-        unet.to(device)
-        if teacher_unet is not None:
-            teacher_unet.to(device, dtype=torch.float32 if args.teacher_unet_fp32 else self.weight_dtype)
-            self.target_unet.to(device)
+        for model in (self.vae, *self.text_encoders, teacher_unet, unet, self.target_unet):
+            if model is not None:
+                model.to(device)
         if args.enable_xformers_memory_efficient_attention:
             for model in (unet, teacher_unet, self.target_unet):
                 if model is not None:
@@ -1218,6 +1238,61 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):
+    """`model_class.from_pretrained(location, torch_dtype=dtype, **kwargs)` without its memory transient.
+
+    With a dtype, from_pretrained reads the whole checkpoint at its stored precision before it casts: SD 1.5's fp32
+    UNet file adds 3.4 GB to the 1.7 GB of its bf16 weights, SDXL's 10 GB. Without one, diffusers and transformers
+    only memory-map the file. Each tensor is then read from a mapping of its own that closes at once, and cast, so
+    at most one stored-precision tensor is resident at a time, and every weight ends in memory of its own (trained
+    weights are updated in place). Tensors the files do not hold as loaded (other formats, converted keys) are cast
+    from the loaded model instead; weights from_pretrained left on the meta device (missing) stay there."""
+    model = model_class.from_pretrained(location, **kwargs)
+    tensor_files = safetensors_files_by_key(location, **kwargs)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        target = torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+        stored = read_safetensor(tensor_files.get(name), name)
+        loaded = tensor.detach()
+        if (stored is None or stored.shape != loaded.shape
+                or not torch.equal(stored.flatten()[:16], loaded.flatten()[:16].to(stored.dtype))):
+            stored = loaded
+        tensor.data = stored.to(target, copy=True)
+    return model
+
+
+def safetensors_files_by_key(location, subfolder=None, variant=None, revision=None, cache_dir=None, **_):
+    """{state-dict key: the .safetensors file holding it} for a model folder, or for a Hub id's files that
+    from_pretrained has just put in the cache; {} where there are none (then the loaded model is cast)."""
+    folder = os.path.join(location, subfolder or "")
+    if not os.path.isdir(folder):
+        try:
+            snapshot = snapshot_download(location, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # not a cached Hub repository either: cast the loaded model
+            return {}
+        folder = os.path.join(snapshot, subfolder or "")
+    if not os.path.isdir(folder):
+        return {}
+    # names like diffusion_pytorch_model[.fp16].safetensors or model[.fp16]-00001-of-00002.safetensors
+    names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+             and (f".{variant}." in name or f".{variant}-" in name if variant else name.count(".") == 1)]
+    files = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        with safe_open(path, framework="pt") as checkpoint:
+            files.update(dict.fromkeys(checkpoint.keys(), path))
+    return files
+
+
+def read_safetensor(path, key):
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as checkpoint:  # closed at once: the pages it read leave this process
+        return checkpoint.get_tensor(key)
 
 
 def cast_floats(value, dtype):
