@@ -1473,15 +1473,17 @@ def data_count_logs(counts):
 
 
 def make_optimizer(args, params, learning_rate):
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory)."""
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory). On CUDA,
+    AdamW is the fused kernel: one launch per step instead of one per tensor, and no step-sized temporaries."""
+    params = list(params)
+    hyper = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                 eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, **hyper)
+    on_cuda = bool(params) and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=True if on_cuda else None, **hyper)
 
 
 @dataclass
