@@ -7,7 +7,9 @@ captions (data loading not measured). A mode is a student name, `+gc` adds gradi
     bk_base, bk_small, bk_tiny, bk_small+gc, ...
 `--precomputed` also times each training mode on precomputed latents (tools/precompute_latents.py): the step
 samples the VAE posterior, encoded once before timing, through the script's `latents_from_batch` instead of
-encoding the images (rows "precomputed: yes", and the speed-up).
+encoding the images (rows "precomputed: yes", and the speed-up). Both run in ONE process, their steps
+interleaved (raw, precomputed, raw, ...), so that a load change on a shared machine slows both alike; peak
+memory is then the pair's.
 
 Inference (`--inference`): the latency of one classifier-free-guided UNet call (batch 2) of the teacher and of
 each student, the part of sampling that block removal shrinks (x25 for a 25-step sampler).
@@ -20,6 +22,7 @@ each student, the part of sampling that block removal shrinks (x25 for a 25-step
 """
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -30,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "benchmarks")]
 
 from benchmark_lcd import (  # noqa: E402
-    add_common_arguments, latent_batch, peak_memory_gb, prepare_assets, time_steps, weight_bytes,
+    add_common_arguments, latent_batch, peak_memory_gb, prepare_assets, time_interleaved, time_steps, weight_bytes,
 )
 
 
@@ -85,9 +88,12 @@ def run_child_train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
     captions = [f"a photo of object number {i}" for i in range(args.batch_size)]
-    batch = latent_batch(vae, pixels, "pre" in options)
+    plain = "+".join([name] + [o for o in options if o != "pre"])
+    batches = {plain: latent_batch(vae, pixels, False)}
+    if "pre" in options:
+        batches[f"{plain}+pre"] = latent_batch(vae, pixels, True)
 
-    def step():
+    def step(batch):
         latents = bk.latents_from_batch(vae, batch, 32)
         prompt_embeds = bk.encode_prompts(text_encoder, tokenizer, captions)
         loss, _ = bk.bk_sdm_loss(ctx, latents, prompt_embeds)
@@ -97,16 +103,17 @@ def run_child_train(args):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    elapsed = time_steps(args, step, device)
-    return {
-        "mode": args.child,
-        "samples_per_s": args.batch_size * args.steps / elapsed,
-        "s_per_step": elapsed / args.steps,
+    elapsed = time_interleaved(args, {mode: functools.partial(step, batch) for mode, batch in batches.items()},
+                               device)
+    return [{
+        "mode": mode,
+        "samples_per_s": args.batch_size * args.steps / seconds,
+        "s_per_step": seconds / args.steps,
         "peak_memory_gb": peak_memory_gb(args.device),
         "unet_weights_gb": weight_bytes(student, teacher) / 2**30,
         "student_params_m": bk.count_parameters(student) / 1e6,
         "teacher_params_m": bk.count_parameters(teacher) / 1e6,
-    }
+    } for mode, seconds in elapsed.items()]
 
 
 def run_child_inference(args):
@@ -152,10 +159,9 @@ def main(argv=None):
 
     print(f"\npreset {args.preset}, {args.resolution}px, batch {args.batch_size}, {args.mixed_precision}, device "
           f"{args.device} ({platform.processor() or platform.machine()}), {args.steps} timed after {args.warmup}\n")
-    modes = [mode for mode in args.modes.split(",") if mode]
-    if args.precomputed:
-        modes = [m for mode in modes for m in (mode, f"{mode}+pre")]
-    rows = [child(mode) for mode in modes]
+    # with --precomputed one process times each mode on images and on precomputed latents
+    rows = [row for mode in args.modes.split(",") if mode
+            for row in child(f"{mode}+pre" if args.precomputed else mode)]
     if rows:
         memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS"
         print(f"training (teacher UNet {rows[0]['teacher_params_m']:.2f}M params)\n")

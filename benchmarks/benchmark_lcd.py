@@ -11,7 +11,9 @@ training step, on random images and fixed captions, so data loading is not measu
   xl-lora   train_lcm_distill_sdxl_wds.py --use_lora
 `--precomputed` also times each mode on precomputed latents (tools/precompute_latents.py): the step samples the
 VAE posterior, encoded once before timing, through the scripts' `latents_from_batch` instead of encoding the
-images (modes batched, separate; rows "+ precomputed latents" and the speed-up).
+images (modes batched, separate; rows "+ precomputed latents" and the speed-up). Both run in ONE process, their
+steps interleaved (raw, precomputed, raw, ...), so that a load change on a shared machine slows both alike;
+peak memory is then the pair's.
 
     python benchmarks/benchmark_lcd.py --preset tiny-sd --resolution 64 --batch_size 4 --steps 10
     python benchmarks/benchmark_lcd.py --preset sd15 --resolution 512 --batch_size 12 --mixed_precision fp16 \
@@ -22,6 +24,7 @@ images (modes batched, separate; rows "+ precomputed latents" and the speed-up).
 """
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -104,6 +107,27 @@ def weight_bytes(*models):
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def time_interleaved(args, steps, device):
+    """{name: seconds of args.steps calls of steps[name]}, the calls interleaved (a, b, a, b, ...) after
+    args.warmup calls of each: a load change on a shared machine slows every configuration alike."""
+    import torch
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    elapsed = dict.fromkeys(steps, 0.0)
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed[name] += time.perf_counter() - started
+    return elapsed
 
 
 def time_steps(args, step, device):
@@ -297,9 +321,11 @@ def run_child(args):
     pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
     captions = [f"a photo of object number {i}" for i in range(args.batch_size)]
     uncond = lcd.encode_prompts(text_encoder, tokenizer, [""])
-    batch = latent_batch(vae, pixels, option == "pre")
+    batches = {mode: latent_batch(vae, pixels, False)}
+    if option == "pre":
+        batches[f"{mode}+pre"] = latent_batch(vae, pixels, True)
 
-    def step():
+    def step(batch):
         latents = lcd.latents_from_batch(vae, batch, script_args.vae_encode_batch_size)
         prompt_embeds = lcd.encode_prompts(text_encoder, tokenizer, captions)
         loss = lcd.lcd_loss(ctx, latents, {"encoder_hidden_states": prompt_embeds},
@@ -311,16 +337,17 @@ def run_child(args):
         lcd.update_ema(target_unet.parameters(), unet.parameters(), script_args.ema_decay)
         return loss.item()
 
-    elapsed = time_steps(args, step, device)
-    print(json.dumps({
-        "mode": args.child,
-        "samples_per_s": args.batch_size * args.steps / elapsed,
-        "s_per_step": elapsed / args.steps,
+    elapsed = time_interleaved(args, {name: functools.partial(step, batch) for name, batch in batches.items()},
+                               device)
+    print(json.dumps([{
+        "mode": name,
+        "samples_per_s": args.batch_size * args.steps / seconds,
+        "s_per_step": seconds / args.steps,
         "peak_memory_gb": peak_memory_gb(args.device),
         "unet_weights_gb": weight_bytes(unet, teacher_unet, target_unet) / 2**30,
         "trainable_m": sum(p.numel() for p in unet.parameters()) / 1e6,
         "unet_params_m": sum(p.numel() for p in teacher_unet.parameters()) / 1e6,
-    }))
+    } for name, seconds in elapsed.items()]))
 
 
 def main(argv=None):
@@ -330,15 +357,15 @@ def main(argv=None):
         return
     prepare_assets(args)
     rows = []
-    modes = args.modes.split(",")
-    if args.precomputed:
-        modes = [m for mode in modes for m in (mode, f"{mode}+pre")]
-    for mode in modes:
+    for mode in args.modes.split(","):
+        if args.precomputed:
+            mode = f"{mode}+pre"  # one process times the mode on images and on precomputed latents
         command = [sys.executable, __file__, "--child", mode] + [a for a in (argv or sys.argv[1:])]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"benchmark child {mode} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        result = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.extend(result if isinstance(result, list) else [result])
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"\npreset {args.preset}, {args.resolution}px, batch {args.batch_size}, {args.mixed_precision}, "
           f"device {args.device} ({platform.processor() or platform.machine()}), grad ckpt "
