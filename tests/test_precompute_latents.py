@@ -213,12 +213,13 @@ def test_lcm_lora_and_sdxl_train_on_precomputed_shards(assets, made, tmp_path, c
 
 
 def test_other_resolution_is_refused_in_one_line_naming_both(assets, made, tmp_path):
-    result = run_in_process("train_lcm_distill_sd_wds.py",
-                            run_flags(assets, made["at32"], "--validation_prompts", "--output_dir", tmp_path / "b"),
-                            check=False)
+    flags = run_flags(assets, made["plain"], "--validation_prompts", "--output_dir", tmp_path / "run")
+    flags[flags.index("--resolution") + 1] = "32"  # the shards were made at 64
+    result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
     assert result.returncode == 1
     line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "--resolution 32" in line and "--resolution 64" in line, line
+    assert line.startswith("error: ") and "--resolution 64, but this run has --resolution 32" in line, line
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
 def check_line(args, vae, text_encoders):
