@@ -703,8 +703,9 @@ class LatentConsistencyLoraDistillation:
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.loss
     def loss(self, batch):
-        latents = encode_latents(self.vae, batch["pixel_values"], self.args.vae_encode_batch_size)
-        prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, batch["captions"])
+        latents = latents_from_batch(self.vae, batch, self.args.vae_encode_batch_size)
+        prompt_embeds = text_embeddings_from_batch(
+            batch, lambda captions: encode_prompts(self.text_encoder, self.tokenizer, captions), latents.device)
         uncond = self.uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
         return lcd_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
                         {"encoder_hidden_states": uncond}), {}
@@ -2012,6 +2013,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shard_read_timeout = shard_read_timeout
         self.needs_original_size = needs_original_size  # SDXL: the json's size feeds the micro-conditioning
         self.warned_uncaptioned = False
+        self.first_making = None  # (precomputed_settings or None for raw images, where) of the first sample read
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -2113,7 +2115,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, sample, rng, counts):
+    def _read(self, sample, counts):
+        """(caption, the json's original size or None, source) of a sample, source being the decoded RGB image or,
+        for precomputed latents, their arrays and record (`read_precomputed`); None when the sample is skipped
+        (counted). Draws nothing from the rng: a skipped sample must not shift the random choices of the next."""
         meta = {}
         if "json" in sample:
             try:
@@ -2134,18 +2139,31 @@ class ShardStream(torch.utils.data.IterableDataset):
         if rejected:
             counts["n_filtered"] += 1
             return None
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
+        if PRECOMPUTED_RECORD in sample:
+            source = read_precomputed(sample)
+            image_size = source["record"]["image_size"] if source is not None else None
+        else:
+            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+            try:
+                source = to_rgb(Image.open(io.BytesIO(sample[image_key]))) if image_key is not None else None
+            except Exception:  # PIL raises many types for truncated or non-image bytes
+                source = None
+            image_size = source.size if source is not None else None
+        if source is None:
             counts["n_corrupt"] += 1
             return None
-        try:
-            image = to_rgb(Image.open(io.BytesIO(sample[image_key])))
-        except Exception:  # PIL raises many types for truncated or non-image bytes
-            counts["n_corrupt"] += 1
-            return None
-        if self.sample_filter.min_image_size and min(image.size) < self.sample_filter.min_image_size:
+        if self.sample_filter.min_image_size and min(image_size) < self.sample_filter.min_image_size:
             counts["n_filtered"] += 1
             return None
+        return caption, meta_size, source
+
+    def _decode(self, sample, rng, counts):
+        read = self._read(sample, counts)
+        if read is None:
+            return None
+        caption, meta_size, source = read
+        precomputed = isinstance(source, dict)
+        self._check_same_making(sample, precomputed_settings(source["record"]) if precomputed else None)
         if not caption:
             counts["n_uncaptioned"] += 1
             if not self.warned_uncaptioned:
@@ -2153,12 +2171,41 @@ class ShardStream(torch.utils.data.IterableDataset):
                 logging.getLogger(__name__).warning(
                     f"samples without a caption (no .txt, no json 'caption' or 'text'), e.g. {sample.get('__key__')} "
                     f"in {sample.get('__url__')}: they train unconditionally; counted as data/uncaptioned")
-        if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
+        dropped = self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts
+        if dropped:
             caption = ""
-        pixels, original_size, crop_top_left = self.transform(image, rng)
+        if precomputed:
+            # the crop was fixed when the latents were made; the flip takes the raw path's draw, so a run with the
+            # same seed flips the same samples
+            view = 1 if self.transform.random_flip and rng.random() < 0.5 else 0
+            return {"latent_mean": source["latent_mean"][view], "latent_std": source["latent_std"][view],
+                    **{key: source[key] for key in PRECOMPUTED_TEXT_ARRAYS if key in source},
+                    "caption": caption, "caption_dropped": dropped,
+                    "original_size": meta_size or tuple(source["record"]["original_size"]),
+                    "crop_top_left": tuple(source["record"]["crop_top_left"])}
+        pixels, original_size, crop_top_left = self.transform(source, rng)
         original_size = meta_size or original_size
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size,
                 "crop_top_left": crop_top_left}
+
+    def _check_same_making(self, sample, settings):
+        """DataError when a sample was made otherwise than the first this reader delivered (raw images among
+        precomputed latents, or latents of another VAE, size, crop, ...): one batch cannot mix them."""
+        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+        if self.first_making is None:
+            self.first_making = (settings, where)
+            return
+        first, first_where = self.first_making
+        if settings == first:
+            return
+        if first is None or settings is None:
+            kinds = ["raw images" if s is None else "precomputed latents" for s in (settings, first)]
+            difference = f"holds {kinds[0]}, but the first sample read ({first_where}) holds {kinds[1]}"
+        else:
+            keys = [key for key in settings if settings[key] != first.get(key)]
+            difference = (f"was precomputed with {', '.join(f'{k} {settings[k]}' for k in keys)}, but the first "
+                          f"sample read ({first_where}) with {', '.join(f'{k} {first.get(k)}' for k in keys)}")
+        raise DataError(f"mixed shards: sample {where} {difference}; precompute all shards with the same settings")
 
 
 def new_data_counts():
@@ -2252,13 +2299,19 @@ def defer_stop_signals(worker_id, grace_seconds=30):
 
 
 def collate_samples(samples, counts):
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+    """One batch: the images' pixel values, or their precomputed latent distributions (and caption embeddings)."""
+    batch = {
         "captions": [s["caption"] for s in samples],
         "original_sizes": torch.tensor([s["original_size"] for s in samples]),
         "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
         **counts,
     }
+    for key in ("pixel_values", "latent_mean", "latent_std", *PRECOMPUTED_TEXT_ARRAYS):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    if "caption_dropped" in samples[0]:
+        batch["captions_dropped"] = torch.tensor([s["caption_dropped"] for s in samples])
+    return batch
 
 
 def stream_topology(args, num_processes):
@@ -2310,6 +2363,144 @@ def stream_dataloader(stream, args, accelerator):
     )
 
 
+# ----------------------------------------
+# Precomputed latents (tools/precompute_latents.py): shards that hold each image's VAE posterior instead
+# ----------------------------------------
+
+
+PRECOMPUTED_RECORD = "latents.json"  # the member that marks a precomputed sample and records how it was made
+PRECOMPUTED_FORMAT_VERSION = 1
+PRECOMPUTED_TEXT_ARRAYS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+def weights_fingerprint(named_parameters, values_per_tensor=4096):
+    """A short hash of weights: every parameter's name and shape and the signs of its first values. Signs, not
+    values: an fp32, bf16 or fp16 copy of the same weights keeps every sign, whereas rounded values differ
+    (fp32 -> fp16 -> bf16 rounds about one value in 16 differently from fp32 -> bf16); other weights differ in
+    thousands of signs."""
+    digest = hashlib.sha256()
+    for name, parameter in named_parameters:
+        signs = torch.signbit(parameter.detach().flatten()[:values_per_tensor]).cpu().numpy()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(np.packbits(signs).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def vae_fingerprint(vae):
+    """The fingerprint of what makes a VAE's latents: its encoder and quant_conv (a decoder fine-tune, such as
+    sd-vae-ft-mse, keeps the latents)."""
+    return weights_fingerprint((name, p) for name, p in vae.named_parameters()
+                               if name.startswith(("encoder.", "quant_conv.")))
+
+
+def read_precomputed(sample):
+    """The arrays (torch tensors) and the record of a precomputed sample, or None when they are unreadable."""
+    try:
+        record = json.loads(sample[PRECOMPUTED_RECORD])
+        arrays = {name: torch.from_numpy(np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False))
+                  for name in ("latent_mean", "latent_std", *PRECOMPUTED_TEXT_ARRAYS) if f"{name}.npy" in sample}
+        views = record["views"]
+        if arrays["latent_mean"].shape != arrays["latent_std"].shape or arrays["latent_mean"].shape[0] != views:
+            return None
+        for key in ("image_size", "original_size", "crop_top_left"):
+            record[key] = [int(v) for v in record[key]]
+    except Exception:  # a truncated array, a record without its fields: a bad sample like an unreadable image
+        return None
+    return {"record": record, **arrays}
+
+
+def precomputed_settings(record):
+    """What the samples of one run's precomputed shards must share (names, seeds and per-sample fields aside)."""
+    text_encoders = record.get("text_encoders")
+    return {"format": record.get("format_version"), "VAE weights": record["vae"]["fingerprint"],
+            "resolution": record["resolution"], "crop": "center" if record["center_crop"] else "random",
+            "interpolation": record["interpolation"], "views": record["views"],
+            "text encoder weights": [e["fingerprint"] for e in text_encoders] if text_encoders else None}
+
+
+def first_sample(url, timeout):
+    """The first sample of a shard (a dict of its members), or None when there is none or it cannot be read."""
+    stream = None
+    try:
+        stream = open_shard(url, timeout)
+        return next(iter(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))), None)
+    except Exception:  # the stream counts and skips an unreadable shard; there is nothing to check here
+        return None
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def check_precomputed_data(args, vae, text_encoders):
+    """Start-up check (models loaded, nothing trained yet): when the first sample of the first shard holds
+    precomputed latents, refuse in one line what would train on other data than this run describes: latents of
+    another VAE, resolution, crop mode or interpolation, no mirror images for --random_flip, or caption
+    embeddings of other text encoders. Later samples must match the first (ShardStream refuses mixed shards)."""
+    if not getattr(args, "train_shards_path_or_url", None):
+        return  # an image folder: raw images only
+    url = expand_shard_urls(args.train_shards_path_or_url)[0]
+    sample = first_sample(url, args.shard_read_timeout)
+    source = read_precomputed(sample) if sample is not None and PRECOMPUTED_RECORD in sample else None
+    if source is None:
+        return
+    record = source["record"]
+    if record.get("format_version") != PRECOMPUTED_FORMAT_VERSION:
+        raise SystemExit(f"error: {url} holds precomputed latents of format {record.get('format_version')}; this "
+                         f"script reads format {PRECOMPUTED_FORMAT_VERSION}: precompute them again")
+    theirs, ours = [], []
+
+    def compare(their_value, our_value, what):
+        if their_value != our_value:
+            theirs.append(what(their_value))
+            ours.append(what(our_value))
+
+    compare(record["vae"]["fingerprint"], vae_fingerprint(vae), lambda fingerprint: f"VAE weights {fingerprint}")
+    compare(record["resolution"], args.resolution, lambda resolution: f"--resolution {resolution}")
+    compare(record["center_crop"], args.center_crop, lambda center: "--center_crop" if center else "random crops")
+    compare(record["interpolation"], args.interpolation_type, lambda name: f"--interpolation_type {name}")
+    if args.random_flip and record["views"] < 2:
+        theirs.append("no mirror images")
+        ours.append("--random_flip")
+    if record.get("text_encoders"):
+        compare([e["fingerprint"] for e in record["text_encoders"]], [weights_fingerprint(e.named_parameters())
+                                                                     for e in text_encoders],
+                lambda fingerprints: f"text encoder weights {'/'.join(fingerprints)}")
+    if theirs:
+        raise SystemExit(f"error: {url} holds latents precomputed with {', '.join(theirs)}, but this run has "
+                         f"{', '.join(ours)}: precompute them again with this run's settings "
+                         "(tools/precompute_latents.py)")
+
+
+def latents_from_batch(vae, batch, encode_batch_size):
+    """The batch's latents in the diffusion latent space: precomputed posteriors sampled as
+    `DiagonalGaussianDistribution.sample()` samples them (same chunks, dtype and device, so a run with the same
+    seed draws the same noise as one that encodes), else the images encoded now.
+
+    Contiguous either way: the VAE's output can be channels-last, and the loss's randn_like would then lay the
+    same random numbers out in another order, so the two sources would get different diffusion noise."""
+    if "latent_mean" not in batch:
+        return encode_latents(vae, batch["pixel_values"], encode_batch_size).contiguous()
+    mean = batch["latent_mean"].to(device=vae.device, dtype=vae.dtype)
+    std = batch["latent_std"].to(device=vae.device, dtype=vae.dtype)
+    latents = [m + s * torch.randn(m.shape, device=vae.device, dtype=vae.dtype)
+               for m, s in zip(mean.split(encode_batch_size), std.split(encode_batch_size))]
+    return (torch.cat(latents).float() * vae.config.scaling_factor).contiguous()
+
+
+def text_embeddings_from_batch(batch, encode, device):
+    """The captions' embeddings: `encode(captions)` (a tensor, or a tuple for SDXL), or the precomputed ones when
+    the shards hold them, with those of captions dropped to "" (--proportion_empty_prompts) encoded now."""
+    if "prompt_embeds" not in batch:
+        return encode(batch["captions"])
+    embeds = [batch[key].to(device=device, dtype=torch.float32) for key in PRECOMPUTED_TEXT_ARRAYS if key in batch]
+    dropped = batch["captions_dropped"].to(device)
+    if dropped.any():
+        empty = encode([""])
+        for precomputed, now in zip(embeds, empty if isinstance(empty, tuple) else (empty,)):
+            precomputed[dropped] = now.to(precomputed.device, precomputed.dtype)
+    return tuple(embeds) if len(embeds) > 1 else embeds[0]
+
+
 # endregion DATA
 
 
@@ -2319,6 +2510,7 @@ def main(args):
     data = open_training_data(args, accelerator, record, make_train_dataloader, new_data_counts(),
                               samples_per_epoch=args.max_train_samples or 0)
     method = LatentConsistencyLoraDistillation(args, accelerator)
+    check_precomputed_data(args, method.vae, [method.text_encoder])
     train(args, accelerator, method, data, title="LCM-LoRA")
 
 

@@ -9,15 +9,22 @@ training step, on random images and fixed captions, so data loading is not measu
   lora      train_lcm_distill_lora_sd_wds.py: `lcd_loss` + backward + AdamW on the LoRA weights; one UNet
   xl-full   train_lcm_distill_sdxl_wds.py, full mode (an SDXL preset: tiny-sdxl, sdxl)
   xl-lora   train_lcm_distill_sdxl_wds.py --use_lora
+`--precomputed` also times each mode on precomputed latents (tools/precompute_latents.py): the step samples the
+VAE posterior, encoded once before timing, through the scripts' `latents_from_batch` instead of encoding the
+images (modes batched, separate; rows "+ precomputed latents" and the speed-up). Both run in ONE process, their
+steps interleaved (raw, precomputed, raw, ...), so that a load change on a shared machine slows both alike;
+peak memory is then the pair's.
 
     python benchmarks/benchmark_lcd.py --preset tiny-sd --resolution 64 --batch_size 4 --steps 10
     python benchmarks/benchmark_lcd.py --preset sd15 --resolution 512 --batch_size 12 --mixed_precision fp16 \
         --device cuda --gradient_checkpointing
+    python benchmarks/benchmark_lcd.py --preset small-sd --resolution 512 --batch_size 2 --modes batched --precomputed
     python benchmarks/benchmark_lcd.py --preset sdxl --modes xl-full,xl-lora --resolution 1024 --batch_size 1 \
         --mixed_precision fp16 --device cuda --gradient_checkpointing --use_8bit_adam
 """
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -50,7 +57,20 @@ def parse_args(argv=None):
     parser.add_argument("--use_8bit_adam", action="store_true")
     parser.add_argument("--modes", default="batched,separate,lora", help="configurations to compare (see above)")
     parser.add_argument("--lora_rank", type=int, default=64)
+    parser.add_argument("--precomputed", action="store_true",
+                        help="also time each mode on precomputed latents (modes batched and separate)")
     return parser.parse_args(argv)
+
+
+def latent_batch(vae, pixels, precomputed):
+    """What a training step reads: the images, or (precomputed) their VAE posterior, encoded here once."""
+    import torch
+
+    if not precomputed:
+        return {"pixel_values": pixels}
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return {"latent_mean": dist.mean.float(), "latent_std": dist.std.float()}
 
 
 def prepare_assets(args):
@@ -87,6 +107,27 @@ def weight_bytes(*models):
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def time_interleaved(args, steps, device):
+    """{name: seconds of args.steps calls of steps[name]}, the calls interleaved (a, b, a, b, ...) after
+    args.warmup calls of each: a load change on a shared machine slows every configuration alike."""
+    import torch
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    elapsed = dict.fromkeys(steps, 0.0)
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed[name] += time.perf_counter() - started
+    return elapsed
 
 
 def time_steps(args, step, device):
@@ -243,6 +284,7 @@ def run_child(args):
 
     import train_lcm_distill_sd_wds as lcd
 
+    mode, _, option = args.child.partition("+")
     pipeline_dir, shard = prepare_assets(args)
     script_args = lcd.parse_args([
         "--pretrained_teacher_model", str(pipeline_dir), "--train_shards_path_or_url", str(shard),
@@ -268,7 +310,7 @@ def run_child(args):
 
     ctx = lcd.make_lcd_context(script_args, noise_scheduler, unet, teacher_unet, target_unet,
                                w_embedding_dim=unet.config.time_cond_proj_dim, device=device, autocast=autocast,
-                               batched_teacher=args.child == "batched")
+                               batched_teacher=mode == "batched")
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -279,9 +321,12 @@ def run_child(args):
     pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
     captions = [f"a photo of object number {i}" for i in range(args.batch_size)]
     uncond = lcd.encode_prompts(text_encoder, tokenizer, [""])
+    batches = {mode: latent_batch(vae, pixels, False)}
+    if option == "pre":
+        batches[f"{mode}+pre"] = latent_batch(vae, pixels, True)
 
-    def step():
-        latents = lcd.encode_latents(vae, pixels, script_args.vae_encode_batch_size)
+    def step(batch):
+        latents = lcd.latents_from_batch(vae, batch, script_args.vae_encode_batch_size)
         prompt_embeds = lcd.encode_prompts(text_encoder, tokenizer, captions)
         loss = lcd.lcd_loss(ctx, latents, {"encoder_hidden_states": prompt_embeds},
                             {"encoder_hidden_states": uncond.expand(args.batch_size, -1, -1)})
@@ -292,16 +337,17 @@ def run_child(args):
         lcd.update_ema(target_unet.parameters(), unet.parameters(), script_args.ema_decay)
         return loss.item()
 
-    elapsed = time_steps(args, step, device)
-    print(json.dumps({
-        "mode": args.child,
-        "samples_per_s": args.batch_size * args.steps / elapsed,
-        "s_per_step": elapsed / args.steps,
+    elapsed = time_interleaved(args, {name: functools.partial(step, batch) for name, batch in batches.items()},
+                               device)
+    print(json.dumps([{
+        "mode": name,
+        "samples_per_s": args.batch_size * args.steps / seconds,
+        "s_per_step": seconds / args.steps,
         "peak_memory_gb": peak_memory_gb(args.device),
         "unet_weights_gb": weight_bytes(unet, teacher_unet, target_unet) / 2**30,
         "trainable_m": sum(p.numel() for p in unet.parameters()) / 1e6,
         "unet_params_m": sum(p.numel() for p in teacher_unet.parameters()) / 1e6,
-    }))
+    } for name, seconds in elapsed.items()]))
 
 
 def main(argv=None):
@@ -312,11 +358,14 @@ def main(argv=None):
     prepare_assets(args)
     rows = []
     for mode in args.modes.split(","):
+        if args.precomputed:
+            mode = f"{mode}+pre"  # one process times the mode on images and on precomputed latents
         command = [sys.executable, __file__, "--child", mode] + [a for a in (argv or sys.argv[1:])]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"benchmark child {mode} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        result = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.extend(result if isinstance(result, list) else [result])
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"\npreset {args.preset}, {args.resolution}px, batch {args.batch_size}, {args.mixed_precision}, "
           f"device {args.device} ({platform.processor() or platform.machine()}), grad ckpt "
@@ -328,12 +377,18 @@ def main(argv=None):
     print(f"| configuration | samples/s | s/step | {memory} (GB) | UNet weights held (GB) | trainable (M) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {labels[row['mode']]} | {row['samples_per_s']:.3f} | {row['s_per_step']:.3f} | "
+        mode, _, option = row["mode"].partition("+")
+        label = labels[mode] + (" + precomputed latents" if option == "pre" else "")
+        print(f"| {label} | {row['samples_per_s']:.3f} | {row['s_per_step']:.3f} | "
               f"{row['peak_memory_gb']:.2f} | {row['unet_weights_gb']:.3f} | {row['trainable_m']:.2f} |")
     by_mode = {row["mode"]: row for row in rows}
     if "batched" in by_mode and "separate" in by_mode:
         ratio = by_mode["batched"]["samples_per_s"] / by_mode["separate"]["samples_per_s"]
         print(f"\nbatched / separate throughput: {ratio:.2f}x")
+    for mode in by_mode:
+        if f"{mode}+pre" in by_mode:
+            ratio = by_mode[f"{mode}+pre"]["samples_per_s"] / by_mode[mode]["samples_per_s"]
+            print(f"\n{labels[mode]}: precomputed latents / encoding each step: {ratio:.2f}x throughput")
 
 
 if __name__ == "__main__":
