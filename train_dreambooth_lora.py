@@ -696,7 +696,8 @@ image = pipe("{trigger or 'a photo'} on the beach", num_inference_steps=25).imag
 class DreamBoothLoRA:
     """DreamBooth as LoRA adapters: the base UNet (and text encoders) frozen in the mixed-precision dtype with
     fp32 adapters. Unless --no_cache, what does not train is computed once: latents of every image and crop,
-    and (without --train_text_encoder) the prompt table, after which the text encoders are freed."""
+    and (without --train_text_encoder) the prompt table, after which the text encoders (and the VAE encoder) are
+    freed."""
 
     def __init__(self, args, accelerator, examples):
         self.args, self.accelerator, self.examples = args, accelerator, examples
@@ -725,6 +726,7 @@ class DreamBoothLoRA:
         if args.cache:
             for image_set, transform in examples.image_sets():
                 cache_latents(self.vae, image_set, transform, args.random_flip, args.cached_crops)
+            free_unused_vae_halves(self.vae, encodes=False, decodes=bool(args.validation_prompt))
             if not args.train_text_encoder:
                 with torch.no_grad():
                     chunks = [encode_prompt_table(text_encoders, self.tokenizers, self.prompts[i:i + 64], device)
@@ -1124,6 +1126,15 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def free_unused_vae_halves(vae, *, encodes, decodes):
+    """Drop the half of the VAE a run never calls: the encoder once latents are cached or precomputed, the decoder
+    when nothing is validated (diffusers' AutoencoderKL skips a quant conv that is None)."""
+    if not encodes:
+        vae.encoder = vae.quant_conv = None
+    if not decodes:
+        vae.decoder = vae.post_quant_conv = None
 
 
 def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):

@@ -943,6 +943,15 @@ def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def free_unused_vae_halves(vae, *, encodes, decodes):
+    """Drop the half of the VAE a run never calls: the encoder once latents are cached or precomputed, the decoder
+    when nothing is validated (diffusers' AutoencoderKL skips a quant conv that is None)."""
+    if not encodes:
+        vae.encoder = vae.quant_conv = None
+    if not decodes:
+        vae.decoder = vae.post_quant_conv = None
+
+
 def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):
     """`model_class.from_pretrained(location, torch_dtype=dtype, **kwargs)` without its memory transient.
 
@@ -2351,14 +2360,15 @@ def check_precomputed_data(args, vae, text_encoders):
     """Start-up check (models loaded, nothing trained yet): when the first sample of the first shard holds
     precomputed latents, refuse in one line what would train on other data than this run describes: latents of
     another VAE, resolution, crop mode or interpolation, no mirror images for --random_flip, or caption
-    embeddings of other text encoders. Later samples must match the first (ShardStream refuses mixed shards)."""
+    embeddings of other text encoders. Later samples must match the first (ShardStream refuses mixed shards).
+    True when the shards hold precomputed latents."""
     if not getattr(args, "train_shards_path_or_url", None):
-        return  # an image folder: raw images only
+        return False  # an image folder: raw images only
     url = expand_shard_urls(args.train_shards_path_or_url)[0]
     sample = first_sample(url, args.shard_read_timeout)
     source = read_precomputed(sample) if sample is not None and PRECOMPUTED_RECORD in sample else None
     if source is None:
-        return
+        return False
     record = source["record"]
     if record.get("format_version") != PRECOMPUTED_FORMAT_VERSION:
         raise SystemExit(f"error: {url} holds precomputed latents of format {record.get('format_version')}; this "
@@ -2385,6 +2395,7 @@ def check_precomputed_data(args, vae, text_encoders):
         raise SystemExit(f"error: {url} holds latents precomputed with {', '.join(theirs)}, but this run has "
                          f"{', '.join(ours)}: precompute them again with this run's settings "
                          "(tools/precompute_latents.py)")
+    return True
 
 
 def latents_from_batch(vae, batch, encode_batch_size):
@@ -2426,7 +2437,8 @@ def main(args):
     data = open_training_data(args, accelerator, record, make_train_dataloader, new_data_counts(),
                               samples_per_epoch=args.max_train_samples or 0)
     method = LatentConsistencyDistillation(args, accelerator)
-    check_precomputed_data(args, method.vae, [method.text_encoder])
+    precomputed = check_precomputed_data(args, method.vae, [method.text_encoder])
+    free_unused_vae_halves(method.vae, encodes=not precomputed, decodes=args.validation_prompts != [])
     train(args, accelerator, method, data, title="LCD")
 
 

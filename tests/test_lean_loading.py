@@ -146,3 +146,26 @@ def test_adamw_is_fused_only_on_cuda(assets, tmp_path):
     if torch.cuda.is_available():
         optimizer = lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(3, device="cuda"))], 1e-4)
         assert optimizer.defaults["fused"] is True
+
+
+def test_freeing_a_vae_half_keeps_the_other_exact(assets):
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    vae = AutoencoderKL.from_pretrained(assets["tiny-sd"], subfolder="vae")
+    with torch.no_grad():
+        latent = vae.encode(pixels).latent_dist.mean
+        image = vae.decode(latent).sample
+        lcd.free_unused_vae_halves(vae, encodes=True, decodes=False)
+        assert torch.equal(vae.encode(pixels).latent_dist.mean, latent)
+        assert vae.decoder is None and vae.post_quant_conv is None
+        vae = AutoencoderKL.from_pretrained(assets["tiny-sd"], subfolder="vae")
+        lcd.free_unused_vae_halves(vae, encodes=False, decodes=True)
+        assert torch.equal(vae.decode(latent).sample, image)
+        assert vae.encoder is None and vae.quant_conv is None
+
+
+def test_attention_is_pytorch_sdpa_by_default(assets, tmp_path):
+    args = parse(lcd, ["--pretrained_teacher_model", assets["tiny-sd"], "--train_shards_path_or_url",
+                       assets["shards"], "--max_train_steps", "1"], tmp_path)
+    *_, teacher, student, target = lcd.load_models(args, BF16)
+    for unet in (teacher, student, target):
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
