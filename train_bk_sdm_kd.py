@@ -616,9 +616,7 @@ class BlockRemovalDistillation:
         for model in (self.vae, self.text_encoder, self.teacher_unet, unet, self.ema_unet):
             if model is not None:
                 model.to(device)
-        if args.enable_xformers_memory_efficient_attention:
-            for model in (unet, self.teacher_unet):
-                model.enable_xformers_memory_efficient_attention()
+        set_unet_kernels(args, unet, self.teacher_unet)
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # add_noise without a copy
@@ -766,6 +764,9 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
                        help="Trade compute for the trained network's activation memory.")
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (default: PyTorch scaled-dot-product attention).")
+    group.add_argument("--channels_last", action="store_true",
+                       help="Keep the UNets' weights (and so their activations) channels-last (NHWC): the layout "
+                            "tensor-core convolutions prefer on recent GPUs; measure it with benchmarks/gpu_check.sh.")
 
     group = parser.add_argument_group("run control")
     group.add_argument("--train_batch_size", type=bounded(int, 1, None), default=train_batch_size,
@@ -976,6 +977,19 @@ def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model")
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def set_unet_kernels(args, *unets):
+    """xformers attention with --enable_xformers_memory_efficient_attention (else diffusers' default, PyTorch
+    SDPA), and channels-last weights with --channels_last: a convolution given channels-last weights computes
+    and returns channels-last, so the whole UNet runs in that layout. None entries (absent networks) skipped."""
+    for unet in unets:
+        if unet is None:
+            continue
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if args.channels_last:
+            unet.to(memory_format=torch.channels_last)
 
 
 def free_unused_vae_halves(vae, *, encodes, decodes):

@@ -4,6 +4,8 @@ what `from_pretrained(torch_dtype=...)` gives, for safetensors and for other che
 targets, and SDXL's own VAE, which overflows in fp16) in fp32, the students starting from the teacher's stored
 weights, not from a rounded copy."""
 
+import argparse
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -169,3 +171,28 @@ def test_attention_is_pytorch_sdpa_by_default(assets, tmp_path):
     *_, teacher, student, target = lcd.load_models(args, BF16)
     for unet in (teacher, student, target):
         assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
+    unet = UNet2DConditionModel.from_pretrained(assets["tiny-sd"], subfolder="unet")
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = unet(sample, 10, text).sample
+        args = argparse.Namespace(enable_xformers_memory_efficient_attention=False, channels_last=True)
+        lcd.set_unet_kernels(args, unet, None)
+        convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=1e-4, atol=1e-5)
+
+    parsers = []  # every script's parser, caught as its parse_args builds it: one engine flag in all five
+
+    def catch(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    for module in (lcd, lcm_lora, sdxl, bk, db):
+        with pytest.raises(SystemExit):
+            module.parse_args([])
+    assert len(parsers) == 5
+    assert all(any("--channels_last" in a.option_strings for a in parser._actions) for parser in parsers)
