@@ -503,7 +503,7 @@ def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
                                                             revision=args.teacher_revision, cache_dir=args.cache_dir)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+                                       unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     images = []
@@ -651,7 +651,7 @@ class BlockRemovalDistillation:
 
     def after_update(self, step):
         if self.ema_unet is not None:
-            student = self.accelerator.unwrap_model(self.modules[0])
+            student = unwrap(self.accelerator, self.modules[0])
             update_ema(self.ema_unet.parameters(), student.parameters(), ema_decay_at(step, self.args.ema_decay))
 
     def checkpoint_hooks(self, accelerator):
@@ -670,7 +670,7 @@ class BlockRemovalDistillation:
         unet = self.modules[0]
         full_state = full_state_dict(self.accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
         if self.accelerator.is_main_process:
-            student = self.accelerator.unwrap_model(unet)
+            student = unwrap(self.accelerator, unet)
             if full_state is not None:  # the unwrapped student may hold only this rank's shard
                 student = UNet2DConditionModel.from_config(student.config)
                 student.load_state_dict(full_state)
@@ -1252,6 +1252,16 @@ def configure_deepspeed(accelerator, args):
     config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
 
+def unwrap(accelerator, model):
+    """The plain module inside a prepared one, without its DDP and torch.compile wrappers.
+
+    accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
+    state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
+    compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
+    The compiled wrapper is for the training forward only."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def full_state_dict(accelerator, model):
     """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
 
@@ -1267,7 +1277,7 @@ def save_model_folder(accelerator, model, path):
     state_dict = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     if state_dict is None:
         unwrapped.save_pretrained(path)
         return

@@ -564,14 +564,14 @@ def validation_pipeline(args, accelerator, vae, text_encoders, tokenizers, unet)
     """The base pipeline around the training networks; `text_encoders` is None once they were freed."""
     scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                             revision=args.revision, cache_dir=args.cache_dir)
-    encoders = [None, None] if text_encoders is None else [accelerator.unwrap_model(m) for m in text_encoders]
+    encoders = [None, None] if text_encoders is None else [unwrap(accelerator, m) for m in text_encoders]
     if args.sdxl:
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1], unet=accelerator.unwrap_model(unet), scheduler=scheduler,
+            tokenizer_2=tokenizers[1], unet=unwrap(accelerator, unet), scheduler=scheduler,
             force_zeros_for_empty_prompt=base_zeroes_empty_prompt(args), add_watermarker=False)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=accelerator.unwrap_model(unet),
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unwrap(accelerator, unet),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -793,7 +793,7 @@ class DreamBoothLoRA:
 
     def trained_text_encoders(self):
         """The unwrapped text encoders whose adapters train (both of SDXL's), or [] without --train_text_encoder."""
-        return [self.accelerator.unwrap_model(model) for model in self.modules[1:]]
+        return [unwrap(self.accelerator, model) for model in self.modules[1:]]
 
     def gathered_states(self):
         """Every rank: under DeepSpeed/FSDP this gathers the trained models' shards (all None otherwise)."""
@@ -804,14 +804,14 @@ class DreamBoothLoRA:
         def save_model_hook(models, weights, output_dir):
             full_states = self.gathered_states()
             if accelerator.is_main_process:
-                save_lora_files(accelerator.unwrap_model(self.modules[0]), self.trained_text_encoders(), output_dir,
+                save_lora_files(unwrap(accelerator, self.modules[0]), self.trained_text_encoders(), output_dir,
                                 self.args.sdxl, kohya=False, full_states=full_states)
             weights.clear()
 
         def load_model_hook(models, input_dir):
             if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapters from their own files
                 models.clear()
-                load_lora_checkpoint(accelerator.unwrap_model(self.modules[0]), self.trained_text_encoders(),
+                load_lora_checkpoint(unwrap(accelerator, self.modules[0]), self.trained_text_encoders(),
                                      input_dir)
 
         return save_model_hook, load_model_hook
@@ -823,7 +823,7 @@ class DreamBoothLoRA:
     def save_outputs(self):
         full_states = self.gathered_states()
         if self.accelerator.is_main_process:
-            save_lora_files(self.accelerator.unwrap_model(self.modules[0]), self.trained_text_encoders(),
+            save_lora_files(unwrap(self.accelerator, self.modules[0]), self.trained_text_encoders(),
                             self.args.output_dir, self.args.sdxl, dtype=weight_dtype_for(self.args.save_precision),
                             kohya=not self.args.use_dora, full_states=full_states)
 
@@ -1403,6 +1403,16 @@ def configure_deepspeed(accelerator, args):
     config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
 
+def unwrap(accelerator, model):
+    """The plain module inside a prepared one, without its DDP and torch.compile wrappers.
+
+    accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
+    state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
+    compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
+    The compiled wrapper is for the training forward only."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def full_state_dict(accelerator, model):
     """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
 
@@ -1418,7 +1428,7 @@ def save_model_folder(accelerator, model, path):
     state_dict = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     if state_dict is None:
         unwrapped.save_pretrained(path)
         return

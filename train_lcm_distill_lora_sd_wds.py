@@ -579,13 +579,13 @@ def checkpoint_hooks(accelerator):
     def save_model_hook(models, weights, output_dir):
         full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers shards
         if accelerator.is_main_process:
-            save_lora_files(accelerator.unwrap_model(models[0]), output_dir, kohya=False, full_state=full_state)
+            save_lora_files(unwrap(accelerator, models[0]), output_dir, kohya=False, full_state=full_state)
         if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
             weights.pop()
 
     def load_model_hook(models, input_dir):
         if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapter from their own files
-            load_lora_checkpoint(accelerator.unwrap_model(models.pop()), input_dir)
+            load_lora_checkpoint(unwrap(accelerator, models.pop()), input_dir)
 
     return save_model_hook, load_model_hook
 
@@ -598,7 +598,7 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
         return None
     scheduler = lcm_scheduler_for(args)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None,
+                                       unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
@@ -695,7 +695,7 @@ class LatentConsistencyLoraDistillation:
         self.modules = list(modules)
         self.ctx.unet = modules[0]  # the student forward goes through the DDP wrapper (gradient sync)
         # teacher (adapters off) and target are the student itself, unwrapped: no DDP wrapper, no gradient sync
-        self.ctx.teacher_unet = self.ctx.target_unet = self.accelerator.unwrap_model(modules[0])
+        self.ctx.teacher_unet = self.ctx.target_unet = unwrap(self.accelerator, modules[0])
 
     def optimizer_params(self):
         return self.lora_params
@@ -722,7 +722,7 @@ class LatentConsistencyLoraDistillation:
     def save_outputs(self):
         full_state = full_state_dict(self.accelerator, self.modules[0])  # every rank: DeepSpeed/FSDP gather shards
         if self.accelerator.is_main_process:
-            save_lora_files(self.accelerator.unwrap_model(self.modules[0]), self.args.output_dir,
+            save_lora_files(unwrap(self.accelerator, self.modules[0]), self.args.output_dir,
                             dtype=weight_dtype_for(self.args.save_precision), full_state=full_state)
             lcm_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
 
@@ -1302,6 +1302,16 @@ def configure_deepspeed(accelerator, args):
     config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
 
+def unwrap(accelerator, model):
+    """The plain module inside a prepared one, without its DDP and torch.compile wrappers.
+
+    accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
+    state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
+    compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
+    The compiled wrapper is for the training forward only."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def full_state_dict(accelerator, model):
     """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
 
@@ -1317,7 +1327,7 @@ def save_model_folder(accelerator, model, path):
     state_dict = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     if state_dict is None:
         unwrapped.save_pretrained(path)
         return

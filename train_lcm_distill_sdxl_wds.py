@@ -719,7 +719,7 @@ def checkpoint_hooks(accelerator, target_unet, use_lora):
         if use_lora:
             full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers
             if accelerator.is_main_process:
-                save_lora_files(accelerator.unwrap_model(models[0]), output_dir, kohya=False, full_state=full_state)
+                save_lora_files(unwrap(accelerator, models[0]), output_dir, kohya=False, full_state=full_state)
         else:
             save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
             if accelerator.is_main_process:
@@ -730,7 +730,7 @@ def checkpoint_hooks(accelerator, target_unet, use_lora):
     def load_model_hook(models, input_dir):
         # under DeepSpeed/FSDP accelerate passes no models: they restored the student from their own files
         if models and use_lora:
-            load_lora_checkpoint(accelerator.unwrap_model(models.pop()), input_dir)
+            load_lora_checkpoint(unwrap(accelerator, models.pop()), input_dir)
         elif models:
             models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
         if not use_lora:
@@ -762,7 +762,7 @@ def log_validation(args, accelerator, vae, text_encoders, tokenizers, unet, name
     scheduler = lcm_scheduler_for(args)
     pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-                                         unet=accelerator.unwrap_model(unet), scheduler=scheduler,
+                                         unet=unwrap(accelerator, unet), scheduler=scheduler,
                                          force_zeros_for_empty_prompt=teacher_zeroes_empty_prompt(args))
     pipeline.set_progress_bar_config(disable=True)
     rows = []
@@ -894,7 +894,7 @@ class LatentConsistencyDistillationXL:
         self.modules = list(modules)
         self.ctx.unet = modules[0]
         if self.args.use_lora:  # teacher (adapters off) and target are the student itself, unwrapped
-            self.ctx.teacher_unet = self.ctx.target_unet = self.accelerator.unwrap_model(modules[0])
+            self.ctx.teacher_unet = self.ctx.target_unet = unwrap(self.accelerator, modules[0])
 
     def optimizer_params(self):
         return [p for p in self.modules[0].parameters() if p.requires_grad]  # LoRA: the adapters only
@@ -911,7 +911,7 @@ class LatentConsistencyDistillationXL:
 
     def after_update(self, step):
         if not self.args.use_lora:  # LoRA mode has no EMA: its target is the online student
-            student = self.accelerator.unwrap_model(self.modules[0])
+            student = unwrap(self.accelerator, self.modules[0])
             update_ema(self.target_unet.parameters(), student.parameters(), self.args.ema_decay)
 
     def checkpoint_hooks(self, accelerator):
@@ -929,7 +929,7 @@ class LatentConsistencyDistillationXL:
         if args.use_lora:
             full_state = full_state_dict(accelerator, unet)  # every rank: under DeepSpeed/FSDP it gathers shards
             if accelerator.is_main_process:
-                save_lora_files(accelerator.unwrap_model(unet), args.output_dir,
+                save_lora_files(unwrap(accelerator, unet), args.output_dir,
                                 dtype=weight_dtype_for(args.save_precision), full_state=full_state)
         else:
             save_model_folder(accelerator, unet, os.path.join(args.output_dir, "unet"))  # gathers shards
@@ -1514,6 +1514,16 @@ def configure_deepspeed(accelerator, args):
     config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
 
+def unwrap(accelerator, model):
+    """The plain module inside a prepared one, without its DDP and torch.compile wrappers.
+
+    accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
+    state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
+    compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
+    The compiled wrapper is for the training forward only."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def full_state_dict(accelerator, model):
     """The whole state dict of a prepared model, or None where the unwrapped model already holds all of it.
 
@@ -1529,7 +1539,7 @@ def save_model_folder(accelerator, model, path):
     state_dict = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     if state_dict is None:
         unwrapped.save_pretrained(path)
         return

@@ -7,8 +7,11 @@ it runs every script for a few steps through `accelerate launch`, in the regime 
 precision, real bitsandbytes 8-bit AdamW, gradient checkpointing, and xformers attention when xformers imports
 (PyTorch SDPA otherwise). It prints one table row per run: samples/s (median of the steps after the first two)
 and the peak `torch.cuda.max_memory_allocated` each script reports at the end of training, and says whether
-LCM-LoRA-SDXL at 1024 px, batch 1, fits a 24 GB card. Everything is offline; the whole check is meant to take
-under 8 minutes on a current datacentre GPU.
+LCM-LoRA-SDXL at 1024 px, batch 1, fits a 24 GB card. Two more runs, `lcd_sd_inductor` and
+`lcm_lora_sd_inductor`, repeat `lcd_sd` and `lcm_lora_sd` through `accelerate launch --dynamo_backend inductor`
+(torch.compile of the trained model; the first steps, which compile, are outside the median). Everything is
+offline; the whole check is meant to take under 8 minutes on a current datacentre GPU (the compiled runs come
+last, so the time budget skips them first).
 
 `GPU_CHECK_DEVICE=cpu` is a dry run of the same plumbing on tiny pipelines (64 px, 2 steps, fp32, still the
 real 8-bit Adam): it proves the data, flags, launches and parsing work, not the numbers.
@@ -49,6 +52,10 @@ def configuration(device):
         ("lcm_lora_sd", "train_lcm_distill_lora_sd_wds.py", sd, sd_res, batch, []),
         ("bk_sdm_small", "train_bk_sdm_kd.py", sd, sd_res, batch, ["--unet_config_name", "bk_small"]),
         ("dreambooth_lora", "train_dreambooth_lora.py", sd, sd_res, max(1, batch // 2), []),
+        # torch.compile through `accelerate launch --dynamo_backend inductor`, to compare with lcd_sd / lcm_lora_sd
+        # (last: their compile takes minutes, and the time budget skips them first)
+        ("lcd_sd_inductor", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
+        ("lcm_lora_sd_inductor", "train_lcm_distill_lora_sd_wds.py", sd, sd_res, batch, []),
     ]
     # fp16 without autocast (a CPU) is the DeepSpeed regime: GPU_CHECK_PRECISION=fp16 tries it in the dry run
     return runs, {"steps": steps, "precision": os.environ.get("GPU_CHECK_PRECISION", precision)}
@@ -59,7 +66,7 @@ def xformers_works():
     if importlib.util.find_spec("xformers") is None:
         return False
     try:
-        import xformers.ops  # noqa: F401
+        importlib.import_module("xformers.ops")
     except Exception as error:  # a broken build is a reason to fall back to SDPA, not to stop the check
         print(f"xformers present but unusable ({type(error).__name__}: {error}); using PyTorch SDPA")
         return False
@@ -140,9 +147,14 @@ def failure_line(log):
     return lines[-1] if lines else "(no output)"
 
 
-def launch(script, flags, device, precision, timeout):
+def dynamo_backend(name):
+    """The launcher's --dynamo_backend of a run: the `*_inductor` runs train the torch.compile'd model."""
+    return "inductor" if name.endswith("_inductor") else "no"
+
+
+def launch(script, flags, device, precision, timeout, backend="no"):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", precision, "--dynamo_backend", "no"] + (["--cpu"] if device == "cpu" else [])
+               "--mixed_precision", precision, "--dynamo_backend", backend] + (["--cpu"] if device == "cpu" else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                # a user's accelerate config (several GPUs, DeepSpeed) must not change what this check measures
@@ -190,7 +202,7 @@ def main():
         flags = run_flags((name, script, preset, resolution, batch, extra), common, assets, output_dir, attention)
         run_started = time.perf_counter()
         try:
-            result = launch(script, flags, device, common["precision"], timeout=left)
+            result = launch(script, flags, device, common["precision"], timeout=left, backend=dynamo_backend(name))
             log = result.stdout + result.stderr
             ok = result.returncode == 0
         except subprocess.TimeoutExpired as timeout:

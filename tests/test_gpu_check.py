@@ -20,6 +20,11 @@ def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device)
     runs, common = gpu_check.configuration(device)
     assert {run[1] for run in runs} == {p.name for p in REPO.glob("train_*.py")}  # all five scripts
     assert [run[0] for run in runs if "--use_lora" in run[5]] == ["lcm_lora_sdxl"]
+    # the torch.compile rows repeat an eager row with only the launcher's --dynamo_backend changed
+    compiled = {run[0]: run for run in runs if gpu_check.dynamo_backend(run[0]) == "inductor"}
+    assert sorted(compiled) == ["lcd_sd_inductor", "lcm_lora_sd_inductor"]
+    eager = {run[0]: run for run in runs if gpu_check.dynamo_backend(run[0]) == "no"}
+    assert all(run[1:] == eager[name.removesuffix("_inductor")][1:] for name, run in compiled.items())
     instance = tmp_path / "instance"
     instance.mkdir()
     for png in sorted(Path(assets["images"]).glob("*.png"))[:2]:

@@ -1,0 +1,118 @@
+"""torch.compile through accelerate, with every script: `accelerate launch --dynamo_backend inductor` makes
+accelerate.prepare wrap the trained model(s) in torch.compile. Each run trains 2 steps with a checkpoint, resumes
+from it, validates, and its saved files must load in diffusers with plain (not `_orig_mod.`) keys.
+
+Inductor generates and compiles C++ for minutes per script on a 2-core CI machine, so these runs use dynamo's
+"eager" backend (ACCELERATE_DYNAMO_BACKEND, which the launcher's flag sets): the same OptimizedModule wrapper,
+graph capture, guards and recompilations as inductor, without the code generation. The inductor runs are in
+benchmarks/benchmark_compile.py (benchmarks/RESULTS.md). `error_on_recompile` makes any recompilation a failure:
+only the trained forward goes through the compiled wrapper (teacher passes, targets and validation use the plain
+module), so each run compiles it once."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import build_pipeline, run_in_process
+
+pytestmark = pytest.mark.slow
+
+RUNS = {  # name: (script, teacher, extra flags)
+    "lcd_sd": ("train_lcm_distill_sd_wds.py", "tiny-sd", ["--gradient_checkpointing"]),
+    "lcm_lora_sd": ("train_lcm_distill_lora_sd_wds.py", "tiny-sd", ["--lora_rank", "4"]),
+    "lcd_sdxl": ("train_lcm_distill_sdxl_wds.py", "tiny-sdxl", []),
+    "lcm_lora_sdxl": ("train_lcm_distill_sdxl_wds.py", "tiny-sdxl", ["--use_lora", "--lora_rank", "4"]),
+    "bk_sdm_tiny": ("train_bk_sdm_kd.py", "tiny-sd", ["--unet_config_name", "bk_tiny", "--use_ema"]),
+    "dreambooth_lora": ("train_dreambooth_lora.py", "tiny-sd", ["--train_text_encoder", "--rank", "4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return build_pipeline("tiny-sdxl", str(tmp_path_factory.mktemp("compile") / "tiny-sdxl"), seed=0)
+
+
+def run_flags(name, assets, tiny_sdxl, tmp_path):
+    script, teacher, extra = RUNS[name]
+    teacher = tiny_sdxl if teacher == "tiny-sdxl" else assets[teacher]
+    common = ["--output_dir", tmp_path / "out", "--resolution", 64, "--train_batch_size", 1, "--seed", 0,
+              "--checkpointing_steps", 2, "--report_to", "none"]
+    if script == "train_dreambooth_lora.py":
+        instance = tmp_path / "instance"
+        instance.mkdir()
+        for png in sorted(Path(assets["images"]).glob("*.png"))[:2]:
+            shutil.copy(png, instance / png.name)
+        return script, common + extra + [
+            "--pretrained_model_name_or_path", teacher, "--instance_data_dir", instance,
+            "--instance_prompt", "a photo of sks circle", "--validation_prompt", "a photo of sks circle",
+            "--num_validation_images", 1]
+    return script, common + extra + [
+        "--pretrained_teacher_model", teacher, "--train_shards_path_or_url", assets["shards"],
+        "--shuffle_buffer_size", 4, "--dataloader_num_workers", 0, "--validation_prompts", "a red circle"]
+
+
+def compiled_run(script, flags):
+    """One in-process run with the trained model compiled by accelerate; returns (output, graphs compiled)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # no graph cached by an earlier run: each run compiles its own, once
+    counters.clear()
+    result = run_in_process(script, flags)
+    return result.stdout, counters["stats"]["unique_graphs"]
+
+
+def assert_plain_keys(output_dir):
+    """Every weight file written (outputs and checkpoints) has the module's own keys, no compile-wrapper prefix."""
+    files = list(Path(output_dir).rglob("*.safetensors"))
+    assert files
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            wrapped = [key for key in f.keys() if "_orig_mod" in key]
+        assert not wrapped, f"{path}: {wrapped[:2]}"
+
+
+def assert_lora_loads(pipeline_class, base, output_dir, components=("unet",)):
+    """diffusers' load_lora_weights puts every LoRA tensor of the file into the named components."""
+    pipe = pipeline_class.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    with safe_open(str(Path(output_dir) / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    pipe.load_lora_weights(str(output_dir))
+    for component in components:
+        in_file = [key for key in keys if key.startswith(f"{component}.") and key.endswith("lora_A.weight")]
+        loaded = [name for name, _ in getattr(pipe, component).named_parameters() if re.search(r"lora_A\.", name)]
+        assert in_file and len(loaded) == len(in_file), (component, len(loaded), len(in_file))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_compiled_run_checkpoint_resume_and_outputs(name, assets, tiny_sdxl, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    script, flags = run_flags(name, assets, tiny_sdxl, tmp_path)
+    out = tmp_path / "out"
+    log, graphs = compiled_run(script, flags + ["--max_train_steps", 2])
+    assert graphs >= 1, "accelerate did not compile the trained model"  # dreambooth: UNet and text encoder
+    assert (out / "checkpoint-2").is_dir()
+    log, graphs = compiled_run(script, flags + ["--max_train_steps", 3, "--resume_from_checkpoint", "latest"])
+    assert "resuming from" in log and "at step 2" in log and graphs >= 1
+    assert_plain_keys(out)
+    assert list((out / "validation").glob("*.png"))  # validation through the unwrapped module, no recompile
+
+    teacher = tiny_sdxl if "sdxl" in name else assets["tiny-sd"]
+    pipeline_class = StableDiffusionXLPipeline if "sdxl" in name else StableDiffusionPipeline
+    if name in ("lcd_sd", "lcd_sdxl"):
+        for folder in ("unet", "unet_target", "checkpoint-2/unet"):
+            UNet2DConditionModel.from_pretrained(out / folder)
+    elif name == "bk_sdm_tiny":
+        pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+        teacher_blocks = UNet2DConditionModel.load_config(teacher, subfolder="unet")["down_block_types"]
+        assert len(pipe.unet.config.down_block_types) == len(teacher_blocks) - 1  # the bk_tiny student
+        UNet2DConditionModel.from_pretrained(out / "unet_ema")
+    else:
+        components = ("unet", "text_encoder") if name == "dreambooth_lora" else ("unet",)
+        assert_lora_loads(pipeline_class, teacher, out, components)
