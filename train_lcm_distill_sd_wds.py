@@ -959,11 +959,12 @@ def set_unet_kernels(args, *unets):
 
 def free_unused_vae_halves(vae, *, encodes, decodes):
     """Drop the half of the VAE a run never calls: the encoder once latents are cached or precomputed, the decoder
-    when nothing is validated (diffusers' AutoencoderKL skips a quant conv that is None)."""
+    when nothing is validated. The 1x1 quant convs stay (a few dozen weights): a VAE with both halves gone still
+    has a device, a dtype and a config to sample precomputed latents with."""
     if not encodes:
-        vae.encoder = vae.quant_conv = None
+        vae.encoder = None
     if not decodes:
-        vae.decoder = vae.post_quant_conv = None
+        vae.decoder = None
 
 
 def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):

@@ -52,6 +52,11 @@ def configuration(device):
         ("lcm_lora_sd", "train_lcm_distill_lora_sd_wds.py", sd, sd_res, batch, []),
         ("bk_sdm_small", "train_bk_sdm_kd.py", sd, sd_res, batch, ["--unet_config_name", "bk_small"]),
         ("dreambooth_lora", "train_dreambooth_lora.py", sd, sd_res, max(1, batch // 2), []),
+        # issue 15, each against the row above it of the same script: fused AdamW (no 8-bit Adam), channels-last
+        # UNets, and BK-SDM on shards of latents precomputed by tools/precompute_latents.py
+        ("lcd_sd_fused_adamw", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
+        ("lcd_sd_channels_last", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, ["--channels_last"]),
+        ("bk_sdm_small_precomputed", "train_bk_sdm_kd.py", sd, sd_res, batch, ["--unet_config_name", "bk_small"]),
         # torch.compile through `accelerate launch --dynamo_backend inductor`, to compare with lcd_sd / lcm_lora_sd
         # (last: their compile takes minutes, and the time budget skips them first)
         ("lcd_sd_inductor", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
@@ -122,9 +127,12 @@ def script_flags(script, teacher, resolution, batch, steps, assets, output_dir):
 
 def run_flags(run, common, assets, output_dir, attention):
     """All flags of one run of `configuration`: the users' memory-saving regime on top of `script_flags`."""
-    _name, script, preset, resolution, batch, extra = run
+    name, script, preset, resolution, batch, extra = run
     flags = script_flags(script, assets[preset], resolution, batch, common["steps"], assets, output_dir)
-    flags += extra + ["--mixed_precision", common["precision"], "--use_8bit_adam", "--gradient_checkpointing"]
+    if name.endswith("_precomputed"):
+        flags[flags.index("--train_shards_path_or_url") + 1] = assets["precomputed"]
+    flags += extra + ["--mixed_precision", common["precision"], "--gradient_checkpointing"]
+    flags += ["--use_8bit_adam"] if uses_8bit_adam(name) else []
     if attention == "xformers":
         flags.append("--enable_xformers_memory_efficient_attention")
     return flags
@@ -145,6 +153,24 @@ def failure_line(log):
     lines = [line for line in log.splitlines() if line.strip() and not line[0].isspace()
              and not line.startswith("Traceback") and "CalledProcessError" not in line]
     return lines[-1] if lines else "(no output)"
+
+
+def uses_8bit_adam(name):
+    """Every run trains with 8-bit AdamW but the `*_fused_adamw` ones (torch's fused AdamW on CUDA)."""
+    return not name.endswith("_fused_adamw")
+
+
+def precompute_latents(work_dir, assets, preset, resolution, device):
+    """Shards of the toy data's latents for the `*_precomputed` runs (tools/precompute_latents.py, reused)."""
+    out = work_dir / "data" / f"latents-{preset}-{resolution}"
+    if not list(out.glob("latents-*.tar")):
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, str(REPO / "tools" / "precompute_latents.py"), "--pretrained_model_name_or_path",
+                        assets[preset], "--train_shards_path_or_url", assets["shards"], "--output_dir", str(out),
+                        "--resolution", str(resolution), "--samples_per_shard", "8", "--device", device],
+                       check=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    count = len(list(out.glob("latents-*.tar")))
+    return str(out / f"latents-{{000000..{count - 1:06d}}}.tar")
 
 
 def dynamo_backend(name):
@@ -181,6 +207,8 @@ def main():
     runs = [run for run in runs if not only or run[0] in only]
     attention = "xformers" if device == "cuda" and xformers_works() else "sdpa"
     assets = build_assets(work_dir, device, sorted({run[2] for run in runs}))
+    for _name, _script, preset, resolution, _batch, _extra in (r for r in runs if r[0].endswith("_precomputed")):
+        assets["precomputed"] = precompute_latents(work_dir, assets, preset, resolution, device)
     hardware = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run: plumbing only)"
     import bitsandbytes
     import diffusers

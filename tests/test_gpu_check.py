@@ -32,12 +32,16 @@ def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device)
     # the tiny pipelines of the same kind stand in for the real-size presets
     tiny_sdxl = build_pipeline("tiny-sdxl", str(tmp_path / "tiny-sdxl"), seed=0)
     paths = {"sd15": assets["tiny-sd"], "tiny-sd": assets["tiny-sd"], "sdxl": tiny_sdxl, "tiny-sdxl": tiny_sdxl}
-    paths.update(shards=assets["shards"], instance=str(instance))
+    paths.update(shards=assets["shards"], instance=str(instance), precomputed=assets["shard_paths"][0])
     for run in runs:
         flags = gpu_check.run_flags(run, common, paths, tmp_path / run[0], "sdpa")
         module = importlib.import_module(Path(run[1]).stem)
         args = module.parse_args([str(f) for f in flags])
-        assert args.use_8bit_adam and args.gradient_checkpointing and args.report_to == "none"
+        assert args.use_8bit_adam == (run[0] != "lcd_sd_fused_adamw")
+        assert args.gradient_checkpointing and args.report_to == "none"
+        assert args.channels_last == (run[0] == "lcd_sd_channels_last")
+        if run[0].endswith("_precomputed"):
+            assert args.train_shards_path_or_url == paths["precomputed"]
         assert args.max_train_steps == common["steps"] and args.train_batch_size == run[4]
         assert args.mixed_precision == common["precision"]
         assert not args.enable_xformers_memory_efficient_attention
