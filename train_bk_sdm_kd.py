@@ -60,6 +60,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from braceexpand import braceexpand
+import diffusers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -411,6 +412,9 @@ def encode_prompts(text_encoder, tokenizer, prompts):
 def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):
     """The BK-SDM student (fp32), initialised from the teacher's kept layers unless told otherwise."""
     student = UNet2DConditionModel.from_config(student_unet_config(teacher_unet.config, unet_config_name))
+    # the keys diffusers' save_config would add to the live config at the first checkpoint: a config changed
+    # mid-run fails torch.compile's guards (the forward reads it) and recompiles the student
+    student.register_to_config(_class_name=type(student).__name__, _diffusers_version=diffusers.__version__)
     if copy_weight_from_teacher:
         copy_weights_from_teacher(student, teacher_unet)
     return student

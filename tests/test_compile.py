@@ -1,6 +1,7 @@
 """torch.compile through accelerate, with every script: `accelerate launch --dynamo_backend inductor` makes
-accelerate.prepare wrap the trained model(s) in torch.compile. Each run trains 2 steps with a checkpoint, resumes
-from it, validates, and its saved files must load in diffusers with plain (not `_orig_mod.`) keys.
+accelerate.prepare wrap the trained model(s) in torch.compile. Each run trains 3 steps with a checkpoint and a
+validation at step 2, resumes from it, validates, and its saved files must load in diffusers with plain (not
+`_orig_mod.`) keys.
 
 Inductor generates and compiles C++ for minutes per script on a 2-core CI machine, so these runs use dynamo's
 "eager" backend (ACCELERATE_DYNAMO_BACKEND, which the launcher's flag sets): the same OptimizedModule wrapper,
@@ -40,7 +41,7 @@ def run_flags(name, assets, tiny_sdxl, tmp_path):
     script, teacher, extra = RUNS[name]
     teacher = tiny_sdxl if teacher == "tiny-sdxl" else assets[teacher]
     common = ["--output_dir", tmp_path / "out", "--resolution", 64, "--train_batch_size", 1, "--seed", 0,
-              "--checkpointing_steps", 2, "--report_to", "none"]
+              "--checkpointing_steps", 2, "--validation_steps", 2, "--report_to", "none"]
     if script == "train_dreambooth_lora.py":
         instance = tmp_path / "instance"
         instance.mkdir()
@@ -61,7 +62,8 @@ def compiled_run(script, flags):
 
     torch._dynamo.reset()  # no graph cached by an earlier run: each run compiles its own, once
     counters.clear()
-    result = run_in_process(script, flags)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation fails the run
+        result = run_in_process(script, flags)
     return result.stdout, counters["stats"]["unique_graphs"]
 
 
@@ -92,13 +94,13 @@ def test_compiled_run_checkpoint_resume_and_outputs(name, assets, tiny_sdxl, tmp
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     script, flags = run_flags(name, assets, tiny_sdxl, tmp_path)
     out = tmp_path / "out"
-    log, graphs = compiled_run(script, flags + ["--max_train_steps", 2])
+    # a step after the checkpoint and validation at step 2: what they do to the models must not recompile
+    log, graphs = compiled_run(script, flags + ["--max_train_steps", 3])
     assert graphs >= 1, "accelerate did not compile the trained model"  # dreambooth: UNet and text encoder
     assert (out / "checkpoint-2").is_dir()
-    log, graphs = compiled_run(script, flags + ["--max_train_steps", 3, "--resume_from_checkpoint", "latest"])
+    log, graphs = compiled_run(script, flags + ["--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
     assert "resuming from" in log and "at step 2" in log and graphs >= 1
     assert_plain_keys(out)
     assert list((out / "validation").glob("*.png"))  # validation through the unwrapped module, no recompile
