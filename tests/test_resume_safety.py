@@ -109,7 +109,7 @@ class ShardedAccelerator:
     distributed_type = DistributedType.FSDP
     is_main_process = True
 
-    def unwrap_model(self, model):
+    def unwrap_model(self, model, keep_fp32_wrapper=True, keep_torch_compile=True):  # accelerate's signature
         return model
 
     def get_state_dict(self, model):
