@@ -2006,10 +2006,22 @@ def batches_already_read(total_batches, worker_id, num_workers):
 
     A DataLoader over an endless IterableDataset takes batches from its workers in strict round robin, so
     batch b came from worker b % num_workers. This is what lets a resumed run skip exactly what was read.
+    (A resumed DataLoader starts its round robin at worker 0 again: see `stream_worker`.)
     """
     if total_batches <= worker_id:
         return 0
     return (total_batches - worker_id + num_workers - 1) // num_workers
+
+
+def stream_worker(loader_worker, num_workers, skip_batches):
+    """The worker of the uninterrupted run whose part (shards, random draws, batches) DataLoader worker
+    `loader_worker` plays in a run that resumes after `skip_batches` batches.
+
+    Every DataLoader takes its first batch from worker 0, also a resumed one, whereas the uninterrupted run read
+    batch `skip_batches` from worker skip_batches % num_workers. Without this shift, a resume after a number of
+    batches that is not a multiple of the worker count reads the right batches in the wrong order (with 2
+    workers, pairs swapped), so the steps after it train on other data than the uninterrupted run."""
+    return (loader_worker + skip_batches) % num_workers
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -2029,9 +2041,12 @@ class ShardStream(torch.utils.data.IterableDataset):
       seconds is abandoned and counted (`n_stalled`).
     """
 
+    MAX_REJECTS_BEFORE_FIRST = 500
+
     def __init__(self, urls, batch_size, transform, sample_filter=None, *, seed=0, rank=0, world_size=1,
-                 proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000,
-                 skip_batches=0, max_rejects_before_first=500, shard_read_timeout=600.0, needs_original_size=False):
+                 proportion_empty_prompts=0.0, max_samples_per_pass=None, shuffle_buffer_size=1000, skip_batches=0,
+                 max_rejects_before_first=MAX_REJECTS_BEFORE_FIRST, shard_read_timeout=600.0,
+                 needs_original_size=False):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
@@ -2048,16 +2063,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shard_read_timeout = shard_read_timeout
         self.needs_original_size = needs_original_size  # SDXL: the json's size feeds the micro-conditioning
         self.warned_uncaptioned = False
-        self.first_making = None  # (precomputed_settings or None for raw images, where) of the first sample read
+        self.reference = None  # (precomputed_settings or None for raw images, where): see reference_making
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = self.rank * num_workers + worker_id
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = stream_worker(loader_worker, num_workers, self.skip_batches)
+        reader = self.rank * num_workers + worker
         num_readers = self.world_size * num_workers
         rng = random.Random(f"{self.seed}-{reader}-{num_readers}")
+        self.reference_making()  # already found in the main process when read by DataLoader workers
         counts = new_data_counts()
-        to_skip = batches_already_read(self.skip_batches, worker_id, num_workers)
+        to_skip = batches_already_read(self.skip_batches, worker, num_workers)
         batch = []
         for sample in self._samples(reader, num_readers, rng, counts):
             batch.append(sample)
@@ -2065,11 +2082,30 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             if to_skip > 0:  # replaying what a resumed run already trained on; its counts were logged then
                 to_skip -= 1
-                counts = {k: 0 for k in counts}
             else:
                 yield collate_samples(batch, counts)
-                counts = {k: 0 for k in counts}
+            # zeroed in place, not replaced: the readers below keep adding to this very dict
+            counts.update(dict.fromkeys(counts, 0))
             batch = []
+
+    def reference_making(self):
+        """(precomputed_settings, or None for raw images; where) of the first sample of the shard list, in its
+        order, whose making is known (see `making_reference`): what every sample this stream delivers must match.
+
+        Found once, in the main process before the DataLoader workers start (`stream_dataloader`), so every
+        reader, a copy of this stream, compares with the same sample whatever the worker count; the start-up check
+        (`check_precomputed_data`) reads the same one. Refuses --random_flip on latents without mirror images."""
+        if self.reference is None:
+            with contextlib.closing(self._raw_samples(self.urls, new_data_counts())) as samples:
+                record, where = making_reference(samples, self.max_rejects_before_first)
+            settings = precomputed_settings(record) if record is not None else None
+            if settings is not None and self.transform is not None and self.transform.random_flip \
+                    and settings["views"] < 2:
+                raise DataError(f"--random_flip needs mirror images, but sample {where} holds latents precomputed "
+                                "without them: precompute them with --random_flip (tools/precompute_latents.py) "
+                                "or train without --random_flip")
+            self.reference = (settings, where)
+        return self.reference
 
     def _samples(self, reader, num_readers, rng, counts):
         per_pass = None
@@ -2113,28 +2149,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 )
 
     def _raw_samples(self, shards, counts):
-        stalled = set()
-
-        def count_and_continue(exn):
-            if isinstance(exn, ShardStalled):  # raised again by every later read of that shard: count it once
-                if exn.url not in stalled:
-                    stalled.add(exn.url)
-                    counts["n_stalled"] += 1
-                    logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn.message}")
-                return True
-            counts["n_corrupt"] += 1
-            logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
-            return True
-
-        def opened():
-            for url in shards:
-                try:
-                    yield {"url": url, "stream": open_shard(url, self.shard_read_timeout)}
-                except Exception as exn:  # a missing file, a command that cannot start
-                    count_and_continue(exn)
-
-        files = tar_file_expander(opened(), handler=count_and_continue)
-        return group_by_keys(files, handler=count_and_continue)
+        return read_shards(shards, counts, self.shard_read_timeout)
 
     def _shuffled(self, samples, rng):
         if self.shuffle_buffer_size <= 1:
@@ -2174,7 +2189,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if rejected:
             counts["n_filtered"] += 1
             return None
-        if PRECOMPUTED_RECORD in sample:
+        if is_precomputed(sample):
             source = read_precomputed(sample)
             image_size = source["record"]["image_size"] if source is not None else None
         else:
@@ -2224,28 +2239,67 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "crop_top_left": crop_top_left}
 
     def _check_same_making(self, sample, settings):
-        """DataError when a sample was made otherwise than the first this reader delivered (raw images among
-        precomputed latents, or latents of another VAE, size, crop, ...): one batch cannot mix them."""
-        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
-        if self.first_making is None:
-            self.first_making = (settings, where)
+        """DataError when a sample was made otherwise than the reference sample (`reference_making`): raw images
+        among precomputed latents, or latents of another VAE, size, crop, ...: one run cannot mix them."""
+        where = sample_location(sample)
+        first, first_where = self.reference_making()
+        if first_where is None:
+            # nothing of known making when the reference was sought, something now (a source that reads otherwise
+            # each time, such as a flaky 'pipe:' command): the best reference left is this reader's first sample
+            self.reference = (settings, where)
             return
-        first, first_where = self.first_making
         if settings == first:
             return
         if first is None or settings is None:
             kinds = ["raw images" if s is None else "precomputed latents" for s in (settings, first)]
-            difference = f"holds {kinds[0]}, but the first sample read ({first_where}) holds {kinds[1]}"
+            difference = f"holds {kinds[0]}, but the first readable sample ({first_where}) holds {kinds[1]}"
         else:
             keys = [key for key in settings if settings[key] != first.get(key)]
             difference = (f"was precomputed with {', '.join(f'{k} {settings[k]}' for k in keys)}, but the first "
-                          f"sample read ({first_where}) with {', '.join(f'{k} {first.get(k)}' for k in keys)}")
+                          f"readable sample ({first_where}) with {', '.join(f'{k} {first.get(k)}' for k in keys)}")
         raise DataError(f"mixed shards: sample {where} {difference}; precompute all shards with the same settings")
 
 
 def new_data_counts():
     """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
     return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
+
+
+def sample_location(sample):
+    return f"{sample.get('__key__')} in {sample.get('__url__')}"
+
+
+def read_shards(urls, counts, timeout):
+    """The raw samples (dicts of member bytes) of shards, in order. Unreadable shard data is skipped and counted
+    (n_corrupt), a shard that stalls for `timeout` seconds is abandoned and counted (n_stalled); a shard is
+    closed when read, or when the reading stops early (close() of the returned generator)."""
+    stalled = set()
+
+    def count_and_continue(exn):
+        if isinstance(exn, ShardStalled):  # raised again by every later read of that shard: count it once
+            if exn.url not in stalled:
+                stalled.add(exn.url)
+                counts["n_stalled"] += 1
+                logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn.message}")
+            return True
+        counts["n_corrupt"] += 1
+        logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
+        return True
+
+    def opened():
+        for url in urls:
+            try:
+                stream = open_shard(url, timeout)
+            except Exception as exn:  # a missing file, a command that cannot start
+                count_and_continue(exn)
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:  # also when the reader stops early: a 'pipe:' command is killed now, not at garbage collection
+                stream.close()
+
+    files = tar_file_expander(opened(), handler=count_and_continue)
+    return group_by_keys(files, handler=count_and_continue)
 
 
 class ShardStalled(OSError):
@@ -2388,6 +2442,10 @@ def make_train_dataloader(args, accelerator, skip_batches=0, needs_original_size
 
 def stream_dataloader(stream, args, accelerator):
     """A DataLoader over a stream that yields whole batches, read by --dataloader_num_workers workers."""
+    try:
+        stream.reference_making()  # here, before the workers start: each gets a copy of the same reference
+    except DataError as error:
+        exit_on_data_error(error)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches, so batch boundaries are deterministic
@@ -2428,6 +2486,29 @@ def vae_fingerprint(vae):
                                if name.startswith(("encoder.", "quant_conv.")))
 
 
+def is_precomputed(sample):
+    """Whether a sample holds precomputed latents, readable or not: their record or their arrays."""
+    return PRECOMPUTED_RECORD in sample or "latent_mean.npy" in sample or "latent_std.npy" in sample
+
+
+def making_reference(samples, limit):
+    """(record, where) of the first of `samples` whose making is known: the record of readable precomputed
+    latents, or None for a raw image (readable or not: raw either way). A precomputed sample whose record or arrays
+    cannot be read tells nothing of its settings and is passed over (the stream skips and counts it). (None, None)
+    when the samples end first (then there is nothing to train on either); DataError after `limit` samples."""
+    for index, sample in enumerate(samples, 1):
+        if is_precomputed(sample):
+            source = read_precomputed(sample)
+            if source is not None:
+                return source["record"], sample_location(sample)
+        elif any(key in sample for key in IMAGE_KEYS):
+            return None, sample_location(sample)
+        if index >= limit:
+            raise DataError(f"none of the first {limit} samples of the shards, from {sample.get('__url__')} on, "
+                            "is an image or readable precomputed latents: check the shards")
+    return None, None
+
+
 def read_precomputed(sample):
     """The arrays (torch tensors) and the record of a precomputed sample, or None when they are unreadable."""
     try:
@@ -2439,6 +2520,7 @@ def read_precomputed(sample):
             return None
         for key in ("image_size", "original_size", "crop_top_left"):
             record[key] = [int(v) for v in record[key]]
+        precomputed_settings(record)  # has every field that the checks of its making read
     except Exception:  # a truncated array, a record without its fields: a bad sample like an unreadable image
         return None
     return {"record": record, **arrays}
@@ -2453,36 +2535,26 @@ def precomputed_settings(record):
             "text encoder weights": [e["fingerprint"] for e in text_encoders] if text_encoders else None}
 
 
-def first_sample(url, timeout):
-    """The first sample of a shard (a dict of its members), or None when there is none or it cannot be read."""
-    stream = None
-    try:
-        stream = open_shard(url, timeout)
-        return next(iter(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))), None)
-    except Exception:  # the stream counts and skips an unreadable shard; there is nothing to check here
-        return None
-    finally:
-        if stream is not None:
-            stream.close()
-
-
 def check_precomputed_data(args, vae, text_encoders):
-    """Start-up check (models loaded, nothing trained yet): when the first sample of the first shard holds
-    precomputed latents, refuse in one line what would train on other data than this run describes: latents of
-    another VAE, resolution, crop mode or interpolation, no mirror images for --random_flip, or caption
-    embeddings of other text encoders. Later samples must match the first (ShardStream refuses mixed shards).
+    """Start-up check (models loaded, nothing trained yet): when the shards hold precomputed latents (judged by
+    the first sample whose making is known, the stream's reference: an unreadable first sample changes nothing),
+    refuse in one line what would train on other data than this run describes: latents of another VAE,
+    resolution, crop mode or interpolation, no mirror images for --random_flip, or caption embeddings of other
+    text encoders. Every other sample must match that one (ShardStream refuses mixed shards).
     True when the shards hold precomputed latents."""
     if not getattr(args, "train_shards_path_or_url", None):
         return False  # an image folder: raw images only
-    url = expand_shard_urls(args.train_shards_path_or_url)[0]
-    sample = first_sample(url, args.shard_read_timeout)
-    source = read_precomputed(sample) if sample is not None and PRECOMPUTED_RECORD in sample else None
-    if source is None:
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    try:
+        with contextlib.closing(read_shards(urls, new_data_counts(), args.shard_read_timeout)) as samples:
+            record, where = making_reference(samples, ShardStream.MAX_REJECTS_BEFORE_FIRST)
+    except DataError as error:
+        exit_on_data_error(error)
+    if record is None:
         return False
-    record = source["record"]
     if record.get("format_version") != PRECOMPUTED_FORMAT_VERSION:
-        raise SystemExit(f"error: {url} holds precomputed latents of format {record.get('format_version')}; this "
-                         f"script reads format {PRECOMPUTED_FORMAT_VERSION}: precompute them again")
+        raise SystemExit(f"error: sample {where} holds precomputed latents of format {record.get('format_version')}; "
+                         f"this script reads format {PRECOMPUTED_FORMAT_VERSION}: precompute them again")
     theirs, ours = [], []
 
     def compare(their_value, our_value, what):
@@ -2502,7 +2574,7 @@ def check_precomputed_data(args, vae, text_encoders):
                                                                      for e in text_encoders],
                 lambda fingerprints: f"text encoder weights {'/'.join(fingerprints)}")
     if theirs:
-        raise SystemExit(f"error: {url} holds latents precomputed with {', '.join(theirs)}, but this run has "
+        raise SystemExit(f"error: sample {where} holds latents precomputed with {', '.join(theirs)}, but this run has "
                          f"{', '.join(ours)}: precompute them again with this run's settings "
                          "(tools/precompute_latents.py)")
     return True
