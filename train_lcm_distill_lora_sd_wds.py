@@ -2036,6 +2036,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     * Bad samples never stop training: unreadable images are skipped and counted, filtered ones counted;
       samples whose metadata holds what cannot be used (`n_malformed`) too; the counts (`new_data_counts`)
       ride along with each batch so the main process can log them. Samples without any caption are counted.
+    * One making: every sample must be made like the reference, the first sample of known making in the shard
+      list (raw images, or latents precomputed with the same settings); a mixed sample raises DataError.
     * It never hangs: a reader that finds no usable sample in its first `max_rejects_before_first` reads, or
       in a whole pass over its data, raises DataError; a shard that sends no byte for `shard_read_timeout`
       seconds is abandoned and counted (`n_stalled`).
@@ -2504,8 +2506,9 @@ def making_reference(samples, limit):
         elif any(key in sample for key in IMAGE_KEYS):
             return None, sample_location(sample)
         if index >= limit:
-            raise DataError(f"none of the first {limit} samples of the shards, from {sample.get('__url__')} on, "
-                            "is an image or readable precomputed latents: check the shards")
+            raise DataError(f"none of the first {limit} samples of the shards (from {sample.get('__url__')} on) holds "
+                            f"an image ({', '.join('.' + k for k in IMAGE_KEYS)}) or readable precomputed latents: "
+                            "check the shards")
     return None, None
 
 
