@@ -96,7 +96,7 @@ def test_counts_over_several_passes_equal_the_bad_samples(tmp_path, num_workers)
         return take(loader(stream, num_workers), total - skip)
 
     uninterrupted = batches(0)
-    # every batch carries its own shard's counts (they stopped after each reader's first batch)
+    # every batch carries its own shard's counts (they used to stop after each reader's first batch)
     assert [counts_of(b) for b in uninterrupted] == [BAD_PER_SHARD] * total
     summed = {key: sum(int(b[key]) for b in uninterrupted) for key in BAD_PER_SHARD}
     assert summed == {key: passes * len(urls) * n for key, n in BAD_PER_SHARD.items()}
@@ -112,7 +112,7 @@ def test_counts_over_several_passes_equal_the_bad_samples(tmp_path, num_workers)
 def test_resumed_stream_equals_uninterrupted_one_after_any_batch_count(assets):
     """With 2 and 3 workers, a shuffle buffer, batches that straddle shards and passes, and skip counts of every
     remainder, in the first pass and after it: the round robin of a resumed DataLoader starts at worker 0."""
-    urls = assets["shard_paths"] * 3  # 6 shards of 6 samples (each read three times a pass)
+    urls = assets["shard_paths"] * 3  # 6 shards of 6 samples (each file listed three times)
     for num_workers, skips in ((2, (1, 3, 8, 13)), (3, (4, 8))):
         def batches(skip, count):
             stream = lcd.ShardStream(urls, 5, lcd.ImageTransform(8, random_flip=True), seed=1,
@@ -219,6 +219,18 @@ def test_unreadable_first_sample_does_not_hide_precomputed_shards(assets, precom
         batches = take(loader(precomputed_stream(lcd.expand_shard_urls(shards)), 2), 2)
         assert sum(int(b["n_corrupt"]) for b in batches) == 1, how
         assert all("latent_mean" in b for b in batches)
+
+
+def test_shards_of_no_known_making_are_one_line(tmp_path):
+    """Samples with neither an image nor precomputed latents (here: captions only) give no reference to compare
+    with: after the reader's limit of rejects, one line names what the stream reads."""
+    url = write_tar(tmp_path / "captions.tar", [(f"c{i}", {"txt": b"only a caption"}) for i in range(4)])
+    stream = lcd.ShardStream([url], 1, lcd.ImageTransform(16), max_rejects_before_first=3)
+    with pytest.raises(SystemExit) as excinfo:
+        loader(stream, 2)
+    message = str(excinfo.value.code)
+    assert message == (f"error: none of the first 3 samples of the shards (from {url} on) holds an image (.jpg, "
+                       ".jpeg, .png, .webp) or readable precomputed latents: check the shards")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
