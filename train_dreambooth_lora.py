@@ -1941,12 +1941,15 @@ def load_image_set(paths, captions, folder):
 
 # Copied from train_lcm_distill_sd_wds.decode_text
 def decode_text(raw):
-    """(text, True) of UTF-8 bytes (a byte-order mark dropped), else (the bytes read as Windows-1252, False).
+    """(text, True) of UTF-8 bytes (a byte-order mark dropped) or of UTF-16 ones with their byte-order mark (Notepad's
+    "Unicode"), else (the bytes read as Windows-1252, False).
 
     Captions and metadata saved on Windows are often cp1252 ("café" is b"caf\\xe9"): read as UTF-8 with
     replacement they would train as "caf\\ufffd" without a word. cp1252 maps all but five bytes (those become
     U+FFFD); the caller reports the fallback."""
     try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
         return raw.decode("utf-8-sig"), True
     except UnicodeDecodeError:
         return raw.decode("cp1252", errors="replace"), False

@@ -1893,28 +1893,40 @@ def caption_from_metadata(meta):
 
 
 def decode_text(raw):
-    """(text, True) of UTF-8 bytes (a byte-order mark dropped), else (the bytes read as Windows-1252, False).
+    """(text, True) of UTF-8 bytes (a byte-order mark dropped) or of UTF-16 ones with their byte-order mark (Notepad's
+    "Unicode"), else (the bytes read as Windows-1252, False).
 
     Captions and metadata saved on Windows are often cp1252 ("café" is b"caf\\xe9"): read as UTF-8 with
     replacement they would train as "caf\\ufffd" without a word. cp1252 maps all but five bytes (those become
     U+FFFD); the caller reports the fallback."""
     try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
         return raw.decode("utf-8-sig"), True
     except UnicodeDecodeError:
         return raw.decode("cp1252", errors="replace"), False
 
 
+def several_dots_members(sample):
+    """The members of a sample that a file name with several dots hid from its reader: webdataset splits the key
+    at the FIRST dot, so IMG_0000.HEIC.jpg is member 'heic.jpg' of sample IMG_0000, not its 'jpg'."""
+    read = (*IMAGE_KEYS, "txt", "json")
+    return [member for member in sorted(sample) if not member.startswith("__") and member != PRECOMPUTED_RECORD
+            and "." in member and member.rsplit(".", 1)[1] in read]
+
+
+SEVERAL_DOTS_ADVICE = ("a file name with several dots (webdataset splits the key at the first dot); name members "
+                       "<key>.<ext>, as tools/make_wds_shards.py does")
+
+
 def missing_image_reason(sample):
-    """(kind, why) a sample holds no image this reader takes, for its warning. Most often a file name with several
-    dots: webdataset takes the key up to the FIRST dot, so IMG_0000.HEIC.jpg is member 'heic.jpg' of IMG_0000."""
-    members = sorted(key for key in sample if not key.startswith("__"))
-    listed = ", ".join(repr(member) for member in members) or "none"
+    """(kind, why) a sample holds no image this reader takes, for its warning."""
+    members = ", ".join(repr(member) for member in sorted(sample) if not member.startswith("__")) or "none"
     where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
-    if any("." in member and member.rsplit(".", 1)[1] in IMAGE_KEYS for member in members):
-        return "several dots", (f"{where} has members {listed} and no {'/'.join(IMAGE_KEYS)}: a file name with "
-                                "several dots (webdataset splits the key at the first dot); name members "
-                                "<key>.<ext>, as tools/make_wds_shards.py does")
-    return "no image", f"{where} has no {'/'.join(IMAGE_KEYS)} member (members: {listed})"
+    if any(member.rsplit(".", 1)[1] in IMAGE_KEYS for member in several_dots_members(sample)):
+        return "several dots", (f"{where} has members {members} and no {'/'.join(IMAGE_KEYS)}: "
+                                f"{SEVERAL_DOTS_ADVICE}")
+    return "no image", f"{where} has no {'/'.join(IMAGE_KEYS)} member (members: {members})"
 
 
 def to_rgb(image):
@@ -2162,6 +2174,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.sample_filter.min_image_size and min(image_size) < self.sample_filter.min_image_size:
             counts["n_filtered"] += 1
             return None
+        hidden = several_dots_members(sample)
+        if hidden:  # e.g. photo.jpg.txt beside photo.jpg: trained without its caption (counted as uncaptioned)
+            self._warn_once("several dots in a sample used", f"{where}: its {', '.join(map(repr, hidden))} "
+                                                             f"{'is' if len(hidden) == 1 else 'are'} not read as its "
+                                                             f"{'/'.join(m.rsplit('.', 1)[1] for m in hidden)}: "
+                                                             f"{SEVERAL_DOTS_ADVICE}")
         if not_utf8:  # counted among the samples used, as the uncaptioned ones are
             counts["n_not_utf8"] += 1
             self._warn_once("not utf-8", f"the {' and '.join(not_utf8)} of {where} "

@@ -568,13 +568,15 @@ def test_captions_not_in_utf8_are_read_as_cp1252_and_counted_everywhere(tmp_path
         {"__key__": "txt", "png": good_png(), "txt": cafe.encode("cp1252")},
         {"__key__": "json", "png": good_png(), "json": json.dumps({"caption": cafe}, ensure_ascii=False)
          .encode("cp1252")},
-        {"__key__": "bom", "png": good_png(), "txt": "\ufeff" + cafe},  # Notepad's "UTF-8 with BOM": not counted
+        # Notepad's "UTF-8 with BOM" and "Unicode" (UTF-16): exact, not counted
+        {"__key__": "bom", "png": good_png(), "txt": "\ufeff" + cafe},
+        {"__key__": "utf16", "png": good_png(), "txt": cafe.encode("utf-16")},
     ])
     for module in STREAM_MODULES:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            batch = first_batch(module, [url], 3)
-        assert batch["captions"] == [cafe] * 3, module.__name__
+            batch = first_batch(module, [url], 4)
+        assert batch["captions"] == [cafe] * 4, module.__name__
         assert batch["n_not_utf8"] == 2 and batch["n_corrupt"] == 0
         warnings = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
         assert len(warnings) == 1 and "sample txt in" in warnings[0] and "Windows-1252" in warnings[0]
@@ -605,11 +607,14 @@ def test_member_names_with_several_dots_are_explained(tmp_path, caplog):
     url = write_tar(tmp_path / "dots.tar", [
         {"__key__": "IMG_0000.HEIC", "jpg": good_png(), "txt": "a photo"},  # IMG_0000.HEIC.jpg, IMG_0000.HEIC.txt
         {"__key__": "scan", "gif": b"GIF89a", "txt": "not an image type the scripts take"},
+        {"__key__": "photo", "jpg": good_png(), "jpg.txt": "a caption the reader cannot see"},  # photo.jpg.txt
         {"__key__": "good", "png": good_png(), "txt": "good"},
     ])
     with caplog.at_level(logging.WARNING):
-        batch = first_batch(lcd, [url], 1)
-    assert batch["captions"] == ["good"] and batch["n_corrupt"] == 2
+        batch = first_batch(lcd, [url], 2)
+    assert batch["captions"] == ["", "good"] and batch["n_corrupt"] == 2 and batch["n_uncaptioned"] == 1
+    assert [r.getMessage() for r in caplog.records if "photo" in r.getMessage() and "several dots" in r.getMessage()
+            ] == [f"sample photo in {url}: its 'jpg.txt' is not read as its txt: {lcd.SEVERAL_DOTS_ADVICE}"]
     dotted, other = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
     assert dotted.startswith(f"skipping sample IMG_0000 in {url} has members 'heic.jpg', 'heic.txt' and no "
                              "jpg/jpeg/png/webp: a file name with several dots")

@@ -80,9 +80,12 @@ def plural(count, noun):
 
 
 def decode_text(raw):
-    """(text, True) of UTF-8 bytes with or without a byte-order mark (Excel's "CSV UTF-8"), else (the bytes read
-    as Windows-1252, False): Excel's plain "CSV" and Notepad's "ANSI" captions on Windows."""
+    """(text, True) of UTF-8 bytes with or without a byte-order mark (Excel's "CSV UTF-8") or of UTF-16 ones with
+    their byte-order mark (Notepad's "Unicode"), else (the bytes read as Windows-1252, False): Excel's plain "CSV"
+    and Notepad's "ANSI" captions on Windows."""
     try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
         return raw.decode("utf-8-sig"), True
     except UnicodeDecodeError:
         return raw.decode("cp1252", errors="replace"), False
