@@ -1641,7 +1641,8 @@ def exit_on_data_error(error):
 def describe_data_counts(counts):
     """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
     words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
-             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)",
+             "n_not_utf8": "with a caption or json not in UTF-8 (read as Windows-1252)"}
     parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
     return ", ".join(parts)
 
@@ -1649,7 +1650,8 @@ def describe_data_counts(counts):
 def data_count_logs(counts):
     """The data counts as tracker values."""
     names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
-             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned",
+             "n_not_utf8": "data/not_utf8"}
     return {name: counts.get(key, 0) for key, name in names.items()}
 
 
@@ -1937,6 +1939,22 @@ def load_image_set(paths, captions, folder):
     return ImageSet([image for image, _ in kept], [caption for _, caption in kept])
 
 
+# Copied from train_lcm_distill_sd_wds.decode_text
+def decode_text(raw):
+    """(text, True) of UTF-8 bytes (a byte-order mark dropped) or of UTF-16 ones with their byte-order mark (Notepad's
+    "Unicode"), else (the bytes read as Windows-1252, False).
+
+    Captions and metadata saved on Windows are often cp1252 ("café" is b"caf\\xe9"): read as UTF-8 with
+    replacement they would train as "caf\\ufffd" without a word. cp1252 maps all but five bytes (those become
+    U+FFFD); the caller reports the fallback."""
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
+        return raw.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace"), False
+
+
 # Copied from train_bk_sdm_kd.read_metadata_rows
 def read_metadata_rows(data_dir, image_column="file_name"):
     """(metadata file name, [(line number, row)]) of an image folder: metadata.jsonl, else metadata.csv.
@@ -1949,11 +1967,8 @@ def read_metadata_rows(data_dir, image_column="file_name"):
         if not os.path.isfile(path):
             continue
         with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252", errors="replace")
+            text, utf8 = decode_text(f.read())
+        if not utf8:
             logging.getLogger(__name__).warning(f"{path} is not UTF-8; read as Windows-1252 (cp1252)")
         if name.endswith(".csv"):
             header = text.splitlines()[0] if text.strip() else ""
@@ -1983,13 +1998,16 @@ def read_metadata_rows(data_dir, image_column="file_name"):
     raise DataError(f"{data_dir} has no metadata.jsonl or metadata.csv (one row per image: file name and caption)")
 
 
-def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None):
+def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None, warn=True):
     """([image paths], [captions]) of a captioned folder: the rows of metadata.jsonl / metadata.csv, or, without
     a metadata file, every image with a .txt of the same name beside it. An image without a caption is an error
-    naming it: trained with an empty caption it would teach the unconditional prompt the subject."""
+    naming it: trained with an empty caption it would teach the unconditional prompt the subject. Images listed
+    but missing, and .txt captions not in UTF-8 (read as Windows-1252), are one warning line each (`warn`: the
+    start-up check reads the folder first and warns; the run reads it again)."""
+    warning = logging.getLogger(__name__).warning if warn else (lambda message: None)  # before accelerate starts
     if not os.path.isdir(data_dir):
         raise DataError(f"no such directory: {data_dir}")
-    paths, captions = [], []
+    paths, captions, not_utf8 = [], [], []
     if any(os.path.isfile(os.path.join(data_dir, name)) for name in METADATA_FILES):
         metadata_name, rows = read_metadata_rows(data_dir, image_column)
         columns = [str(column) for column in rows[0][1]] if rows else []
@@ -2012,14 +2030,17 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
             paths.append(path)
             captions.append(str(caption).strip())
         if missing:
-            logger.warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing and skipped")
+            warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing and skipped")
     else:
         for path in list_images(data_dir)[0]:
             sidecar = os.path.splitext(path)[0] + ".txt"
             caption = ""
             if os.path.isfile(sidecar):
-                with open(sidecar, encoding="utf-8", errors="replace") as f:
-                    caption = f.read().strip()
+                with open(sidecar, "rb") as f:
+                    caption, utf8 = decode_text(f.read())
+                caption = caption.strip()
+                if not utf8:
+                    not_utf8.append(os.path.basename(sidecar))
             if not caption:
                 raise DataError(f"image {os.path.basename(path)} has no caption: no metadata.jsonl/metadata.csv "
                                 f"in the folder, and {os.path.basename(sidecar)} is missing or empty")
@@ -2027,6 +2048,9 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
             captions.append(caption)
     if not paths:
         raise DataError(f"no captioned image in {data_dir}")
+    if not_utf8:
+        warning(f"{len(not_utf8)} caption file(s) in {data_dir} are not UTF-8 and were read as Windows-1252 (cp1252), "
+                f"e.g. {not_utf8[0]}")
     if caption_prefix:
         captions = [f"{caption_prefix.rstrip()} {caption}" for caption in captions]
     return paths, captions
@@ -2319,7 +2343,7 @@ class DreamBoothExamples:
         self.caption_dropout_rate = args.caption_dropout_rate
         if args.train_data_dir is not None:
             paths, captions = read_captioned_folder(args.train_data_dir, args.image_column, args.caption_column,
-                                                    args.caption_prefix)
+                                                    args.caption_prefix, warn=False)
             self.instances = load_image_set(paths, captions, args.train_data_dir)
         else:
             paths, skipped = list_images(args.instance_data_dir)

@@ -35,6 +35,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys
 import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -1455,7 +1456,8 @@ def exit_on_data_error(error):
 def describe_data_counts(counts):
     """One phrase for the non-zero data counts, e.g. '3 unreadable, 1 stalled shard(s)'."""
     words = {"n_corrupt": "unreadable", "n_malformed": "with malformed metadata", "n_filtered": "filtered out",
-             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)"}
+             "n_stalled": "stalled shard(s) abandoned", "n_uncaptioned": "without a caption (trained unconditionally)",
+             "n_not_utf8": "with a caption or json not in UTF-8 (read as Windows-1252)"}
     parts = [f"{counts.get(key, 0)} {word}" for key, word in words.items() if counts.get(key, 0) or key == "n_corrupt"]
     return ", ".join(parts)
 
@@ -1463,7 +1465,8 @@ def describe_data_counts(counts):
 def data_count_logs(counts):
     """The data counts as tracker values."""
     names = {"n_corrupt": "data/skipped_unreadable", "n_malformed": "data/skipped_malformed",
-             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned"}
+             "n_filtered": "data/filtered", "n_stalled": "data/stalled_shards", "n_uncaptioned": "data/uncaptioned",
+             "n_not_utf8": "data/not_utf8"}
     return {name: counts.get(key, 0) for key, name in names.items()}
 
 
@@ -1889,6 +1892,43 @@ def caption_from_metadata(meta):
     return ""
 
 
+def decode_text(raw):
+    """(text, True) of UTF-8 bytes (a byte-order mark dropped) or of UTF-16 ones with their byte-order mark (Notepad's
+    "Unicode"), else (the bytes read as Windows-1252, False).
+
+    Captions and metadata saved on Windows are often cp1252 ("café" is b"caf\\xe9"): read as UTF-8 with
+    replacement they would train as "caf\\ufffd" without a word. cp1252 maps all but five bytes (those become
+    U+FFFD); the caller reports the fallback."""
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
+        return raw.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace"), False
+
+
+def several_dots_members(sample):
+    """The members of a sample that a file name with several dots hid from its reader: webdataset splits the key
+    at the FIRST dot, so IMG_0000.HEIC.jpg is member 'heic.jpg' of sample IMG_0000, not its 'jpg'."""
+    read = (*IMAGE_KEYS, "txt", "json")
+    return [member for member in sorted(sample) if not member.startswith("__") and member != PRECOMPUTED_RECORD
+            and "." in member and member.rsplit(".", 1)[1] in read]
+
+
+SEVERAL_DOTS_ADVICE = ("a file name with several dots (webdataset splits the key at the first dot); name members "
+                       "<key>.<ext>, as tools/make_wds_shards.py does")
+
+
+def missing_image_reason(sample):
+    """(kind, why) a sample holds no image this reader takes, for its warning."""
+    members = ", ".join(repr(member) for member in sorted(sample) if not member.startswith("__")) or "none"
+    where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+    if any(member.rsplit(".", 1)[1] in IMAGE_KEYS for member in several_dots_members(sample)):
+        return "several dots", (f"{where} has members {members} and no {'/'.join(IMAGE_KEYS)}: "
+                                f"{SEVERAL_DOTS_ADVICE}")
+    return "no image", f"{where} has no {'/'.join(IMAGE_KEYS)} member (members: {members})"
+
+
 def to_rgb(image):
     """8-bit RGB of any decoded image, EXIF orientation applied.
 
@@ -1980,6 +2020,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shard_read_timeout = shard_read_timeout
         self.needs_original_size = needs_original_size  # SDXL: the json's size feeds the micro-conditioning
         self.warned_uncaptioned = False
+        self.warned = set()  # the kinds of skipped or recoded samples already reported (one warning line each)
         self.reference = None  # (precomputed_settings or None for raw images, where): see reference_making
 
     def __iter__(self):
@@ -2082,24 +2123,43 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _warn_once(self, kind, message):
+        """One warning line for the first sample of each kind of problem: the counts tell how many."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            logging.getLogger(__name__).warning(message)
+
     def _read(self, sample, counts):
         """(caption, the json's original size or None, source) of a sample, source being the decoded RGB image or,
         for precomputed latents, their arrays and record (`read_precomputed`); None when the sample is skipped
         (counted). Draws nothing from the rng: a skipped sample must not shift the random choices of the next."""
+        where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+        not_utf8 = []  # its text members read as cp1252, as the CSV metadata readers do
         meta = {}
         if "json" in sample:
             try:
-                meta = json.loads(sample["json"])
-            except (ValueError, UnicodeDecodeError):
+                meta = json.loads(sample["json"])  # bytes: UTF-8, -16 or -32
+            except UnicodeDecodeError:
+                text, _ = decode_text(sample["json"])
+                not_utf8.append("json")
+                with contextlib.suppress(ValueError):
+                    meta = json.loads(text)
+            except ValueError:
                 meta = {}  # unparsable metadata: the sample is kept, judged by its image alone
+        caption = None
+        if "txt" in sample:
+            caption, utf8 = decode_text(sample["txt"])
+            caption = caption.strip()
+            if not utf8:
+                not_utf8.append("txt")
         try:
             if not isinstance(meta, dict):
                 raise MalformedMetadata(f"json is a {type(meta).__name__}, not an object")
             rejected = self.sample_filter.reject_by_metadata(meta) is not None
             # SDXL's micro-conditioning wants the size before any resizing: LAION-style shards store it in the json
             meta_size = original_size_from_metadata(meta) if self.needs_original_size else None
-            caption = (sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample
-                       else caption_from_metadata(meta))
+            if caption is None:
+                caption = caption_from_metadata(meta)
         except MalformedMetadata:
             counts["n_malformed"] += 1
             return None
@@ -2111,10 +2171,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             image_size = source["record"]["image_size"] if source is not None else None
         else:
             image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-            try:
-                source = to_rgb(Image.open(io.BytesIO(sample[image_key]))) if image_key is not None else None
-            except Exception:  # PIL raises many types for truncated or non-image bytes
-                source = None
+            source = None
+            if image_key is None:
+                kind, why = missing_image_reason(sample)
+                self._warn_once(kind, f"skipping {why}; counted as data/skipped_unreadable")
+            else:
+                try:
+                    source = to_rgb(Image.open(io.BytesIO(sample[image_key])))
+                except Exception as error:  # PIL raises many types for truncated or non-image bytes
+                    self._warn_once("undecodable", f"skipping {where}: its {image_key} is not a readable image "
+                                                   f"({error}); counted as data/skipped_unreadable"[:300])
             image_size = source.size if source is not None else None
         if source is None:
             counts["n_corrupt"] += 1
@@ -2122,6 +2188,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.sample_filter.min_image_size and min(image_size) < self.sample_filter.min_image_size:
             counts["n_filtered"] += 1
             return None
+        hidden = several_dots_members(sample)
+        if hidden:  # e.g. photo.jpg.txt beside photo.jpg: trained without its caption (counted as uncaptioned)
+            self._warn_once("several dots in a sample used", f"{where}: its {', '.join(map(repr, hidden))} "
+                                                             f"{'is' if len(hidden) == 1 else 'are'} not read as its "
+                                                             f"{'/'.join(m.rsplit('.', 1)[1] for m in hidden)}: "
+                                                             f"{SEVERAL_DOTS_ADVICE}")
+        if not_utf8:  # counted among the samples used, as the uncaptioned ones are
+            counts["n_not_utf8"] += 1
+            self._warn_once("not utf-8", f"the {' and '.join(not_utf8)} of {where} "
+                                         f"{'is' if len(not_utf8) == 1 else 'are'} not UTF-8: read as Windows-1252 "
+                                         "(cp1252); counted as data/not_utf8")
         return caption, meta_size, source
 
     def _decode(self, sample, rng, counts):
@@ -2179,7 +2256,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def new_data_counts():
     """Per-reason counts of what the data stream skipped or flagged (summed over batches, kept in checkpoints)."""
-    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0}
+    return {"n_corrupt": 0, "n_malformed": 0, "n_filtered": 0, "n_stalled": 0, "n_uncaptioned": 0, "n_not_utf8": 0}
 
 
 def sample_location(sample):
@@ -2200,23 +2277,22 @@ def read_shards(urls, counts, timeout):
                 logging.getLogger(__name__).warning(f"skipping the rest of a stalled shard: {exn.message}")
             return True
         counts["n_corrupt"] += 1
-        logging.getLogger(__name__).warning(f"skipping unreadable shard data: {exn!r}"[:300])
+        message = exn.message if isinstance(exn, UnreadableShard) else f"unreadable shard data: {exn!r}"
+        logging.getLogger(__name__).warning(f"skipping {message}; counted as data/skipped_unreadable"[:400])
         return True
 
-    def opened():
+    def files():
         for url in urls:
             try:
                 stream = open_shard(url, timeout)
             except Exception as exn:  # a missing file, a command that cannot start
                 count_and_continue(exn)
                 continue
-            try:
-                yield {"url": url, "stream": stream}
-            finally:  # also when the reader stops early: a 'pipe:' command is killed now, not at garbage collection
-                stream.close()
+            # closed also when the reader stops early: a 'pipe:' command is killed now, not at garbage collection
+            with contextlib.closing(stream):
+                yield from tar_members(url, stream, count_and_continue)
 
-    files = tar_file_expander(opened(), handler=count_and_continue)
-    return group_by_keys(files, handler=count_and_continue)
+    return group_by_keys(files(), handler=count_and_continue)
 
 
 class ShardStalled(OSError):
@@ -2271,6 +2347,72 @@ class WatchedCommand(io.RawIOBase):
             self._kill()
             self.process.stdout.close()
         super().close()
+
+
+class UnreadableShard(OSError):
+    """The rest of a shard cannot be read: it is cut short, has a garbled header, or is not a tar at all."""
+
+    def __init__(self, message):
+        self.message = message
+        super().__init__(message)
+
+
+class EndCheckingTarInfo(tarfile.TarInfo):
+    """Notes, on the tar being read, whether the header that ended it was the tar's end-of-archive block. Reading
+    a stream, tarfile takes a header cut short, missing or garbled for the end of the archive without a word, and
+    the samples after it would be lost silently."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_block_read = True
+            raise
+        except tarfile.HeaderError as error:
+            tar.bad_end = str(error)  # "empty header", "truncated header", "bad checksum", ...
+            raise
+
+
+def tar_members(url, stream, handler):
+    """The files of one tar shard as webdataset's tar_file_expander yields them ({"fname", "data", "__url__"}, then
+    {} to end the shard), but a shard that breaks off (cut inside a member or its header, a garbled header, no
+    end-of-archive block) is reported to `handler` once, as an UnreadableShard, and the files of the sample being
+    read when it broke are dropped: that sample may lack its caption or json."""
+    held, held_key = [], None  # the files of the sample being read: passed on when the next sample starts
+    last, reading = None, None  # the last member read whole, the one being read
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndCheckingTarInfo)
+        for info in tar:
+            # webdataset's rules: regular files only, none of its __meta__ files
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            key = base_plus_ext(info.name)[0]
+            if key != held_key:
+                yield from held
+                held, held_key = [], key
+            reading = info.name
+            held.append({"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url})
+            last, reading = info.name, None
+            tar.members = []  # a stream-mode TarFile keeps every TarInfo otherwise
+    except ShardStalled as error:
+        handler(error)
+    except Exception as error:
+        if last is None and reading is None:
+            handler(UnreadableShard(f"{url}: not a readable tar ({error})"))
+        else:
+            where = f"inside member {reading}" if reading is not None else f"after member {last}"
+            handler(UnreadableShard(f"the rest of {url}: it breaks off {where} ({error}); sample {held_key} "
+                                    "dropped"))
+    else:
+        if getattr(tar, "end_block_read", False):
+            yield from held
+        else:
+            why = {"empty header": "it ends without the tar end-of-archive block (cut short?)",
+                   "truncated header": "it is cut short inside a member header"}.get(getattr(tar, "bad_end", None))
+            why = why or f"a garbled member header ({getattr(tar, 'bad_end', 'unknown')})"
+            handler(UnreadableShard(f"the rest of {url}: {why} after member {last}; sample {held_key} dropped"))
+    yield {}
 
 
 def open_shard(url, timeout):

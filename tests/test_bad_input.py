@@ -555,3 +555,111 @@ def test_make_wds_shards_reads_spreadsheet_csv_and_names_bad_rows(tmp_path):
     (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"text": "no file"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:2: no 'file_name'"):
         make_wds_shards.read_metadata(str(folder))
+
+
+# ---- 7. poor answers (issue 21): captions not in UTF-8, file names with several dots, tars cut in a header ---
+
+
+def test_captions_not_in_utf8_are_read_as_cp1252_and_counted_everywhere(tmp_path, caplog):
+    import make_wds_shards
+
+    cafe = "café crème, naïve"
+    url = write_tar(tmp_path / "cp1252.tar", [
+        {"__key__": "txt", "png": good_png(), "txt": cafe.encode("cp1252")},
+        {"__key__": "json", "png": good_png(), "json": json.dumps({"caption": cafe}, ensure_ascii=False)
+         .encode("cp1252")},
+        # Notepad's "UTF-8 with BOM" and "Unicode" (UTF-16): exact, not counted
+        {"__key__": "bom", "png": good_png(), "txt": "\ufeff" + cafe},
+        {"__key__": "utf16", "png": good_png(), "txt": cafe.encode("utf-16")},
+    ])
+    for module in STREAM_MODULES:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            batch = first_batch(module, [url], 4)
+        assert batch["captions"] == [cafe] * 4, module.__name__
+        assert batch["n_not_utf8"] == 2 and batch["n_corrupt"] == 0
+        warnings = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+        assert len(warnings) == 1 and "sample txt in" in warnings[0] and "Windows-1252" in warnings[0]
+        assert "2 with a caption or json not in UTF-8" in module.describe_data_counts(batch)
+        assert module.data_count_logs(batch)["data/not_utf8"] == 2
+    # DreamBooth's .txt captions beside the images
+    folder = image_folder(tmp_path, names=("a.png", "b.png"))
+    (folder / "a.txt").write_bytes(cafe.encode("cp1252"))
+    (folder / "b.txt").write_text("plain", encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, captions = dreambooth.read_captioned_folder(str(folder), "file_name", "text")
+    assert captions == [cafe, "plain"]
+    assert [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()] == [
+        f"1 caption file(s) in {folder} are not UTF-8 and were read as Windows-1252 (cp1252), e.g. a.txt"]
+    # tools/make_wds_shards.py's .txt sidecars: written as UTF-8 into the shard, and reported
+    result = make_wds_shards.make_shards(str(folder), str(tmp_path / "shards"))
+    with tarfile.open(result["shards"][0]) as tar:
+        assert tar.extractfile("a.txt").read().decode("utf-8") == cafe
+    assert make_wds_shards.format_summary(result).splitlines() == [
+        f"kept 2 samples in 1 shard: {result['url_pattern']}",
+        "read 1 caption file as Windows-1252 (not UTF-8), e.g. a.txt"]
+
+
+def test_member_names_with_several_dots_are_explained(tmp_path, caplog):
+    import make_wds_shards
+
+    url = write_tar(tmp_path / "dots.tar", [
+        {"__key__": "IMG_0000.HEIC", "jpg": good_png(), "txt": "a photo"},  # IMG_0000.HEIC.jpg, IMG_0000.HEIC.txt
+        {"__key__": "scan", "gif": b"GIF89a", "txt": "not an image type the scripts take"},
+        {"__key__": "photo", "jpg": good_png(), "jpg.txt": "a caption the reader cannot see"},  # photo.jpg.txt
+        {"__key__": "good", "png": good_png(), "txt": "good"},
+    ])
+    with caplog.at_level(logging.WARNING):
+        batch = first_batch(lcd, [url], 2)
+    assert batch["captions"] == ["", "good"] and batch["n_corrupt"] == 2 and batch["n_uncaptioned"] == 1
+    assert [r.getMessage() for r in caplog.records if "photo" in r.getMessage() and "several dots" in r.getMessage()
+            ] == [f"sample photo in {url}: its 'jpg.txt' is not read as its txt: {lcd.SEVERAL_DOTS_ADVICE}"]
+    dotted, other = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+    assert dotted.startswith(f"skipping sample IMG_0000 in {url} has members 'heic.jpg', 'heic.txt' and no "
+                             "jpg/jpeg/png/webp: a file name with several dots")
+    assert "tools/make_wds_shards.py" in dotted and "data/skipped_unreadable" in dotted
+    assert other == (f"skipping sample scan in {url} has no jpg/jpeg/png/webp member (members: 'gif', 'txt'); "
+                     "counted as data/skipped_unreadable")
+    # the tool that writes shards never names a member so: one dot, between key and extension
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "IMG_0000.HEIC.jpg", "JPEG")
+    (folder / "IMG_0000.HEIC.txt").write_text("a photo")
+    result = make_wds_shards.make_shards(str(folder), str(tmp_path / "shards"))
+    with tarfile.open(result["shards"][0]) as tar:
+        assert sorted(tar.getnames()) == ["IMG_0000_HEIC.jpg", "IMG_0000_HEIC.json", "IMG_0000_HEIC.txt"]
+    assert first_batch(lcd, result["shards"], 1)["captions"] == ["a photo"]
+
+
+def test_tar_cut_or_garbled_anywhere_is_counted_once_and_drops_the_broken_sample(tmp_path, caplog):
+    write_tar(tmp_path / "whole.tar", [{"__key__": f"s{i}", "png": good_png(i), "txt": f"caption {i}"}
+                                       for i in range(3)])
+    whole = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        offsets = {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+    garbled = bytearray(whole)
+    garbled[offsets["s2.png"][0]:offsets["s2.png"][0] + 512] = b"x" * 512
+    cases = {  # the shard's bytes, the samples read whole, the words of the warning
+        "in the header of a sample's first member": (whole[:offsets["s2.png"][0] + 100], ["s0"], "a member header"),
+        "in the header of its second member": (whole[:offsets["s2.txt"][0] + 100], ["s0", "s1"], "a member header"),
+        "at a member boundary": (whole[:offsets["s2.png"][0]], ["s0"], "without the tar end-of-archive block"),
+        "a garbled header": (bytes(garbled), ["s0"], "garbled member header"),
+        "inside a member's data": (whole[:offsets["s2.txt"][1] + 2], ["s0", "s1"], "inside member s2.txt"),
+    }
+    for case, (data, keys, words) in cases.items():
+        path = tmp_path / "cut.tar"
+        path.write_bytes(data)
+        counts = lcd.new_data_counts()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            samples = list(stream(lcd, [str(path)], 1)._raw_samples([str(path)], counts))
+        # a sample whose members may be missing (its caption, its json) is dropped, not trained on
+        assert [s["__key__"] for s in samples] == keys, case
+        assert all(set(s) == {"__key__", "__url__", "png", "txt"} for s in samples), case
+        assert counts["n_corrupt"] == 1 and sum(counts.values()) == 1, case
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and f"the rest of {path}" in warnings[0] and words in warnings[0], (case, warnings)
+    counts = lcd.new_data_counts()  # the whole shard: every sample, nothing counted
+    whole = str(tmp_path / "whole.tar")
+    assert len(list(stream(lcd, [whole], 1)._raw_samples([whole], counts))) == 3 and sum(counts.values()) == 0

@@ -5,6 +5,7 @@ and the one-line refusals of shards made otherwise than the run."""
 import io
 import itertools
 import json
+import os
 import random
 import shutil
 import tarfile
@@ -23,9 +24,9 @@ SCRIPTS = ("train_lcm_distill_sd_wds.py", "train_lcm_distill_lora_sd_wds.py", "t
 
 
 def precompute(capsys, *flags):
-    """Run the tool in this process; its one-line summary."""
+    """Run the tool in this process; its two-line summary (what it wrote, then what it skipped)."""
     tool.main([str(f) for f in flags])
-    return capsys.readouterr().out.strip().splitlines()[-1]
+    return capsys.readouterr().out.strip().splitlines()[-2:]
 
 
 def members_of(path):
@@ -66,7 +67,7 @@ def made(assets, tmp_path_factory):
 def test_tool_writes_the_vae_posterior_of_the_scripts_crop(made, assets):
     from diffusers import AutoencoderKL
 
-    shards = sorted(Path(made["root"], "embeds").iterdir())
+    shards = sorted(Path(made["root"], "embeds").glob("latents-*.tar"))
     assert [p.name for p in shards] == ["latents-000000.tar", "latents-000001.tar"]
     samples = {**members_of(shards[0]), **members_of(shards[1])}
     assert len(samples) == 12
@@ -106,8 +107,8 @@ def test_tool_skips_and_counts_a_corrupt_image_of_a_folder(assets, tmp_path, cap
         f.write(json.dumps({"file_name": "broken.png", "text": "broken"}) + "\n")
     summary = precompute(capsys, "--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", folder,
                          "--resolution", "32", "--output_dir", tmp_path / "out", "--device", "cpu", "--seed", "3")
-    assert summary == (f"wrote 12 samples in 1 shard(s) to {tmp_path / 'out'}; skipped 1 unreadable, 0 filtered, "
-                       "0 with malformed metadata")
+    assert summary == [f"wrote 12 samples in 1 shard: {tmp_path / 'out' / 'latents-{000000..000000}.tar'}",
+                       "skipped 1 unreadable, 0 filtered, 0 with malformed metadata"]
     samples = members_of(tmp_path / "out" / "latents-000000.tar")
     assert sorted(samples) == [f"{i:05d}" for i in range(12)]
     record = json.loads(samples["00004"]["latents.json"])
@@ -127,11 +128,13 @@ def test_tool_counts_unreadable_shard_data_and_refuses_bad_flags(assets, tmp_pat
     summary = precompute(capsys, "--pretrained_model_name_or_path", assets["tiny-sd"], "--train_shards_path_or_url",
                          assets["corrupt_shard"], "--resolution", "32", "--output_dir", tmp_path / "out",
                          "--device", "cpu")
-    assert summary.startswith("wrote 1 samples in 1 shard(s)") and "skipped 1 unreadable" in summary
+    assert summary[0].startswith("wrote 1 sample in 1 shard: ") and summary[1].startswith("skipped 1 unreadable")
     with pytest.raises(SystemExit):
         tool.parse_args(["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_shards_path_or_url",
                          assets["corrupt_shard"], "--output_dir", str(tmp_path / "out")])
-    assert "already holds latents-*.tar" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds shards of a run with other settings (--resolution 32 there, 512 here)" in err
+    assert err.count("\n") == 1
     with pytest.raises(SystemExit):
         tool.parse_args(["--train_shards_path_or_url", assets["corrupt_shard"], "--output_dir", str(tmp_path / "x")])
     assert capsys.readouterr().err.strip().count("\n") == 0
@@ -277,3 +280,74 @@ def test_mixed_shards_are_a_data_error(assets, made):
         with pytest.raises(lcd.DataError, match="mixed shards") as excinfo:
             list(itertools.islice(stream(urls), 4))
         assert "\n" not in str(excinfo.value)
+
+
+# ---- stopped runs (issue 21): Ctrl-C and a full disk keep the complete shards, and a rerun continues ------------
+
+
+def plain_flags(assets, output_dir):
+    """The flags of made["plain"]: 12 samples, 6 per shard, batches of 4."""
+    return ["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_shards_path_or_url", assets["shards"],
+            "--center_crop", "--random_flip", "--latent_dtype", "float32", "--samples_per_shard", "6",
+            "--batch_size", "4", "--device", "cpu", "--resolution", "64", "--output_dir", str(output_dir)]
+
+
+def shard_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).glob("latents-*.tar"))}
+
+
+def test_interrupted_run_keeps_complete_shards_only_and_a_rerun_continues(assets, made, tmp_path, capsys,
+                                                                         monkeypatch):
+    out, batches = tmp_path / "out", []
+    encode_batch = tool.encode_batch
+
+    def interrupted(args, vae, encode, batch):
+        batches.append([item["key"] for item in batch])
+        if len(batches) == 4:  # Ctrl-C with 4 samples of the second shard written to its temporary file
+            raise KeyboardInterrupt
+        return encode_batch(args, vae, encode, batch)
+
+    monkeypatch.setattr(tool, "encode_batch", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(plain_flags(assets, out))
+    assert stopped.value.code == 130
+    assert [len(keys) for keys in batches] == [4, 2, 4, 2]  # a batch never spans two shards
+    assert sorted(path.name for path in out.iterdir()) == ["latents-000000.tar", "latents-progress.json"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: kept 1 complete shard (6 samples, {out}/latents-{{000000..000000}}.tar): rerun the same "
+        "command to continue after them")
+    monkeypatch.undo()
+    tool.main(plain_flags(assets, out))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == f"continuing {out} after its 1 complete shard (6 samples), from input sample 6"
+    assert printed[-2:] == [f"wrote 12 samples in 2 shards: {out}/latents-{{000000..000001}}.tar",
+                            "skipped 0 unreadable, 0 filtered, 0 with malformed metadata"]
+    # the shards of one uninterrupted run, byte for byte
+    assert shard_bytes(out) == shard_bytes(Path(made["plain"]).parent)
+    tool.main(plain_flags(assets, out))  # complete: nothing to do (and no model loaded)
+    assert capsys.readouterr().out.startswith(f"nothing to do: {out} holds the complete output of this command, "
+                                              "12 samples in 2 shards: ")
+
+
+def test_full_disk_is_one_line_naming_the_file_and_what_is_kept(assets, made, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    addfile = tarfile.TarFile.addfile
+
+    def fills_up(tar, info, fileobj=None):
+        if info.name.startswith("00008."):  # the third sample of the second shard
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tar.name)
+        return addfile(tar, info, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", fills_up)
+    with pytest.raises(SystemExit) as failed:
+        tool.main(plain_flags(assets, out))
+    assert failed.value.code == (
+        f"error: cannot write {out}/latents-000001.tar.tmp (disk full); kept 1 complete shard (6 samples, "
+        f"{out}/latents-{{000000..000000}}.tar): free some space, then rerun the same command to continue after them")
+    assert failed.value.__suppress_context__  # no chained traceback
+    assert sorted(path.name for path in out.iterdir()) == ["latents-000000.tar", "latents-progress.json"]
+    monkeypatch.undo()
+    tool.main(plain_flags(assets, out))
+    assert shard_bytes(out) == shard_bytes(Path(made["plain"]).parent)

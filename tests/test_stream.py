@@ -44,7 +44,7 @@ def png(value):
 
 # what each shard below holds besides its 2 trainable samples (one of them without a caption); every shard ends
 # with a trainable sample, so a batch of 2 ends each shard and carries exactly that shard's counts
-BAD_PER_SHARD = {"n_corrupt": 1, "n_malformed": 1, "n_filtered": 1, "n_stalled": 0, "n_uncaptioned": 1}
+BAD_PER_SHARD = {"n_corrupt": 1, "n_malformed": 1, "n_filtered": 1, "n_stalled": 0, "n_uncaptioned": 1, "n_not_utf8": 0}
 SAMPLE_FILTER = dict(min_image_size=0, max_watermark_probability=None, min_aesthetic_score=5.0)
 
 

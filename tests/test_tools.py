@@ -319,7 +319,7 @@ def test_shards_cli_csv_metadata(tmp_path):
                       "--caption_column", "prompt", "--prefix", "train")
     assert result.returncode == 0, result.stderr
     url_pattern = f"{tmp_path / 'out'}/train-{{00000..00000}}.tar"
-    assert result.stdout.strip().splitlines() == [f"kept 5 samples in 1 shards: {url_pattern}"]
+    assert result.stdout.strip().splitlines() == [f"kept 5 samples in 1 shard: {url_pattern}"]
     with tarfile.open(tmp_path / "out" / "train-00000.tar") as tar:
         info = json.load(tar.extractfile("00000.json"))
         assert tar.extractfile("00000.txt").read().decode() == "P " + rows[0]["text"]
@@ -364,7 +364,7 @@ def test_shard_filters_count_skips(tmp_path):
     }
     assert result["num_skipped"] == 5
     summary = make_wds_shards.format_summary(result).splitlines()
-    assert summary[0].startswith("kept 4 samples in 1 shards") and len(summary) == 1 + 4
+    assert summary[0].startswith("kept 4 samples in 1 shard:") and len(summary) == 1 + 4
 
 
 def test_shard_keys_never_contain_dots(tmp_path):

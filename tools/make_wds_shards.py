@@ -12,7 +12,8 @@ Captions come from, per image, in this order: a ``metadata.jsonl`` / ``metadata.
 Face imagefolder convention: a ``file_name`` column relative to the table's folder and a caption
 column, ``--caption_column`` or else the first of "text", "caption"), then a ``.txt`` sidecar with
 the image's stem. Every other table column (e.g. ``aesthetic``, ``pwatermark``) is copied into
-the sample's json, so data filters can use it later.
+the sample's json, so data filters can use it later. Tables and captions that are not UTF-8 are
+read as Windows-1252 (what Excel and Notepad write on Windows) and reported, never mangled.
 
 Keys are the image's relative path without extension, with "/" and "." replaced by "_":
 webdataset splits key from extension at the first dot of a member's name, so a dot in a key
@@ -73,16 +74,30 @@ def _parse_csv_value(value):
     return value
 
 
-def _read_text(path):
-    """A metadata file's text: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), else Windows-1252
-    (Excel's plain "CSV" on Windows)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def plural(count, noun):
+    """'1 shard', '2 shards': the summary lines name what they count."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def decode_text(raw):
+    """(text, True) of UTF-8 bytes with or without a byte-order mark (Excel's "CSV UTF-8") or of UTF-16 ones with
+    their byte-order mark (Notepad's "Unicode"), else (the bytes read as Windows-1252, False): Excel's plain "CSV"
+    and Notepad's "ANSI" captions on Windows."""
     try:
-        return raw.decode("utf-8-sig")
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16"), True
+        return raw.decode("utf-8-sig"), True
     except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace"), False
+
+
+def _read_text(path):
+    """A metadata file's text (see decode_text), with a warning when it is not UTF-8."""
+    with open(path, "rb") as f:
+        text, utf8 = decode_text(f.read())
+    if not utf8:
         print(f"make_wds_shards.py: warning: {path} is not UTF-8; read as Windows-1252", file=sys.stderr)
-        return raw.decode("cp1252", errors="replace")
+    return text
 
 
 def _read_table(path):
@@ -216,10 +231,10 @@ def make_shards(input_dir, output_dir, samples_per_shard=1000, prefix="shard", c
     """Write the image folder ``input_dir`` as WebDataset shards to ``output_dir``.
 
     Returns ``{"kept": int, "skipped": {reason: count}, "num_skipped": int, "shards": [paths],
-    "url_pattern": "OUT/shard-{00000..0000N}.tar"}``. Raises ``NoSamplesError`` when nothing is
-    kept, ``FileExistsError`` when shards with this prefix already exist and not ``overwrite``
-    (with ``overwrite`` they are deleted first, so no stale shard outlives a smaller rerun), and
-    ``ValueError`` for unusable metadata tables.
+    "url_pattern": "OUT/shard-{00000..0000N}.tar", "not_utf8": [.txt captions read as Windows-1252]}``.
+    Raises ``NoSamplesError`` when nothing is kept, ``FileExistsError`` when shards with this prefix
+    already exist and not ``overwrite`` (with ``overwrite`` they are deleted first, so no stale shard
+    outlives a smaller rerun), and ``ValueError`` for unusable metadata tables.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -242,7 +257,7 @@ def make_shards(input_dir, output_dir, samples_per_shard=1000, prefix="shard", c
 
     # Pass 1: decide which images to keep, reading only headers. Bytes are read when writing,
     # so memory stays flat however large the folder is.
-    kept, used_keys = [], set()
+    kept, used_keys, not_utf8 = [], set(), []
     for rel_path in images:
         path = os.path.join(input_dir, rel_path)
         if os.path.getsize(path) < min_bytes:
@@ -260,8 +275,11 @@ def make_shards(input_dir, output_dir, samples_per_shard=1000, prefix="shard", c
         if caption is None:
             sidecar = path.rsplit(".", 1)[0] + ".txt"
             if os.path.isfile(sidecar):
-                with open(sidecar, encoding="utf-8") as f:
-                    caption = f.read().strip()
+                with open(sidecar, "rb") as f:
+                    caption, utf8 = decode_text(f.read())
+                caption = caption.strip()
+                if not utf8:
+                    not_utf8.append(rel_path.rsplit(".", 1)[0] + ".txt")
         if caption is None:
             skipped[REASON_NO_CAPTION] += 1
             continue
@@ -308,13 +326,19 @@ def make_shards(input_dir, output_dir, samples_per_shard=1000, prefix="shard", c
         "num_skipped": sum(skipped.values()),
         "shards": shards,
         "url_pattern": os.path.join(output_dir, f"{prefix}-{{00000..{len(shards) - 1:05d}}}.tar"),
+        "not_utf8": not_utf8,
     }
 
 
 def format_summary(result):
-    """The end-of-run report: the kept count and shard urls, then one line per skip reason."""
-    lines = [f"kept {result['kept']} samples in {len(result['shards'])} shards: {result['url_pattern']}"]
+    """The end-of-run report: the kept count and shard urls, one line per skip reason, and the caption files
+    that were not UTF-8."""
+    lines = [f"kept {plural(result['kept'], 'sample')} in {plural(len(result['shards']), 'shard')}: "
+             f"{result['url_pattern']}"]
     lines += [f"skipped {count}: {reason}" for reason, count in result["skipped"].items()]
+    not_utf8 = result.get("not_utf8")
+    if not_utf8:
+        lines.append(f"read {plural(len(not_utf8), 'caption file')} as Windows-1252 (not UTF-8), e.g. {not_utf8[0]}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,11 @@ for a --random_flip run. Preprocessing is the scripts' own (imported from them, 
 A random crop (no --center_crop) is drawn ONCE here, from --seed and the sample's key: every epoch of the
 training run then sees the same crop of an image (a raw-image run draws a new one each time).
 
+A shard is written under a temporary name and renamed when complete; latents-progress.json records, after each
+one, where in the input it ends. A run stopped (Ctrl-C, a full disk, a crash) keeps its complete shards, and the
+same command run again continues where they end: the shards are those of one uninterrupted run (byte for byte
+with the same --batch_size and device). A rerun with other settings is refused.
+
 Usage::
 
     python tools/precompute_latents.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -34,10 +39,13 @@ Usage::
         --resolution 512 --center_crop --random_flip [--text_embeddings] [--latent_dtype float16]
 """
 
+import contextlib
+import errno
 import io
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 
@@ -51,8 +59,16 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import train_lcm_distill_sd_wds as source  # noqa: E402
 
+from make_wds_shards import plural  # noqa: E402
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_NAME = "latents-{:06d}.tar"
+PROGRESS_NAME = "latents-progress.json"  # how far a run got: what a rerun into the same directory continues from
+# the flags that decide what is written (not where, nor how fast): a rerun must repeat them to continue a run
+OUTPUT_FLAGS = ("pretrained_model", "pretrained_vae_model_name_or_path", "text_embeddings", "dtype",
+                "train_shards_path_or_url", "train_data_dir", "image_column", "caption_column", "resolution",
+                "center_crop", "random_flip", "interpolation_type", "min_image_size", "max_watermark_probability",
+                "min_aesthetic_score", "seed", "samples_per_shard", "latent_dtype")
 
 
 def parse_args(argv=None):
@@ -124,11 +140,58 @@ def parse_args(argv=None):
     if args.pretrained_model is None and (args.text_embeddings or args.pretrained_vae_model_name_or_path is None):
         parser.error("--pretrained_model_name_or_path is required (for its VAE, or its text encoders with "
                      "--text_embeddings)")
-    if os.path.isdir(args.output_dir) and any(n.startswith("latents-") and n.endswith(".tar")
-                                              for n in os.listdir(args.output_dir)):
-        parser.error(f"--output_dir {args.output_dir} already holds latents-*.tar shards: choose another or "
-                     "delete them")
+    progress = read_progress(args.output_dir)
+    if progress is None and shard_names(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} already holds latents-*.tar shards but no {PROGRESS_NAME} to "
+                     "continue from: choose another or delete them")
+    if progress is not None:
+        ours, theirs = output_settings(args), progress["settings"]
+        changed = [f"{flag_name(dest)} {theirs.get(dest)} there, {ours.get(dest)} here"
+                   for dest in OUTPUT_FLAGS if ours.get(dest) != theirs.get(dest)]
+        if changed:
+            parser.error(f"--output_dir {args.output_dir} holds shards of a run with other settings "
+                         f"({'; '.join(changed)}): repeat its flags to continue it, or choose another directory")
     return args
+
+
+def flag_name(dest):
+    return "--pretrained_model_name_or_path" if dest == "pretrained_model" else f"--{dest}"
+
+
+def output_settings(args):
+    """The flags that decide what is written, as latents-progress.json records them."""
+    settings = {dest: getattr(args, dest) for dest in OUTPUT_FLAGS}
+    if args.train_data_dir is not None:
+        settings["train_data_dir"] = os.path.abspath(args.train_data_dir)
+    return settings
+
+
+def shard_names(output_dir):
+    """The latents-NNNNNN.tar files in `output_dir`, sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"latents-\d{6,}\.tar", name))
+
+
+def read_progress(output_dir):
+    """The progress record of the run that wrote `output_dir`, or None when there is none."""
+    path = os.path.join(output_dir, PROGRESS_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+        if not all(key in progress for key in ("settings", "making", "shards", "next_input", "counts")):
+            raise ValueError("fields missing")
+    except (ValueError, TypeError):
+        raise SystemExit(f"error: {path} is unreadable: delete the directory's latents-* files to start "
+                         "over") from None
+    return progress
+
+
+def shard_pattern(output_dir, count):
+    """What to pass as --train_shards_path_or_url to read the `count` shards written to `output_dir`."""
+    return os.path.join(output_dir, f"latents-{{000000..{count - 1:06d}}}.tar")
 
 
 def load_encoders(args):
@@ -193,35 +256,98 @@ def raw_samples(args, counts):
     return stream, samples
 
 
-class ShardWriter:
-    """latents-NNNNNN.tar files of `samples_per_shard` samples each, written under a temporary name and renamed
-    when complete (a crash leaves no truncated shard under a real name); fixed tar metadata."""
+class WriteFailed(Exception):
+    """Writing the output failed (a full disk, a lost mount): the run stops with one line."""
 
-    def __init__(self, output_dir, samples_per_shard):
-        self.output_dir, self.samples_per_shard = output_dir, samples_per_shard
-        self.tar, self.in_shard, self.shards, self.keys_in_shard = None, 0, 0, set()
-        os.makedirs(output_dir, exist_ok=True)
+    def __init__(self, path, error):
+        super().__init__(path, error)
+        self.path, self.error = path, error
+
+
+class ShardWriter:
+    """latents-NNNNNN.tar files, each written under a temporary name (fixed tar metadata) and renamed when
+    complete, after which latents-progress.json records it and where the input continues: a partial shard never
+    gets a final name, and a rerun continues after the last complete one."""
+
+    def __init__(self, output_dir, progress):
+        self.output_dir, self.progress = output_dir, progress
+        self.tar, self.path = None, None
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as error:
+            raise WriteFailed(output_dir, error) from None
+
+    @property
+    def shards(self):
+        return len(self.progress["shards"])
 
     def write(self, key, members):
-        if key in self.keys_in_shard:  # webdataset would merge two samples of one key in one tar: start another
-            self.close()
-        if self.tar is None:
-            self.path = os.path.join(self.output_dir, SHARD_NAME.format(self.shards))
-            self.tar = tarfile.open(self.path + ".tmp", "w")
-        self.keys_in_shard.add(key)
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
-        self.in_shard += 1
-        if self.in_shard == self.samples_per_shard:
-            self.close()
+        try:
+            if self.tar is None:
+                self.path = os.path.join(self.output_dir, SHARD_NAME.format(self.shards))
+                self.tar = tarfile.open(self.path + ".tmp", "w")
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                self.tar.addfile(info, io.BytesIO(data))
+        except OSError as error:
+            raise WriteFailed(self.path + ".tmp", error) from None
 
-    def close(self):
-        if self.tar is not None:
+    def finish_shard(self, samples, state):
+        """Close the shard of `samples` samples and record it with `state`: where the input continues after it."""
+        try:
             self.tar.close()
+            self.tar = None
             os.replace(self.path + ".tmp", self.path)
-            self.tar, self.in_shard, self.shards, self.keys_in_shard = None, 0, self.shards + 1, set()
+        except OSError as error:
+            raise WriteFailed(self.path + ".tmp", error) from None
+        shard = {"name": os.path.basename(self.path), "samples": samples, "bytes": os.path.getsize(self.path)}
+        self.record(shards=[*self.progress["shards"], shard], **state)
+
+    def record(self, complete=False, **state):
+        """Update the progress, in memory once it is on disk (a shard not recorded is not kept)."""
+        updated = {**self.progress, **state, "complete": complete}
+        path = os.path.join(self.output_dir, PROGRESS_NAME)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(updated, f, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise WriteFailed(path, error) from None
+        self.progress.update(updated)
+
+    def abandon(self):
+        """Delete the shard being written: it is incomplete, and its space may be what the disk lacks."""
+        if self.tar is not None:
+            with contextlib.suppress(OSError):
+                self.tar.fileobj.close()
+            self.tar = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path + ".tmp")
+
+
+def continue_from(args):
+    """The progress of the earlier run into --output_dir (a fresh record when none): its complete shards are
+    checked and kept, and what it left unfinished (a temporary shard, a shard renamed but not yet recorded)
+    removed, to be written again."""
+    progress = read_progress(args.output_dir)
+    if progress is None:
+        return {"settings": output_settings(args), "making": None, "shards": [], "next_input": 0, "written": 0,
+                "uncaptioned": 0, "counts": {}, "complete": False}
+    recorded = {shard["name"]: shard for shard in progress["shards"]}
+    for name, shard in recorded.items():
+        path = os.path.join(args.output_dir, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
+            raise SystemExit(f"error: {path}, recorded complete in {PROGRESS_NAME}, is missing or changed: delete "
+                             "the directory's latents-* files to start over")
+    unfinished = [name for name in shard_names(args.output_dir) if name not in recorded]
+    unfinished += [name for name in os.listdir(args.output_dir) if re.fullmatch(r"latents-\d{6,}\.tar\.tmp", name)]
+    for name in unfinished:
+        os.remove(os.path.join(args.output_dir, name))
+    return progress
 
 
 def npy_bytes(array):
@@ -249,6 +375,13 @@ def encode_batch(args, vae, encode, batch):
 
 def main(argv=None):
     args = parse_args(argv)
+    progress = continue_from(args)
+    if progress["complete"]:
+        shards = len(progress["shards"])
+        print(f"nothing to do: {args.output_dir} holds the complete output of this command, "
+              f"{plural(progress['written'], 'sample')} in {plural(shards, 'shard')}: "
+              f"{shard_pattern(args.output_dir, shards)}")
+        return
     vae, vae_name, encode, text_encoders = load_encoders(args)
     making = {
         "format_version": source.PRECOMPUTED_FORMAT_VERSION,
@@ -264,55 +397,110 @@ def main(argv=None):
                           for name, encoder in text_encoders] or None,
         "text_embeddings": {0: None, 1: "sd", 2: "sdxl"}[len(text_encoders)],
     }
+    if progress["making"] not in (None, making):
+        raise SystemExit(f"error: the models named are not those the shards in {args.output_dir} were made with "
+                         "(other weights at the same path?): choose another directory")
+    progress["making"] = making
+    resume_from = progress["next_input"]
+    if resume_from:
+        print(f"continuing {args.output_dir} after its {plural(len(progress['shards']), 'complete shard')} "
+              f"({plural(progress['written'], 'sample')}), from input sample {resume_from}")
     transform = source.ImageTransform(args.resolution, args.interpolation_type, args.center_crop)
     counts = source.new_data_counts()
     stream, samples = raw_samples(args, counts)
-    writer = ShardWriter(args.output_dir, args.samples_per_shard)
-    progress = tqdm(desc="precomputing", unit="sample")
-    written, uncaptioned, batch = 0, 0, []
+    writer = None
+    bar = tqdm(desc="precomputing", unit="sample", initial=progress["written"])
+    written, uncaptioned, consumed = progress["written"], progress["uncaptioned"], resume_from
+    batch, shard_keys, last = [], set(), None  # the samples to encode next, the keys of this shard, the last sample
 
-    def flush():
-        for item, arrays in zip(batch, encode_batch(args, vae, encode, batch)):
+    def flush(end_shard=False):
+        for item, arrays in zip(batch, encode_batch(args, vae, encode, batch) if batch else []):
             writer.write(item["key"], {**arrays, "txt": item["caption"].encode("utf-8"), "json": item["json"],
                                        source.PRECOMPUTED_RECORD: json.dumps(item["record"]).encode("utf-8")})
-        progress.update(len(batch))
+        bar.update(len(batch))
         batch.clear()
+        if end_shard and shard_keys:
+            # a rerun continues after the last sample of this shard, with the totals as they were there
+            writer.finish_shard(len(shard_keys), {key: last[key] for key in ("next_input", "written", "uncaptioned",
+                                                                             "counts")})
+            shard_keys.clear()
+
+    def kept(advice="rerun"):
+        shards = len(progress["shards"])
+        if not shards:
+            return f"no complete shard yet: {advice} the same command to start again"
+        return (f"kept {plural(shards, 'complete shard')} ({plural(progress['written'], 'sample')}, "
+                f"{shard_pattern(args.output_dir, shards)}): {advice} the same command to continue after them")
 
     try:
-        for key, sample in samples:
+        writer = ShardWriter(args.output_dir, progress)
+        for index, (key, sample) in enumerate(samples):
+            consumed = max(consumed, index + 1)
+            if index < resume_from:  # written by the run this one continues
+                if index == resume_from - 1:
+                    counts.update(progress["counts"])  # the skips that run had counted by here
+                continue
             read = stream._read(sample, counts)
             if read is None:
-                progress.set_postfix(skipped=sum(counts.values()))
+                bar.set_postfix(skipped=counts["n_corrupt"] + counts["n_filtered"] + counts["n_malformed"])
                 continue
             caption, _, image = read
             if isinstance(image, dict):
                 raise SystemExit(f"error: {key} in {sample.get('__url__')} already holds precomputed latents")
+            # a shard ends at --samples_per_shard samples, or before a key it holds already (webdataset would merge
+            # the two samples); a batch never spans two shards, so a rerun encodes the same batches
+            if key in shard_keys:
+                flush(end_shard=True)
             pixels, image_size, crop_top_left = transform(image, random.Random(f"{args.seed}-{key}"))
             meta = sample.get("json", b"{}")
             try:
                 original_size = source.original_size_from_metadata(json.loads(meta)) or image_size
             except (ValueError, TypeError, AttributeError):  # malformed json: the scripts judge it themselves
                 original_size = image_size
-            uncaptioned += not caption
-            batch.append({"key": key, "pixels": pixels, "caption": caption, "json": meta, "record": {
-                **making, "original_size": list(original_size), "image_size": list(image_size),
-                "crop_top_left": list(crop_top_left)}})
             written += 1
-            if len(batch) == args.batch_size:
+            uncaptioned += not caption
+            last = {"key": key, "pixels": pixels, "caption": caption, "json": meta, "record": {
+                **making, "original_size": list(original_size), "image_size": list(image_size),
+                "crop_top_left": list(crop_top_left)},
+                "next_input": index + 1, "written": written, "uncaptioned": uncaptioned, "counts": dict(counts)}
+            batch.append(last)
+            shard_keys.add(key)
+            if len(shard_keys) == args.samples_per_shard:
+                flush(end_shard=True)
+            elif len(batch) == args.batch_size:
                 flush()
-        if batch:
-            flush()
+        flush(end_shard=True)
+        if written:
+            writer.record(complete=True, next_input=consumed, written=written, uncaptioned=uncaptioned,
+                          counts=dict(counts))
+    except KeyboardInterrupt:
+        bar.close()  # before the message, which is then the last line
+        if writer is not None:
+            writer.abandon()
+        print(f"interrupted: {kept()}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except WriteFailed as failure:
+        bar.close()
+        if writer is not None:
+            writer.abandon()
+        if failure.error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            reason, advice = "disk full", "free some space, then rerun"
+        else:
+            reason, advice = failure.error.strerror or str(failure.error), "rerun"
+        raise SystemExit(f"error: cannot write {failure.path} ({reason}); {kept(advice)}") from None
     finally:
-        writer.close()
-        progress.close()
+        bar.close()
     skipped = (f"skipped {counts['n_corrupt']} unreadable, {counts['n_filtered']} filtered, "
                f"{counts['n_malformed']} with malformed metadata"
-               + (f", {counts['n_stalled']} stalled shard(s)" if counts["n_stalled"] else "")
-)
+               + (f", {plural(counts['n_stalled'], 'stalled shard')}" if counts["n_stalled"] else ""))
+    notes = [f"{uncaptioned} without a caption"] if uncaptioned else []
+    if counts.get("n_not_utf8"):
+        notes.append(f"{counts['n_not_utf8']} with a caption or json not in UTF-8 (read as Windows-1252)")
     if not written:
         raise SystemExit(f"error: no usable sample ({skipped})")
-    print(f"wrote {written} samples in {writer.shards} shard(s) to {args.output_dir}; {skipped}"
-          + (f"; {uncaptioned} without a caption" if uncaptioned else ""))
+    print(f"wrote {plural(written, 'sample')} in {plural(writer.shards, 'shard')}: "
+          f"{shard_pattern(args.output_dir, writer.shards)}")
+    print("; ".join([skipped, *notes]))
 
 
 if __name__ == "__main__":
