@@ -486,6 +486,15 @@ def text_encoder_kohya_state_dict(peft_state_dict, alpha, prefix="lora_te_"):
     return {key.replace("lora_unet_", prefix, 1): v for key, v in peft_to_kohya_state_dict(renamed, alpha).items()}
 
 
+def text_encoder_lora_layers(peft_state_dict):
+    """A text encoder's LoRA tensors as load_lora_weights reads them. peft names a DoRA magnitude
+    '<module>.lora_magnitude_vector' (its name before DoRA became a module); transformers' adapter loader, which
+    load_lora_weights uses for text encoders, reads only the parameter's own name, '...lora_magnitude_vector.weight',
+    and silently keeps the initial magnitudes for any other. peft's loader (a resume) reads both."""
+    return {key + ".weight" if key.endswith(".lora_magnitude_vector") else key: tensor
+            for key, tensor in peft_state_dict.items()}
+
+
 def save_lora_files(unet, text_encoders, output_dir, sdxl, dtype=None, kohya=True, full_states=None):
     """The adapters in diffusers format (alpha kept in the metadata; loaded by the SD or SDXL pipeline) and,
     optionally, kohya format (A1111, ComfyUI). `text_encoders`: the trained text encoders (two for SDXL), empty
@@ -496,7 +505,7 @@ def save_lora_files(unet, text_encoders, output_dir, sdxl, dtype=None, kohya=Tru
     te_states = [lora_state_dict(model, dtype, full) for model, full in zip(text_encoders, full_states[1:])]
     te_kwargs = {}
     for name, model, state in zip(("text_encoder", "text_encoder_2"), text_encoders, te_states):
-        te_kwargs[f"{name}_lora_layers"] = state
+        te_kwargs[f"{name}_lora_layers"] = text_encoder_lora_layers(state)
         te_kwargs[f"{name}_lora_adapter_metadata"] = lora_adapter_metadata(model)
     (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
         output_dir, unet_lora_layers=unet_state, unet_lora_adapter_metadata=lora_adapter_metadata(unet),
@@ -826,6 +835,11 @@ class DreamBoothLoRA:
             save_lora_files(unwrap(self.accelerator, self.modules[0]), self.trained_text_encoders(),
                             self.args.output_dir, self.args.sdxl, dtype=weight_dtype_for(self.args.save_precision),
                             kohya=not self.args.use_dora, full_states=full_states)
+            if self.args.use_dora:
+                # kohya's DoRA key (dora_scale) exists, but diffusers drops it from SD/SDXL kohya files and loads a
+                # plain LoRA: no file beats one that loads into a different model
+                logger.warning(f"--use_dora: no {KOHYA_WEIGHT_NAME}; {LORA_WEIGHT_NAME} (diffusers format) holds the "
+                               f"DoRA adapters")
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
