@@ -335,7 +335,8 @@ def adapter_tensors(model):
 def test_dora_adapters_load_as_trained_into_the_pipeline(kind, tiny_sdxl, assets, tmp_path, monkeypatch):
     """save_lora_files, then load_lora_weights as the model card says: every DoRA tensor of the UNet and of each
     text encoder (magnitude vectors included) is the trained one, and so are the text encoders' and the UNet's
-    outputs. (transformers' adapter loader once dropped the text encoders' magnitudes without a word.)"""
+    outputs. (transformers' adapter loader once dropped the text encoders' magnitudes without a word.) A resume
+    reads the file back exactly too."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     base = tiny_sdxl if kind == "sdxl" else assets["tiny-sd"]
@@ -378,3 +379,15 @@ def test_dora_adapters_load_as_trained_into_the_pipeline(kind, tiny_sdxl, assets
         latents = torch.randn(1, 4, 8, 8)
         torch.testing.assert_close(pipeline.unet(latents, 10, **conditioning).sample,
                                    unet(latents, 10, **conditioning).sample, rtol=1e-4, atol=1e-5)
+
+    # a resume reads the same file (as a checkpoint) back into the training models: every tensor as saved
+    trained = [{key: t.clone() for key, t in adapter_tensors(model).items()} for model in (unet, *text_encoders)]
+    with torch.no_grad():
+        for model in (unet, *text_encoders):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(2)
+    db.load_lora_checkpoint(unet, text_encoders, str(tmp_path))
+    for expected, model in zip(trained, (unet, *text_encoders)):
+        got = adapter_tensors(model)
+        assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
