@@ -1349,8 +1349,10 @@ class OutputDirLock:
                          "wait for it to end or choose another --output_dir")
         except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
             lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
+            # the plain logger: this runs while the arguments are checked, before the Accelerator that accelerate's
+            # logger needs exists
+            logging.getLogger(__name__).warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                                                "nothing stops a second run from writing into it")
             return
         lock_file.seek(0)
         lock_file.truncate()
@@ -1938,9 +1940,10 @@ def load_image(path):
         return None
 
 
-def load_image_set(paths, captions, folder):
+def load_image_set(paths, captions, folder, resolution):
     """The ImageSet of the readable images of `paths` with their captions; an unreadable one (say, a truncated
-    JPEG) is skipped with a warning, and a folder left with none is a one-line error."""
+    JPEG) is skipped with a warning, and a folder left with none is a one-line error. Images far smaller than
+    the training `resolution` train, with a warning."""
     images = [load_image(path) for path in paths]
     broken = [os.path.basename(path) for path, image in zip(paths, images) if image is None]
     if broken:
@@ -1948,7 +1951,25 @@ def load_image_set(paths, captions, folder):
     kept = [(image, caption) for image, caption in zip(images, captions) if image is not None]
     if not kept:
         raise SystemExit(f"error: no readable image in {folder}")
+    warning = small_image_warning([(os.path.basename(path), image.size) for path, image in zip(paths, images)
+                                   if image is not None], resolution, folder)
+    if warning:
+        logger.warning(warning)
     return ImageSet([image for image, _ in kept], [caption for _, caption in kept])
+
+
+# Copied from train_bk_sdm_kd.small_image_warning
+def small_image_warning(named_sizes, resolution, where, max_upscale=4):
+    """One line about the images whose shorter side is under 1/`max_upscale` of `resolution`, or None. Resized up
+    to the training resolution they train as blur, and one of a few pixels (a 1x1 placeholder, say) as a flat
+    colour: nothing fails, so without this line nobody would know. `named_sizes`: [(name, (width, height))]."""
+    small = [(name, size) for name, size in named_sizes if min(size) * max_upscale < resolution]
+    if not small:
+        return None
+    name, (width, height) = min(small, key=lambda entry: min(entry[1]))
+    return (f"{len(small)} of {len(named_sizes)} images in {where} are under 1/{max_upscale} of --resolution "
+            f"{resolution} on their shorter side (the smallest: {name}, {width}x{height}): resized up that far they "
+            f"train as blur or flat colour")
 
 
 # Copied from train_bk_sdm_kd.read_metadata_rows
@@ -1998,12 +2019,14 @@ def read_metadata_rows(data_dir, image_column="file_name"):
 
 
 def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None):
-    """([image paths], [captions]) of a captioned folder: the rows of metadata.jsonl / metadata.csv, or, without
-    a metadata file, every image with a .txt of the same name beside it. An image without a caption is an error
-    naming it: trained with an empty caption it would teach the unconditional prompt the subject."""
+    """([image paths], [captions], [names listed but missing]) of a captioned folder: the rows of metadata.jsonl /
+    metadata.csv, or, without a metadata file, every image with a .txt of the same name beside it. An image without
+    a caption is an error naming it: trained with an empty caption it would teach the unconditional prompt the
+    subject. Listed images that are not there are returned, not logged: this runs at start-up too, before the
+    Accelerator (which accelerate's logger needs) exists; the caller warns once."""
     if not os.path.isdir(data_dir):
         raise DataError(f"no such directory: {data_dir}")
-    paths, captions = [], []
+    paths, captions, missing = [], [], []
     if any(os.path.isfile(os.path.join(data_dir, name)) for name in METADATA_FILES):
         metadata_name, rows = read_metadata_rows(data_dir, image_column)
         columns = [str(column) for column in rows[0][1]] if rows else []
@@ -2011,7 +2034,6 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
             if column not in columns:
                 raise DataError(f"{metadata_name} has no column {column!r} (columns: {', '.join(columns)}); "
                                 f"choose one with {flag}")
-        missing = 0
         for line_number, row in rows:
             image, caption = row.get(image_column), row.get(caption_column)
             where = f"{metadata_name} line {line_number}"
@@ -2021,12 +2043,13 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
                 raise DataError(f"{where}: image {image.strip()} has no caption in column {caption_column!r}")
             path = os.path.join(data_dir, image.strip())
             if not os.path.isfile(path):
-                missing += 1
+                missing.append(image.strip())
                 continue
             paths.append(path)
             captions.append(str(caption).strip())
-        if missing:
-            logger.warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing and skipped")
+        if rows and not paths:
+            raise DataError(f"none of the {len(rows)} images listed in {metadata_name} exists under {data_dir} "
+                            f"(the first is {missing[0]})")
     else:
         for path in list_images(data_dir)[0]:
             sidecar = os.path.splitext(path)[0] + ".txt"
@@ -2043,7 +2066,7 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
         raise DataError(f"no captioned image in {data_dir}")
     if caption_prefix:
         captions = [f"{caption_prefix.rstrip()} {caption}" for caption in captions]
-    return paths, captions
+    return paths, captions, missing
 
 
 def list_images(folder):
@@ -2332,20 +2355,26 @@ class DreamBoothExamples:
         self.seed = args.seed if args.seed is not None else 0
         self.caption_dropout_rate = args.caption_dropout_rate
         if args.train_data_dir is not None:
-            paths, captions = read_captioned_folder(args.train_data_dir, args.image_column, args.caption_column,
-                                                    args.caption_prefix)
-            self.instances = load_image_set(paths, captions, args.train_data_dir)
+            paths, captions, missing = read_captioned_folder(args.train_data_dir, args.image_column,
+                                                             args.caption_column, args.caption_prefix)
+            if missing:
+                logger.warning(f"{len(missing)} of {len(paths) + len(missing)} images listed in the metadata of "
+                               f"{args.train_data_dir} are missing (the first: {missing[0]}); training on the "
+                               f"{len(paths)} that exist")
+            self.instances = load_image_set(paths, captions, args.train_data_dir, args.resolution)
         else:
             paths, skipped = list_images(args.instance_data_dir)
             if skipped:
                 logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: "
                                f"{', '.join(skipped[:5])}")
-            self.instances = load_image_set(paths, [args.instance_prompt] * len(paths), args.instance_data_dir)
+            self.instances = load_image_set(paths, [args.instance_prompt] * len(paths), args.instance_data_dir,
+                                            args.resolution)
         self.classes = None
         if args.with_prior_preservation:
             generate_class_images(args, accelerator)
             class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
-            self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir)
+            self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir,
+                                          args.resolution)
         self.num_examples = max(len(self.instances.images), len(self.classes.images) if self.classes else 0)
         self.transform = ImageTransform(args.resolution, center_crop=args.center_crop)
         self.buckets = self.example_buckets = None

@@ -141,8 +141,8 @@ def folder_with(root, images, kind, captions=None):
                                            ("txt", ("file_name", "text"))])
 def test_captioned_folders_are_read_with_their_prefix(tmp_path, images, kind, columns):
     folder = folder_with(tmp_path, images, kind)
-    paths, captions = db.read_captioned_folder(str(folder), *columns, caption_prefix="sks style,")
-    assert [p.rsplit("/", 1)[-1] for p in paths] == [image.name for image in images]
+    paths, captions, missing = db.read_captioned_folder(str(folder), *columns, caption_prefix="sks style,")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [image.name for image in images] and missing == []
     assert captions == [f"sks style, a drawing number {i}" for i in range(len(images))]
 
 
@@ -176,6 +176,55 @@ def test_captioned_folder_errors_are_one_line(assets, tmp_path, images, capsys):
             db, base + ["--train_data_dir", str(jsonl), "--image_column", "image", "--caption_column", "caption",
                         "--snr_gamma", gamma], capsys)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@contextlib.contextmanager
+def no_accelerate_state():
+    """No Accelerator (nor PartialState) exists inside, as when a script parses its arguments."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_listed_but_missing_and_tiny_images_are_one_warning_each(assets, images, tmp_path, caplog, capsys):
+    """metadata.jsonl lists 6 images, 3 of them absent and one a 1x1 placeholder: the arguments parse (they
+    crashed on accelerate's logger, used before the Accelerator existed), and the examples are the 3 that
+    exist, with one warning line naming the first missing image and one naming the smallest image."""
+    import logging
+
+    from accelerate import PartialState
+    from PIL import Image
+
+    folder = folder_with(tmp_path, images[:2], "jsonl")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "dot.png")
+    with open(folder / "metadata.jsonl", "a") as f:
+        for name in ("gone-1.png", "dot.png", "gone-2.png", "gone-3.png"):
+            f.write(json.dumps({"image": name, "caption": f"a drawing {name}"}) + "\n")
+    argv = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", str(folder), "--image_column",
+            "image", "--caption_column", "caption", "--resolution", "64", "--output_dir", str(tmp_path / "out")]
+    with no_accelerate_state(), caplog.at_level(logging.WARNING):
+        args = db.parse_args(argv)
+        assert not caplog.records  # start-up only checks: the run warns once, on the main process
+        examples = db.DreamBoothExamples(args, PartialState())
+    db.OutputDirLock.release_all()
+    assert len(examples.instances.images) == 3
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert (f"3 of 6 images listed in the metadata of {folder} are missing (the first: gone-1.png); training on the "
+            f"3 that exist") in warnings[0]
+    assert "1 of 3 images in" in warnings[1] and "--resolution 64" in warnings[1]
+    assert "(the smallest: dot.png, 1x1)" in warnings[1]
+
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"image": f"gone-{i}.png", "caption": "x"}) + "\n"
+                                                   for i in range(3)))
+    with no_accelerate_state():
+        message = rejection_line(db, argv, capsys)
+    assert message.endswith(f"--train_data_dir: none of the 3 images listed in metadata.jsonl exists under {folder} "
+                            f"(the first is gone-0.png)")
 
 
 # ----------------------------------------------------------------------------------------------------------
