@@ -1189,8 +1189,10 @@ class OutputDirLock:
                          "wait for it to end or choose another --output_dir")
         except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
             lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
+            # the plain logger: this runs while the arguments are checked, before the Accelerator that accelerate's
+            # logger needs exists
+            logging.getLogger(__name__).warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                                                "nothing stops a second run from writing into it")
             return
         lock_file.seek(0)
         lock_file.truncate()
@@ -2795,6 +2797,34 @@ def read_image_folder(data_dir, image_column, caption_column):
     return entries
 
 
+def small_image_warning(named_sizes, resolution, where, max_upscale=4):
+    """One line about the images whose shorter side is under 1/`max_upscale` of `resolution`, or None. Resized up
+    to the training resolution they train as blur, and one of a few pixels (a 1x1 placeholder, say) as a flat
+    colour: nothing fails, so without this line nobody would know. `named_sizes`: [(name, (width, height))]."""
+    small = [(name, size) for name, size in named_sizes if min(size) * max_upscale < resolution]
+    if not small:
+        return None
+    name, (width, height) = min(small, key=lambda entry: min(entry[1]))
+    return (f"{len(small)} of {len(named_sizes)} images in {where} are under 1/{max_upscale} of --resolution "
+            f"{resolution} on their shorter side (the smallest: {name}, {width}x{height}): resized up that far they "
+            f"train as blur or flat colour")
+
+
+def image_folder_sizes(entries, min_image_size=0):
+    """[(file name, (width, height))] of the readable images of `entries` (read_image_folder) that --min_image_size
+    keeps, from their headers alone (no pixel is decoded)."""
+    sizes = []
+    for path, _, _ in entries:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except Exception:  # PIL raises many types; the stream skips and counts an unreadable image
+            continue
+        if min(size) >= min_image_size:
+            sizes.append((os.path.basename(path), size))
+    return sizes
+
+
 class ImageFolderStream(ShardStream):
     """The shard stream over an image folder: each image is read as a one-sample shard, so the per-pass
     shuffle, the split over ranks and workers, bad-sample skipping, the metadata filters (the row is the
@@ -2833,6 +2863,10 @@ def data_source(args):
     if args.train_data_dir is None:
         return make_train_dataloader, args.max_train_samples or 0
     entries = read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
+    warning = small_image_warning(image_folder_sizes(entries, args.min_image_size), args.resolution,
+                                  args.train_data_dir)
+    if warning:
+        logger.warning(f"{warning}; --min_image_size skips them")
     samples_per_epoch = min(len(entries), args.max_train_samples or len(entries))
     return functools.partial(make_image_folder_dataloader, entries=entries,
                              samples_per_epoch=samples_per_epoch), samples_per_epoch

@@ -486,6 +486,15 @@ def text_encoder_kohya_state_dict(peft_state_dict, alpha, prefix="lora_te_"):
     return {key.replace("lora_unet_", prefix, 1): v for key, v in peft_to_kohya_state_dict(renamed, alpha).items()}
 
 
+def text_encoder_lora_layers(peft_state_dict):
+    """A text encoder's LoRA tensors as load_lora_weights reads them. peft names a DoRA magnitude
+    '<module>.lora_magnitude_vector' (its name before DoRA became a module); transformers' adapter loader, which
+    load_lora_weights uses for text encoders, reads only the parameter's own name, '...lora_magnitude_vector.weight',
+    and silently keeps the initial magnitudes for any other. peft's loader (a resume) reads both."""
+    return {key + ".weight" if key.endswith(".lora_magnitude_vector") else key: tensor
+            for key, tensor in peft_state_dict.items()}
+
+
 def save_lora_files(unet, text_encoders, output_dir, sdxl, dtype=None, kohya=True, full_states=None):
     """The adapters in diffusers format (alpha kept in the metadata; loaded by the SD or SDXL pipeline) and,
     optionally, kohya format (A1111, ComfyUI). `text_encoders`: the trained text encoders (two for SDXL), empty
@@ -496,7 +505,7 @@ def save_lora_files(unet, text_encoders, output_dir, sdxl, dtype=None, kohya=Tru
     te_states = [lora_state_dict(model, dtype, full) for model, full in zip(text_encoders, full_states[1:])]
     te_kwargs = {}
     for name, model, state in zip(("text_encoder", "text_encoder_2"), text_encoders, te_states):
-        te_kwargs[f"{name}_lora_layers"] = state
+        te_kwargs[f"{name}_lora_layers"] = text_encoder_lora_layers(state)
         te_kwargs[f"{name}_lora_adapter_metadata"] = lora_adapter_metadata(model)
     (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
         output_dir, unet_lora_layers=unet_state, unet_lora_adapter_metadata=lora_adapter_metadata(unet),
@@ -826,6 +835,11 @@ class DreamBoothLoRA:
             save_lora_files(unwrap(self.accelerator, self.modules[0]), self.trained_text_encoders(),
                             self.args.output_dir, self.args.sdxl, dtype=weight_dtype_for(self.args.save_precision),
                             kohya=not self.args.use_dora, full_states=full_states)
+            if self.args.use_dora:
+                # kohya's DoRA key (dora_scale) exists, but diffusers drops it from SD/SDXL kohya files and loads a
+                # plain LoRA: no file beats one that loads into a different model
+                logger.warning(f"--use_dora: no {KOHYA_WEIGHT_NAME}; {LORA_WEIGHT_NAME} (diffusers format) holds the "
+                               f"DoRA adapters")
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):
@@ -1335,8 +1349,10 @@ class OutputDirLock:
                          "wait for it to end or choose another --output_dir")
         except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
             lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
+            # the plain logger: this runs while the arguments are checked, before the Accelerator that accelerate's
+            # logger needs exists
+            logging.getLogger(__name__).warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                                                "nothing stops a second run from writing into it")
             return
         lock_file.seek(0)
         lock_file.truncate()
@@ -1926,9 +1942,10 @@ def load_image(path):
         return None
 
 
-def load_image_set(paths, captions, folder):
+def load_image_set(paths, captions, folder, resolution):
     """The ImageSet of the readable images of `paths` with their captions; an unreadable one (say, a truncated
-    JPEG) is skipped with a warning, and a folder left with none is a one-line error."""
+    JPEG) is skipped with a warning, and a folder left with none is a one-line error. Images far smaller than
+    the training `resolution` train, with a warning."""
     images = [load_image(path) for path in paths]
     broken = [os.path.basename(path) for path, image in zip(paths, images) if image is None]
     if broken:
@@ -1936,6 +1953,10 @@ def load_image_set(paths, captions, folder):
     kept = [(image, caption) for image, caption in zip(images, captions) if image is not None]
     if not kept:
         raise SystemExit(f"error: no readable image in {folder}")
+    warning = small_image_warning([(os.path.basename(path), image.size) for path, image in zip(paths, images)
+                                   if image is not None], resolution, folder)
+    if warning:
+        logger.warning(warning)
     return ImageSet([image for image, _ in kept], [caption for _, caption in kept])
 
 
@@ -1953,6 +1974,20 @@ def decode_text(raw):
         return raw.decode("utf-8-sig"), True
     except UnicodeDecodeError:
         return raw.decode("cp1252", errors="replace"), False
+
+
+# Copied from train_bk_sdm_kd.small_image_warning
+def small_image_warning(named_sizes, resolution, where, max_upscale=4):
+    """One line about the images whose shorter side is under 1/`max_upscale` of `resolution`, or None. Resized up
+    to the training resolution they train as blur, and one of a few pixels (a 1x1 placeholder, say) as a flat
+    colour: nothing fails, so without this line nobody would know. `named_sizes`: [(name, (width, height))]."""
+    small = [(name, size) for name, size in named_sizes if min(size) * max_upscale < resolution]
+    if not small:
+        return None
+    name, (width, height) = min(small, key=lambda entry: min(entry[1]))
+    return (f"{len(small)} of {len(named_sizes)} images in {where} are under 1/{max_upscale} of --resolution "
+            f"{resolution} on their shorter side (the smallest: {name}, {width}x{height}): resized up that far they "
+            f"train as blur or flat colour")
 
 
 # Copied from train_bk_sdm_kd.read_metadata_rows
@@ -1998,16 +2033,16 @@ def read_metadata_rows(data_dir, image_column="file_name"):
     raise DataError(f"{data_dir} has no metadata.jsonl or metadata.csv (one row per image: file name and caption)")
 
 
-def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None, warn=True):
-    """([image paths], [captions]) of a captioned folder: the rows of metadata.jsonl / metadata.csv, or, without
-    a metadata file, every image with a .txt of the same name beside it. An image without a caption is an error
-    naming it: trained with an empty caption it would teach the unconditional prompt the subject. Images listed
-    but missing, and .txt captions not in UTF-8 (read as Windows-1252), are one warning line each (`warn`: the
-    start-up check reads the folder first and warns; the run reads it again)."""
-    warning = logging.getLogger(__name__).warning if warn else (lambda message: None)  # before accelerate starts
+def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix=None):
+    """([image paths], [captions], [names listed but missing], [caption files not in UTF-8]) of a captioned folder:
+    the rows of metadata.jsonl / metadata.csv, or, without a metadata file, every image with a .txt of the same name
+    beside it. An image without a caption is an error naming it: trained with an empty caption it would teach the
+    unconditional prompt the subject. Listed images that are not there, and .txt captions read as Windows-1252, are
+    returned, not logged: this runs at start-up too, before the Accelerator (which accelerate's logger needs)
+    exists; the caller warns once."""
     if not os.path.isdir(data_dir):
         raise DataError(f"no such directory: {data_dir}")
-    paths, captions, not_utf8 = [], [], []
+    paths, captions, missing, not_utf8 = [], [], [], []
     if any(os.path.isfile(os.path.join(data_dir, name)) for name in METADATA_FILES):
         metadata_name, rows = read_metadata_rows(data_dir, image_column)
         columns = [str(column) for column in rows[0][1]] if rows else []
@@ -2015,7 +2050,6 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
             if column not in columns:
                 raise DataError(f"{metadata_name} has no column {column!r} (columns: {', '.join(columns)}); "
                                 f"choose one with {flag}")
-        missing = 0
         for line_number, row in rows:
             image, caption = row.get(image_column), row.get(caption_column)
             where = f"{metadata_name} line {line_number}"
@@ -2025,12 +2059,13 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
                 raise DataError(f"{where}: image {image.strip()} has no caption in column {caption_column!r}")
             path = os.path.join(data_dir, image.strip())
             if not os.path.isfile(path):
-                missing += 1
+                missing.append(image.strip())
                 continue
             paths.append(path)
             captions.append(str(caption).strip())
-        if missing:
-            warning(f"{missing} of {len(rows)} images listed in {metadata_name} are missing and skipped")
+        if rows and not paths:
+            raise DataError(f"none of the {len(rows)} images listed in {metadata_name} exists under {data_dir} "
+                            f"(the first is {missing[0]})")
     else:
         for path in list_images(data_dir)[0]:
             sidecar = os.path.splitext(path)[0] + ".txt"
@@ -2048,12 +2083,9 @@ def read_captioned_folder(data_dir, image_column, caption_column, caption_prefix
             captions.append(caption)
     if not paths:
         raise DataError(f"no captioned image in {data_dir}")
-    if not_utf8:
-        warning(f"{len(not_utf8)} caption file(s) in {data_dir} are not UTF-8 and were read as Windows-1252 (cp1252), "
-                f"e.g. {not_utf8[0]}")
     if caption_prefix:
         captions = [f"{caption_prefix.rstrip()} {caption}" for caption in captions]
-    return paths, captions
+    return paths, captions, missing, not_utf8
 
 
 def list_images(folder):
@@ -2342,20 +2374,29 @@ class DreamBoothExamples:
         self.seed = args.seed if args.seed is not None else 0
         self.caption_dropout_rate = args.caption_dropout_rate
         if args.train_data_dir is not None:
-            paths, captions = read_captioned_folder(args.train_data_dir, args.image_column, args.caption_column,
-                                                    args.caption_prefix, warn=False)
-            self.instances = load_image_set(paths, captions, args.train_data_dir)
+            paths, captions, missing, not_utf8 = read_captioned_folder(args.train_data_dir, args.image_column,
+                                                                       args.caption_column, args.caption_prefix)
+            if missing:
+                logger.warning(f"{len(missing)} of {len(paths) + len(missing)} images listed in the metadata of "
+                               f"{args.train_data_dir} are missing (the first: {missing[0]}); training on the "
+                               f"{len(paths)} that exist")
+            if not_utf8:
+                logger.warning(f"{len(not_utf8)} caption file(s) in {args.train_data_dir} are not UTF-8 and were read "
+                               f"as Windows-1252 (cp1252), e.g. {not_utf8[0]}")
+            self.instances = load_image_set(paths, captions, args.train_data_dir, args.resolution)
         else:
             paths, skipped = list_images(args.instance_data_dir)
             if skipped:
                 logger.warning(f"skipped {len(skipped)} non-image file(s) in {args.instance_data_dir}: "
                                f"{', '.join(skipped[:5])}")
-            self.instances = load_image_set(paths, [args.instance_prompt] * len(paths), args.instance_data_dir)
+            self.instances = load_image_set(paths, [args.instance_prompt] * len(paths), args.instance_data_dir,
+                                            args.resolution)
         self.classes = None
         if args.with_prior_preservation:
             generate_class_images(args, accelerator)
             class_paths = list_images(args.class_data_dir)[0][: args.num_class_images]
-            self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir)
+            self.classes = load_image_set(class_paths, [args.class_prompt] * len(class_paths), args.class_data_dir,
+                                          args.resolution)
         self.num_examples = max(len(self.instances.images), len(self.classes.images) if self.classes else 0)
         self.transform = ImageTransform(args.resolution, center_crop=args.center_crop)
         self.buckets = self.example_buckets = None

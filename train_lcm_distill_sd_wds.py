@@ -1150,8 +1150,10 @@ class OutputDirLock:
                          "wait for it to end or choose another --output_dir")
         except OSError as error:  # a file system without locks (some NFS mounts): run, but unguarded
             lock_file.close()
-            logger.warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
-                           "nothing stops a second run from writing into it")
+            # the plain logger: this runs while the arguments are checked, before the Accelerator that accelerate's
+            # logger needs exists
+            logging.getLogger(__name__).warning(f"cannot lock --output_dir {output_dir} ({error.strerror or error}): "
+                                                "nothing stops a second run from writing into it")
             return
         lock_file.seek(0)
         lock_file.truncate()

@@ -2,6 +2,8 @@
 without captions, spreadsheet CSV metadata, out-of-range numeric flags, the wrong kind of model, and the
 DreamBooth cache's crops. Most tests drive the data stream or the argument parser directly (no model loads)."""
 
+import ast
+import functools
 import io
 import json
 import logging
@@ -586,12 +588,8 @@ def test_captions_not_in_utf8_are_read_as_cp1252_and_counted_everywhere(tmp_path
     folder = image_folder(tmp_path, names=("a.png", "b.png"))
     (folder / "a.txt").write_bytes(cafe.encode("cp1252"))
     (folder / "b.txt").write_text("plain", encoding="utf-8")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        _, captions = dreambooth.read_captioned_folder(str(folder), "file_name", "text")
-    assert captions == [cafe, "plain"]
-    assert [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()] == [
-        f"1 caption file(s) in {folder} are not UTF-8 and were read as Windows-1252 (cp1252), e.g. a.txt"]
+    _, captions, _, not_utf8 = dreambooth.read_captioned_folder(str(folder), "file_name", "text")
+    assert captions == [cafe, "plain"] and not_utf8 == ["a.txt"]  # DreamBoothExamples warns once, naming a.txt
     # tools/make_wds_shards.py's .txt sidecars: written as UTF-8 into the shard, and reported
     result = make_wds_shards.make_shards(str(folder), str(tmp_path / "shards"))
     with tarfile.open(result["shards"][0]) as tar:
@@ -663,3 +661,90 @@ def test_tar_cut_or_garbled_anywhere_is_counted_once_and_drops_the_broken_sample
     counts = lcd.new_data_counts()  # the whole shard: every sample, nothing counted
     whole = str(tmp_path / "whole.tar")
     assert len(list(stream(lcd, [whole], 1)._raw_samples([whole], counts))) == 3 and sum(counts.values()) == 0
+
+
+# ---- issue 21: nothing logs through accelerate's logger before the Accelerator exists ------------------------
+# accelerate's logger raises "You must initialize the accelerate state" when no Accelerator (PartialState) exists:
+# a warning in an argument check, a data-folder reader or a tool would crash the run instead of warning.
+
+
+@functools.lru_cache(maxsize=None)
+def parsed(path):
+    return ast.parse(open(path, encoding="utf-8").read())
+
+
+def accelerate_logger_uses(path, roots):
+    """{function: line} of `logger.<level>` calls (the scripts' accelerate logger) in the functions of `path` that
+    `roots` reach by name: its functions and classes (and their bases) named or called, `self.` / `cls.` /
+    `Class.` methods. A class named counts as all its methods run."""
+    tree = parsed(path)
+    definitions, classes = {}, {}  # "name" or "Class.name" -> (def, its class); class -> (methods, bases)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            definitions[node.name] = (node, None)
+        elif isinstance(node, ast.ClassDef):
+            own = [item for item in node.body if isinstance(item, ast.FunctionDef)]
+            classes[node.name] = ([item.name for item in own], [b.id for b in node.bases if isinstance(b, ast.Name)])
+            definitions.update({f"{node.name}.{item.name}": (item, node.name) for item in own})
+    found, seen, todo = {}, set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in classes:
+            methods, bases = classes[name]
+            todo += [f"{name}.{method}" for method in methods] + bases
+        if name not in definitions:
+            continue
+        function, owner = definitions[name]
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name) and (node.id in definitions or node.id in classes):
+                todo.append(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id == "logger":
+                    found.setdefault(name, node.lineno)
+                method = f"{owner if node.value.id in ('self', 'cls') else node.value.id}.{node.attr}"
+                if method in definitions:
+                    todo.append(method)
+    return found
+
+
+def test_nothing_before_the_accelerator_logs_through_accelerate():
+    """Everything parse_args reaches in the five scripts (argument checks, data-folder readers, the output-dir
+    lock), and every script function tools/precompute_latents.py (which has no Accelerator) uses."""
+    from conftest import REPO
+
+    for module in ALL_MODULES:
+        assert accelerate_logger_uses(module.__file__, ["parse_args"]) == {}, module.__name__
+    tool = parsed(str(REPO / "tools" / "precompute_latents.py"))
+    aliases = {"source": lcd, "sdxl_script": sdxl, "bk": bk}
+    used = {}
+    for node in ast.walk(tool):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            used.setdefault(aliases[node.value.id], set()).add(node.attr)
+    assert {"ShardStream", "ImageFolderStream", "read_image_folder"} <= set().union(*used.values())
+    for module, names in used.items():
+        assert accelerate_logger_uses(module.__file__, names) == {}, module.__name__
+    # the checker does see a call: the run's own start (after the Accelerator) logs through accelerate
+    assert "start_run" in accelerate_logger_uses(lcd.__file__, ["start_run"])
+
+
+@pytest.mark.parametrize("module", ALL_MODULES, ids=lambda m: m.__name__)
+def test_unlockable_output_dir_warns_in_one_line_before_the_accelerator(module, monkeypatch, tmp_path, caplog):
+    """A file system without locks (some NFS mounts) while the arguments are checked: one warning, no crash."""
+    import fcntl
+
+    from accelerate.state import AcceleratorState
+
+    def no_locks(*_):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level(logging.WARNING):
+        module.OutputDirLock.acquire(None, str(tmp_path / "out"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot lock --output_dir {tmp_path / 'out'} (No locks available): nothing stops a second run from "
+        "writing into it"]
+    assert os.path.realpath(tmp_path / "out") not in module.OutputDirLock.held

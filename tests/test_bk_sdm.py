@@ -284,6 +284,43 @@ def test_image_folder_jsonl_csv_columns_and_missing_files(tmp_path):
         bk.read_image_folder(str(empty), "file_name", "text")
 
 
+def test_image_folder_far_below_the_resolution_is_one_warning(tmp_path, caplog):
+    """Two 1x1 placeholders and a 10x40 image among toy pictures (96-128 px) at --resolution 64: one line with
+    the count, the smallest image and the resolution; --min_image_size, which skips the placeholders, leaves
+    the 10x40 one; no small image, no line."""
+    import logging
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    records = make_toy_dataset(str(folder), num_images=3, seed=1, captions="jsonl")
+    with open(folder / "metadata.jsonl", "a") as f:
+        for name, size in (("dot.png", (1, 1)), ("thin.png", (10, 40)), ("dot2.png", (1, 1))):
+            Image.new("RGB", size, (250, 0, 0)).save(folder / name)
+            f.write(json.dumps({"file_name": name, "text": "a red thing"}) + "\n")
+    args = SimpleNamespace(train_data_dir=str(folder), image_column="file_name", caption_column="text",
+                           resolution=64, min_image_size=0, max_train_samples=None)
+    PartialState()  # the run's Accelerator exists when data_source runs
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, samples_per_epoch = bk.data_source(args)
+            args.min_image_size = 2
+            bk.data_source(args)
+            args.resolution = 40  # 10 px is a quarter of it: not far below
+            bk.data_source(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert samples_per_epoch == len(records) + 3  # a warning, not a filter
+    assert [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records] == [
+        f"3 of 6 images in {folder} are under 1/4 of --resolution 64 on their shorter side (the smallest: dot.png, "
+        "1x1): resized up that far they train as blur or flat colour; --min_image_size skips them",
+        f"1 of 4 images in {folder} are under 1/4 of --resolution 64 on their shorter side (the smallest: thin.png, "
+        "10x40): resized up that far they train as blur or flat colour; --min_image_size skips them"]
+
+
 def parse_error(capsys, argv):
     return rejection_line(bk, argv, capsys)
 

@@ -141,8 +141,8 @@ def folder_with(root, images, kind, captions=None):
                                            ("txt", ("file_name", "text"))])
 def test_captioned_folders_are_read_with_their_prefix(tmp_path, images, kind, columns):
     folder = folder_with(tmp_path, images, kind)
-    paths, captions = db.read_captioned_folder(str(folder), *columns, caption_prefix="sks style,")
-    assert [p.rsplit("/", 1)[-1] for p in paths] == [image.name for image in images]
+    paths, captions, missing, not_utf8 = db.read_captioned_folder(str(folder), *columns, caption_prefix="sks style,")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [image.name for image in images] and missing == not_utf8 == []
     assert captions == [f"sks style, a drawing number {i}" for i in range(len(images))]
 
 
@@ -178,6 +178,55 @@ def test_captioned_folder_errors_are_one_line(assets, tmp_path, images, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@contextlib.contextmanager
+def no_accelerate_state():
+    """No Accelerator (nor PartialState) exists inside, as when a script parses its arguments."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_listed_but_missing_and_tiny_images_are_one_warning_each(assets, images, tmp_path, caplog, capsys):
+    """metadata.jsonl lists 6 images, 3 of them absent and one a 1x1 placeholder: the arguments parse (they
+    crashed on accelerate's logger, used before the Accelerator existed), and the examples are the 3 that
+    exist, with one warning line naming the first missing image and one naming the smallest image."""
+    import logging
+
+    from accelerate import PartialState
+    from PIL import Image
+
+    folder = folder_with(tmp_path, images[:2], "jsonl")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "dot.png")
+    with open(folder / "metadata.jsonl", "a") as f:
+        for name in ("gone-1.png", "dot.png", "gone-2.png", "gone-3.png"):
+            f.write(json.dumps({"image": name, "caption": f"a drawing {name}"}) + "\n")
+    argv = ["--pretrained_model_name_or_path", assets["tiny-sd"], "--train_data_dir", str(folder), "--image_column",
+            "image", "--caption_column", "caption", "--resolution", "64", "--output_dir", str(tmp_path / "out")]
+    with no_accelerate_state(), caplog.at_level(logging.WARNING):
+        args = db.parse_args(argv)
+        assert not caplog.records  # start-up only checks: the run warns once, on the main process
+        examples = db.DreamBoothExamples(args, PartialState())
+    db.OutputDirLock.release_all()
+    assert len(examples.instances.images) == 3
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert (f"3 of 6 images listed in the metadata of {folder} are missing (the first: gone-1.png); training on the "
+            f"3 that exist") in warnings[0]
+    assert "1 of 3 images in" in warnings[1] and "--resolution 64" in warnings[1]
+    assert "(the smallest: dot.png, 1x1)" in warnings[1]
+
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"image": f"gone-{i}.png", "caption": "x"}) + "\n"
+                                                   for i in range(3)))
+    with no_accelerate_state():
+        message = rejection_line(db, argv, capsys)
+    assert message.endswith(f"--train_data_dir: none of the 3 images listed in metadata.jsonl exists under {folder} "
+                            f"(the first is gone-0.png)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +255,7 @@ def test_captioned_dora_run_saves_files_diffusers_loads(assets, images, tmp_path
     assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
     magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
     assert magnitudes and any(k.startswith("text_encoder.") for k in magnitudes)
-    assert not (out / db.KOHYA_WEIGHT_NAME).exists()
+    assert not (out / db.KOHYA_WEIGHT_NAME).exists() and f"--use_dora: no {db.KOHYA_WEIGHT_NAME}" in run.stdout
     card = (out / "README.md").read_text()
     assert 'instance_prompt: "sks"' in card and "| adapter | DoRA |" in card and "min-SNR, gamma 5.0" in card
 
@@ -216,12 +265,13 @@ def test_captioned_dora_run_saves_files_diffusers_loads(assets, images, tmp_path
     base.load_lora_weights(str(out))
     after = generate(base, "sks a drawing number 1")
     assert np.abs(after - before).max() > 1e-3, "the DoRA file changed nothing"
-    # the adapters in the pipeline are the saved tensors: a magnitude vector came back unchanged
-    key = next(k for k in magnitudes if k.startswith("unet."))
-    module_path = key.removeprefix("unet.").split(".lora_magnitude_vector")[0]
-    module = base.unet.get_submodule(module_path)
-    loaded = next(v for name, v in module.named_parameters() if "lora_magnitude_vector" in name)
-    torch.testing.assert_close(loaded.detach().float().flatten(), saved[key].float().flatten())
+    # the adapters in the pipeline are the saved tensors: every magnitude vector, of the UNet and of the text
+    # encoder, came back as trained
+    for key in magnitudes:
+        component, module_path = key.split(".", 1)
+        module = getattr(base, component).get_submodule(module_path.split(".lora_magnitude_vector")[0])
+        loaded = next(v for name, v in module.named_parameters() if "lora_magnitude_vector" in name)
+        torch.testing.assert_close(loaded.detach().float().flatten(), saved[key].float().flatten(), msg=key)
 
 
 def test_txt_captions_are_cached_once_per_distinct_prompt(assets, images, tmp_path):

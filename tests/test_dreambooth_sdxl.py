@@ -319,3 +319,75 @@ def test_vae_precision_and_text_encoder_targets(tiny_sdxl, assets):
     assert adapted[0] == {str(i) for i in range(layers - 1)} and adapted[1] == {str(i) for i in range(layers)}
     _, vae = loaded(assets["tiny-sd"], False, vae=f"{tiny_sdxl}/vae")
     assert vae.dtype == torch.bfloat16 and vae.config.scaling_factor == 0.13025
+
+
+# ---- DoRA files load as trained ------------------------------------------------------------------------------
+
+
+def adapter_tensors(model):
+    """{parameter name without the adapter name: tensor} of a model's LoRA/DoRA parameters (the trained adapter is
+    'default', the one load_lora_weights adds 'default_0')."""
+    return {name.replace(".default.", ".").replace(".default_0.", "."): p.detach()
+            for name, p in model.named_parameters() if "lora_" in name}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_dora_adapters_load_as_trained_into_the_pipeline(kind, tiny_sdxl, assets, tmp_path, monkeypatch):
+    """save_lora_files, then load_lora_weights as the model card says: every DoRA tensor of the UNet and of each
+    text encoder (magnitude vectors included) is the trained one, and so are the text encoders' and the UNet's
+    outputs. (transformers' adapter loader once dropped the text encoders' magnitudes without a word.) A resume
+    reads the file back exactly too."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    base = tiny_sdxl if kind == "sdxl" else assets["tiny-sd"]
+    args = SimpleNamespace(pretrained_model_name_or_path=base, revision=None, cache_dir=None, variant=None,
+                           pretrained_vae_model_name_or_path=None, sdxl=kind == "sdxl", rank=2, lora_alpha=2.0,
+                           lora_dropout=0.0, train_text_encoder=True, use_dora=True)
+    # plain from_pretrained: the memory-lean loader re-reads every tensor, seconds on a busy CI machine
+    monkeypatch.setattr(db, "from_pretrained_in_dtype",
+                        lambda model_class, dtype, location, **kwargs: model_class.from_pretrained(location, **kwargs))
+    _, tokenizers, text_encoders, vae, unet = db.load_models(args, torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():  # stands in for training: every adapter tensor moves, magnitudes by up to 10%
+        for model in (unet, *text_encoders):
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+                elif "lora_" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+    db.save_lora_files(unet, text_encoders, str(tmp_path), args.sdxl, kohya=False)
+
+    pipeline = (StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline).from_pretrained(base, vae=vae)
+    pipeline.load_lora_weights(str(tmp_path))
+    loaded_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if args.sdxl else [])
+    for name, trained, loaded in zip(["unet", "text_encoder", "text_encoder_2"], [unet, *text_encoders],
+                                     [pipeline.unet, *loaded_encoders]):
+        expected, got = adapter_tensors(trained), adapter_tensors(loaded)
+        assert sum("lora_magnitude_vector" in key for key in expected) >= 4, name
+        assert got.keys() == expected.keys(), name
+        differ = [key for key in expected if not torch.equal(got[key], expected[key])]
+        assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[0]}"
+
+    with torch.no_grad():
+        for trained, loaded, tokenizer in zip(text_encoders, loaded_encoders, tokenizers):
+            ids = tokenizer(["a photo of sks circle"], padding="max_length", max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+            torch.testing.assert_close(loaded(ids)[0], trained(ids)[0], rtol=1e-4, atol=1e-5)
+        table = db.encode_prompt_table(text_encoders, tokenizers, ["a photo of sks circle"], "cpu")
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        conditioning = db.unet_conditioning(table, torch.tensor([0]), time_ids)
+        latents = torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(pipeline.unet(latents, 10, **conditioning).sample,
+                                   unet(latents, 10, **conditioning).sample, rtol=1e-4, atol=1e-5)
+
+    # a resume reads the same file (as a checkpoint) back into the training models: every tensor as saved
+    trained = [{key: t.clone() for key, t in adapter_tensors(model).items()} for model in (unet, *text_encoders)]
+    with torch.no_grad():
+        for model in (unet, *text_encoders):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(2)
+    db.load_lora_checkpoint(unet, text_encoders, str(tmp_path))
+    for expected, model in zip(trained, (unet, *text_encoders)):
+        got = adapter_tensors(model)
+        assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
