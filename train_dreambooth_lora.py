@@ -55,6 +55,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+# region IMPORT_NOTICES copied from train_lcm_distill_sd_wds
+# diffusers (and peft) import bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 its 4-bit kernel
+# loader warns that it cannot fetch them; diffusers' pipelines ask transformers for image processors, which without
+# torchvision announce a fallback. A start-up error should be the one line a user sees.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+# endregion IMPORT_NOTICES
+
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -859,13 +867,14 @@ class DreamBoothLoRA:
 # ----------------------------------------
 
 
-# what validation draws when no --validation_prompts are given
+# what validation draws when no --validation_prompts are given and the model folder has no VALIDATION_PROMPTS_FILE
 DEFAULT_VALIDATION_PROMPTS = [
     "a photograph of an astronaut riding a horse",
     "a red fox in a snowy forest, golden hour",
     "a bowl of ramen on a wooden table, studio lighting",
     "a watercolor painting of a lighthouse at dawn",
 ]
+VALIDATION_PROMPTS_FILE = "validation_prompts.txt"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -983,6 +992,8 @@ def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teach
     args = parser.parse_args(input_args)
     check_model_kinds(parser, args, model_kind, model_flag)
     check_common_args(parser, args, model_flag)
+    if args.validation_prompts is None:
+        args.validation_prompts = teacher_validation_prompts(getattr(args, model_flag)) or DEFAULT_VALIDATION_PROMPTS
     return args
 
 
@@ -1118,6 +1129,45 @@ def vae_kind_problem(path):
         what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
         return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
     return None
+
+
+def native_resolution(path):
+    """The image size a local pipeline folder was made for: its UNet's sample_size (in latent pixels) times the
+    VAE's downsampling factor (2 ** (VAE blocks - 1)), from the config files; None where they are not local."""
+    try:
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            sample_size = json.load(f)["sample_size"]
+        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
+            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        return int(sample_size) * vae_factor
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolution_warning(path, resolution, model_flag="pretrained_teacher_model"):
+    """One line when --resolution is more than 2x off the model's native size, either way, else None: a 32 px toy
+    teacher trained at the default 512 costs 256x the compute per step, and a model far below its size draws
+    nothing it learned; both run without an error, so say it before the models load."""
+    native = native_resolution(os.path.expanduser(path))
+    if native is None or native / 2 <= resolution <= native * 2:
+        return None
+    cost = (resolution / native) ** 2
+    effect = (f"each step costs about {cost:.0f}x the compute and memory of {native} px" if cost > 1
+              else "the model works far below the size it learned")
+    return (f"--resolution {resolution} is far from the {native} px that --{model_flag} {path} was made for (UNet "
+            f"sample_size x VAE factor): {effect}; pass --resolution {native} unless that is intended")
+
+
+def teacher_validation_prompts(path):
+    """The prompts a local model folder lists in validation_prompts.txt (one a line), or None: a model that only
+    knows a small world (the toy teachers) names what validation should draw, where the default prompts would
+    be out of its vocabulary and over its tokenizer's length."""
+    try:
+        with open(os.path.join(os.path.expanduser(path), VALIDATION_PROMPTS_FILE), encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return None
+    return prompts or None
 
 
 def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
@@ -1426,8 +1476,21 @@ def unwrap(accelerator, model):
     accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
     state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
     compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
-    The compiled wrapper is for the training forward only."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    The compiled wrapper is for the training forward only.
+
+    Outside DeepSpeed the wrappers are peeled here: accelerate's unwrap_model imports DeepSpeed whenever it is
+    installed, only to test for its engine, which costs seconds and prints DeepSpeed's accelerator line."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (whole-model or regional)
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrappers += (FullyShardedDataParallel,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def full_state_dict(accelerator, model):
@@ -1744,7 +1807,7 @@ def training_table(args, source_rows, method_rows):
     rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
             ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
             ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
-            ("mixed precision", args.mixed_precision)]
+            ("mixed precision", "no (fp32)" if args.mixed_precision == "no" else args.mixed_precision)]
     return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
@@ -1760,6 +1823,12 @@ def start_run(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
+    args.mixed_precision = accelerator.mixed_precision  # the one in effect (the flag, else accelerate's config)
+    model_flag = ("pretrained_teacher_model" if hasattr(args, "pretrained_teacher_model")
+                  else "pretrained_model_name_or_path")  # DreamBooth's name for its base model
+    warning = resolution_warning(getattr(args, model_flag), args.resolution, model_flag)
+    if warning:
+        logger.warning(warning)
     configure_deepspeed(accelerator, args)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
@@ -2343,10 +2412,10 @@ def generate_class_images(args, accelerator):
     # the SDXL pipeline decodes an fp16 SDXL VAE in fp32 itself (force_upcast)
     extra = {} if args.sdxl else {"safety_checker": None, "requires_safety_checker": False}
     if args.pretrained_vae_model_name_or_path is not None:
-        extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
+        extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype,
                                                      cache_dir=args.cache_dir)
     pipeline = (StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline).from_pretrained(
-        args.pretrained_model_name_or_path, torch_dtype=dtype, revision=args.revision, variant=args.variant,
+        args.pretrained_model_name_or_path, dtype=dtype, revision=args.revision, variant=args.variant,
         cache_dir=args.cache_dir, **extra,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)

@@ -52,6 +52,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+# region IMPORT_NOTICES copied from train_lcm_distill_sd_wds
+# diffusers (and peft) import bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 its 4-bit kernel
+# loader warns that it cannot fetch them; diffusers' pipelines ask transformers for image processors, which without
+# torchvision announce a fallback. A start-up error should be the one line a user sees.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+# endregion IMPORT_NOTICES
+
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys
 from accelerate import Accelerator
@@ -125,7 +133,8 @@ def parse_args(input_args=None):
                        help="dtype of the final LoRA files (fp16 halves them; checkpoints always keep fp32).")
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
-                       help="Prompts for the validation grids; pass the flag with no prompt to disable validation.")
+                       help="Prompts for the validation grids (default: the lines of the model folder's "
+                            "validation_prompts.txt, else four general prompts); the flag alone disables validation.")
     group.add_argument("--validation_guidance_scale", type=bounded(float, 0, None), default=1.0,
                        help="Pipeline guidance_scale of validation images (LCM-LoRA: 1.0-2.0; 1.0 runs no CFG pass).")
     add_engine_args(parser, output_dir="lcm-lora-sd-model", learning_rate=1e-4)
@@ -426,6 +435,20 @@ def lcd_table_rows(args):
             ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
 
 
+def trained_guidance(args):
+    """How a model card names the guidance the student was trained for and the pipeline `guidance_scale` that
+    gives it (the pipeline feeds omega = guidance_scale - 1): one value when --w_min == --w_max, else a range."""
+    if args.w_min == args.w_max:
+        return f"omega = {args.w_min}", f"`guidance_scale` {args.w_min + 1}"
+    return (f"omega in [{args.w_min}, {args.w_max}]",
+            f"`guidance_scale` between {args.w_min + 1} and {args.w_max + 1}")
+
+
+def example_guidance_scale(args):
+    """The guidance_scale of a model card's inference example: the validation one, moved into the trained range."""
+    return min(max(args.validation_guidance_scale, args.w_min + 1), args.w_max + 1)
+
+
 def lcm_scheduler_for(args):
     """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
     (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
@@ -594,7 +617,7 @@ def checkpoint_hooks(accelerator):
 # Copied from train_lcm_distill_sd_wds.log_validation
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
     """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
-    prompts = DEFAULT_VALIDATION_PROMPTS if args.validation_prompts is None else args.validation_prompts
+    prompts = args.validation_prompts  # parse_args resolves the default (see parse_and_check)
     if not prompts:
         return None
     scheduler = lcm_scheduler_for(args)
@@ -650,8 +673,8 @@ pipe.to("cuda")
 image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale=1.0).images[0]
 ```
 
-Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance (omega in [{args.w_min}, {args.w_max}]) is
-distilled into the adapter. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for AUTOMATIC1111 and
+Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance ({trained_guidance(args)[0]}) is distilled into
+the adapter. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for AUTOMATIC1111 and
 ComfyUI.
 
 ## Training
@@ -745,13 +768,14 @@ class LatentConsistencyLoraDistillation:
 # ----------------------------------------
 
 
-# what validation draws when no --validation_prompts are given
+# what validation draws when no --validation_prompts are given and the model folder has no VALIDATION_PROMPTS_FILE
 DEFAULT_VALIDATION_PROMPTS = [
     "a photograph of an astronaut riding a horse",
     "a red fox in a snowy forest, golden hour",
     "a bowl of ramen on a wooden table, studio lighting",
     "a watercolor painting of a lighthouse at dawn",
 ]
+VALIDATION_PROMPTS_FILE = "validation_prompts.txt"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -869,6 +893,8 @@ def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teach
     args = parser.parse_args(input_args)
     check_model_kinds(parser, args, model_kind, model_flag)
     check_common_args(parser, args, model_flag)
+    if args.validation_prompts is None:
+        args.validation_prompts = teacher_validation_prompts(getattr(args, model_flag)) or DEFAULT_VALIDATION_PROMPTS
     return args
 
 
@@ -1004,6 +1030,45 @@ def vae_kind_problem(path):
         what = f"a {found} folder" if found else "not a diffusers model folder (no config.json)"
         return f"{path} is {what}; expected an AutoencoderKL (VAE) folder"
     return None
+
+
+def native_resolution(path):
+    """The image size a local pipeline folder was made for: its UNet's sample_size (in latent pixels) times the
+    VAE's downsampling factor (2 ** (VAE blocks - 1)), from the config files; None where they are not local."""
+    try:
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+            sample_size = json.load(f)["sample_size"]
+        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
+            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        return int(sample_size) * vae_factor
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolution_warning(path, resolution, model_flag="pretrained_teacher_model"):
+    """One line when --resolution is more than 2x off the model's native size, either way, else None: a 32 px toy
+    teacher trained at the default 512 costs 256x the compute per step, and a model far below its size draws
+    nothing it learned; both run without an error, so say it before the models load."""
+    native = native_resolution(os.path.expanduser(path))
+    if native is None or native / 2 <= resolution <= native * 2:
+        return None
+    cost = (resolution / native) ** 2
+    effect = (f"each step costs about {cost:.0f}x the compute and memory of {native} px" if cost > 1
+              else "the model works far below the size it learned")
+    return (f"--resolution {resolution} is far from the {native} px that --{model_flag} {path} was made for (UNet "
+            f"sample_size x VAE factor): {effect}; pass --resolution {native} unless that is intended")
+
+
+def teacher_validation_prompts(path):
+    """The prompts a local model folder lists in validation_prompts.txt (one a line), or None: a model that only
+    knows a small world (the toy teachers) names what validation should draw, where the default prompts would
+    be out of its vocabulary and over its tokenizer's length."""
+    try:
+        with open(os.path.join(os.path.expanduser(path), VALIDATION_PROMPTS_FILE), encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return None
+    return prompts or None
 
 
 def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
@@ -1312,8 +1377,21 @@ def unwrap(accelerator, model):
     accelerate's unwrap_model keeps the compile wrapper by default (`accelerate launch --dynamo_backend`): its
     state_dict keys carry an `_orig_mod.` prefix (which would end up in LoRA files), and calling it runs the
     compiled graph, which recompiles for every new grad mode, shape or adapter state (teacher passes, validation).
-    The compiled wrapper is for the training forward only."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    The compiled wrapper is for the training forward only.
+
+    Outside DeepSpeed the wrappers are peeled here: accelerate's unwrap_model imports DeepSpeed whenever it is
+    installed, only to test for its engine, which costs seconds and prints DeepSpeed's accelerator line."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (whole-model or regional)
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrappers += (FullyShardedDataParallel,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def full_state_dict(accelerator, model):
@@ -1630,7 +1708,7 @@ def training_table(args, source_rows, method_rows):
     rows = [*source_rows, ("resolution", args.resolution), ("steps", args.max_train_steps),
             ("batch size per GPU x accumulation", f"{args.train_batch_size} x {args.gradient_accumulation_steps}"),
             ("learning rate", f"{args.learning_rate} ({args.lr_scheduler})"), *method_rows,
-            ("mixed precision", args.mixed_precision)]
+            ("mixed precision", "no (fp32)" if args.mixed_precision == "no" else args.mixed_precision)]
     return "| setting | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
 
@@ -1646,6 +1724,12 @@ def start_run(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
+    args.mixed_precision = accelerator.mixed_precision  # the one in effect (the flag, else accelerate's config)
+    model_flag = ("pretrained_teacher_model" if hasattr(args, "pretrained_teacher_model")
+                  else "pretrained_model_name_or_path")  # DreamBooth's name for its base model
+    warning = resolution_warning(getattr(args, model_flag), args.resolution, model_flag)
+    if warning:
+        logger.warning(warning)
     configure_deepspeed(accelerator, args)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # seed + rank: processes must not draw the same noise
@@ -1818,8 +1902,9 @@ def add_stream_args(parser, *, resolution=512, shards_required=True):
                        help="Drop samples whose json 'aesthetic' score is below this (samples without it are kept).")
     group.add_argument("--shuffle_buffer_size", type=bounded(int, 0, None), default=1000,
                        help="Samples held by each reader to shuffle within and across shards (0 disables).")
-    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=4,
-                       help="Data loading processes per GPU (0 reads in the main process).")
+    group.add_argument("--dataloader_num_workers", type=bounded(int, 0, None), default=None,
+                       help="Data loading processes per GPU (0 reads in the main process). Default: 4, fewer when "
+                            "there are fewer shards per process (every reader needs shards of its own).")
     group.add_argument("--shard_read_timeout", type=bounded(float, 0, None, low_open=True), default=600.0,
                        help="Seconds a 'pipe:' or http(s) shard may send no data before it is abandoned (killed, "
                             "skipped and counted as data/stalled_shards).")
@@ -1855,6 +1940,19 @@ def check_shard_args(parser, args):
             "a stream of shards has no known length: set --max_train_steps, or --max_train_samples "
             "(samples per epoch) with --num_train_epochs"
         )
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_loader_workers(len(urls))
+
+
+def default_loader_workers(num_sources):
+    """--dataloader_num_workers when the flag is not given: 4 readers per process, fewer when the data has fewer
+    sources (shards, an image folder's images) per process, since every reader needs sources of its own.
+
+    It depends on the data and the process count only (WORLD_SIZE, which launchers give every process), both
+    part of the resume topology, not on this machine's cores: a checkpoint resumes on another machine with the
+    same readers, where a core-count default would make that resume refuse."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, min(4, num_sources // processes))
 
 
 class ImageTransform:
@@ -2162,10 +2260,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = list(self.urls)
             random.Random(f"{self.seed}-pass-{pass_index}").shuffle(shards)  # same order on every reader
             if len(shards) < num_readers:
+                workers_that_fit = len(shards) // self.world_size
+                fix = (f"pass --dataloader_num_workers {workers_that_fit}, or write more, smaller shards"
+                       if workers_that_fit else f"write at least {self.world_size} shards")
                 raise DataError(
                     f"{len(shards)} shard(s) for {num_readers} readers ({self.world_size} process(es) x "
                     f"{num_readers // self.world_size} loader worker(s)): every reader needs shards of its own; "
-                    "write more, smaller shards or lower --dataloader_num_workers"
+                    f"{fix} (tools/make_wds_shards.py --samples_per_shard)"
                 )
             shards = shards[reader::num_readers]
             produced = 0

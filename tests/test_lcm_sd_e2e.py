@@ -89,8 +89,12 @@ def test_outputs_rotation_card_and_logs(main_run, assets):
     card = (out / "README.md").read_text()
     assert "base_model: " + str(assets["tiny-sd"]) in card
     assert "LCMScheduler" in card and "validation/unet_target_step_000004.png" in card
+    assert "| mixed precision | no (fp32) |" in card  # the precision in effect, though the flag was not given
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
     assert "loss=" in main_run["log"] and "samples_s=" in main_run["log"]
+    # no notices of libraries the run does not use: transformers' torchvision fallback, DeepSpeed's accelerator line
+    assert "torchvision" not in main_run["log"] and "ds_accelerator" not in main_run["log"]
+    assert "Setting accelerator to CPU" not in main_run["log"]
 
 
 def test_student_starts_at_teacher_and_learns(main_run, assets):

@@ -84,6 +84,7 @@ def test_fewer_shards_than_readers_is_one_clear_error(assets, tmp_path):
     assert result.returncode != 0
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("error: 2 shard(s) for 3 readers (1 process(es) x 3 loader worker(s))"), last
+    assert "pass --dataloader_num_workers 2" in last, last  # the count that fits, not just "lower it"
 
 
 # ----------------------------------------------------------------------------------------------------------

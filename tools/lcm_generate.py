@@ -18,10 +18,11 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", default=None,
                         help="LCMScheduler folder; default: the training output's scheduler/ next to --unet (the "
                              "DDIM grid and timestep scaling the student was trained for), else the teacher's.")
-    parser.add_argument("--prompt", default="a red circle on a blue background")
+    parser.add_argument("--prompt", default="a red circle", help="Default: a prompt of the demo's toy world.")
     parser.add_argument("--steps", type=int, default=4, help="LCM sampling steps (1-8).")
-    parser.add_argument("--guidance_scale", type=float, default=8.0,
-                        help="Pipeline guidance scale; the UNet sees omega = guidance_scale - 1.")
+    parser.add_argument("--guidance_scale", type=float, default=4.0,
+                        help="Pipeline guidance scale; the UNet sees omega = guidance_scale - 1 (default 4: the demo "
+                             "trains at omega = 3; see the model card for another student's range).")
     parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's native size.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="lcm.png")

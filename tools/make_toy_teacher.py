@@ -19,7 +19,9 @@ What it builds (every weight trained here, nothing downloaded):
   DDPM epsilon loss (min-SNR weighted) on 10% empty captions, so classifier-free guidance works;
 * ``--kind sdxl``: two text encoders (the second with projection, giving the pooled embedding) and a
   UNet with the SDXL layout and ``text_time`` micro-conditioning; the empty caption's conditioning is
-  zeros, as SDXL base's ``force_zeros_for_empty_prompt`` does.
+  zeros, as SDXL base's ``force_zeros_for_empty_prompt`` does;
+* ``validation_prompts.txt``: four of its prompts (every colour and shape), which the training scripts
+  validate with when no ``--validation_prompts`` are given.
 
 At the end it samples the 12 colour-and-shape prompts with 50-step guided DDIM and checks the pictures
 with the toy world's checker; a teacher below ``--min_accuracy`` is an error. The result is written to
@@ -350,12 +352,20 @@ def build_toy_teacher(kind, output_dir, *, vae_from=None, vae_steps=1200, denois
         pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
     pipeline.save_pretrained(output_dir)
+    write_validation_prompts(output_dir)
 
     report = {"kind": kind, "build_seconds": round(time.perf_counter() - start, 1), "seed": seed,
               "vae_steps": 0 if vae_from else vae_steps, "denoiser_steps": denoiser_steps,
               "batch_size": batch_size, "threads": torch.get_num_threads(),
               "unet_parameters": sum(p.numel() for p in unet.parameters())}
     return write_report(output_dir, report, min_accuracy, log)
+
+
+def write_validation_prompts(output_dir):
+    """validation_prompts.txt: the training scripts validate with these when no --validation_prompts are given, in
+    place of their general default prompts, which this teacher's word-level, 8-token tokenizer cannot read."""
+    with open(os.path.join(output_dir, "validation_prompts.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(f"{prompt}\n" for prompt in toy_world.validation_prompts()))
 
 
 def write_report(output_dir, report, min_accuracy=0.0, log=print):

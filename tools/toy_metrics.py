@@ -46,7 +46,7 @@ def load_pipeline(path, unet=None, dtype=torch.float32):
     extra = {"unet": unet} if unet is not None else {}
     if cls is StableDiffusionPipeline:
         extra.update(safety_checker=None, requires_safety_checker=False)
-    pipeline = cls.from_pretrained(path, torch_dtype=dtype, **extra)
+    pipeline = cls.from_pretrained(path, dtype=dtype, **extra)  # torch_dtype is deprecated in diffusers 0.42
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

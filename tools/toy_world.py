@@ -59,6 +59,12 @@ def full_prompts(colors=TEACHER_COLORS):
     return [f"a {color} {shape}" for color in colors for shape in SHAPES]
 
 
+def validation_prompts(colors=TEACHER_COLORS):
+    """A short list of the teacher's prompts that shows every colour and every shape, for training scripts'
+    validation grids (what the toy teachers' validation_prompts.txt holds)."""
+    return [f"a {color} {SHAPES[i % len(SHAPES)]}" for i, color in enumerate(colors)]
+
+
 def draw(color, shape, rng, resolution=RESOLUTION):
     """One picture as a PIL image: ``shape`` in ``color`` (a name of ``COLORS`` or an RGB tuple) on a random
     near-grey background."""
