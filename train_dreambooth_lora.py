@@ -32,6 +32,7 @@ The training step is `dreambooth_loss`; everything else is set-up and bookkeepin
 import argparse
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -47,6 +48,7 @@ import shutil
 import signal
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +67,7 @@ logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
@@ -78,7 +81,7 @@ from diffusers import (
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import make_image_grid
-from huggingface_hub import create_repo, snapshot_download, upload_folder
+from huggingface_hub import create_repo, get_token, is_offline_mode, snapshot_download, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -547,6 +550,30 @@ def load_lora_checkpoint(unet, text_encoders, checkpoint_dir):
         cast_training_params(model)
 
 
+# Copied from train_lcm_distill_sd_wds.weights_fingerprint
+def weights_fingerprint(named_parameters, values_per_tensor=4096):
+    """A short hash of weights: every parameter's name and shape and the signs of its first values. Signs, not
+    values: an fp32, bf16 or fp16 copy of the same weights keeps every sign, whereas rounded values differ
+    (fp32 -> fp16 -> bf16 rounds about one value in 16 differently from fp32 -> bf16); other weights differ in
+    thousands of signs."""
+    digest = hashlib.sha256()
+    for name, parameter in named_parameters:
+        signs = torch.signbit(parameter.detach().flatten()[:values_per_tensor]).cpu().numpy()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(np.packbits(signs).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# Copied from train_lcm_distill_sd_wds.teacher_record
+def teacher_record(flag, model, revision, unet):
+    """What checkpoints record of the model a run learns from (the engine refuses a resume with another one): its
+    flag, id or path and revision, and a fingerprint of its UNet's weights (weights_fingerprint: the signs of each
+    tensor's first values, cheap, the same in any precision). Of the base weights only: LoRA adapters, which
+    train, are left out, and PEFT's wrapped names are read as the plain UNet's."""
+    base = ((name.replace(".base_layer", ""), param) for name, param in unet.named_parameters() if "lora_" not in name)
+    return {"flag": flag, "model": model, "revision": revision, "UNet weights": weights_fingerprint(base)}
+
+
 
 # ----------------------------------------
 # Validation and the model card
@@ -720,6 +747,9 @@ class DreamBoothLoRA:
         self.args, self.accelerator, self.examples = args, accelerator, examples
         device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
         noise_scheduler, self.tokenizers, text_encoders, self.vae, unet = load_models(args, self.weight_dtype)
+        # the base model plays the teacher's part in the run record: adapters trained on one fit no other
+        self.teacher = teacher_record("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                                      args.revision, unet)
         self.vae.to(device).eval()
         for text_encoder in text_encoders:
             text_encoder.to(device)
@@ -833,6 +863,15 @@ class DreamBoothLoRA:
 
         return save_model_hook, load_model_hook
 
+    @staticmethod
+    def checkpoint_files(args):
+        return [LORA_WEIGHT_NAME]  # what checkpoint_hooks write
+
+    @staticmethod
+    def checkpoint_settings(args):
+        return {"--rank": args.rank, "--lora_alpha": args.lora_alpha, "--use_dora": args.use_dora,
+                "--train_text_encoder": args.train_text_encoder}
+
     def validate(self, step):
         return log_validation(self.args, self.accelerator, self.vae, self.text_encoders, self.tokenizers,
                               self.modules[0], self.validation_embeds, step, self.weight_dtype)
@@ -928,7 +967,8 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
     group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
     group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
-                       default=1.0, help="Gradient clipping norm (0 disables).")
+                       default=1.0, help="Gradient clipping norm (0 disables); under DeepSpeed it sets DeepSpeed's "
+                                         "gradient_clipping.")
 
     group = parser.add_argument_group("precision and speed")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
@@ -1017,9 +1057,9 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
             "--hub_token together with --report_to wandb would leak the token into the wandb config; "
             "log in with `huggingface-cli login` instead"
         )
-    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if tracker in trackers and importlib.util.find_spec(module) is None:
-            parser.error(f"--report_to {tracker} needs {module}: pip install {module}")
+    problem = report_to_problem(args.report_to)
+    if problem:
+        parser.error(problem)
     if args.resume_from_checkpoint not in (None, "latest"):
         path = args.resume_from_checkpoint
         if not os.path.isdir(path) and not os.path.isdir(os.path.join(args.output_dir, path)):
@@ -1027,7 +1067,66 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         path = path if os.path.isdir(path) else os.path.join(args.output_dir, path)
         if not os.path.isfile(os.path.join(path, "training_state.json")):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
+    check_push_to_hub(parser, args)
     check_output_dir(parser, args)
+
+
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX")}  # where a tracker's module is not its own name
+
+
+def report_to_problem(report_to):
+    """Why --report_to cannot be honoured, or None: a tracker accelerate does not know (a typo such as
+    'tensorbord') or one that is not installed. accelerate itself only warns and trains without it: a run that
+    tracks nothing, noticed when it is over."""
+    known = list(LOGGER_TYPE_TO_CLASS)
+
+    def is_installed(name):
+        return any(importlib.util.find_spec(module) for module in TRACKER_MODULES.get(name, (name,)))
+
+    for name in tracker_names(report_to) or []:
+        if name not in known or not is_installed(name):
+            installed = ", ".join(tracker for tracker in known if is_installed(tracker)) or "none"
+            if name not in known:
+                return (f"--report_to: unknown tracker {name!r}; accelerate knows {', '.join(known)} (installed here: "
+                        f"{installed}), or 'none'")
+            return f"--report_to {name}: {name} is not installed (pip install {name}); installed trackers: {installed}"
+    return None
+
+
+def hub_is_offline():
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when it was set after huggingface_hub was imported."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return is_offline_mode() if value is None else value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_repo_id(args):
+    return args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+
+
+def check_push_to_hub(parser, args):
+    """--push_to_hub uploads when training is over: refuse now, before any model loads, what would make that upload
+    fail after hours of training: the Hub offline, no token, a repository that cannot be created. The main process
+    creates the repository now (the upload would anyway), which proves the token works and may create it."""
+    if not args.push_to_hub:
+        return
+    if hub_is_offline():
+        parser.error("--push_to_hub: the Hub is offline here (HF_HUB_OFFLINE is set); unset it, or train without "
+                     "--push_to_hub and upload the output dir afterwards (`hf upload`)")
+    if not (args.hub_token or get_token()):
+        parser.error("--push_to_hub needs a Hub token: log in with `hf auth login` (or set HF_TOKEN)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    repo_id = hub_repo_id(args)
+    try:
+        create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token)
+    except Exception as error:  # HTTP, permission and name errors come in many types; the message says which
+        parser.error(f"--push_to_hub: cannot create the Hub repository {repo_id}: {error_summary(error)}")
+
+
+def error_summary(error):
+    """The first line of an error's message (library errors can span many), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_output_dir(parser, args, min_free_bytes=2**30):
@@ -1332,37 +1431,158 @@ def complete_checkpoints(output_dir):
             if os.path.isfile(os.path.join(output_dir, name, "training_state.json"))]
 
 
-def rotate_checkpoints(output_dir, total_limit):
+def rotate_checkpoints(output_dir, total_limit, newest_step):
     """Delete the oldest complete checkpoints so that at most `total_limit` remain. Called after a save, so
     a save that fails never leaves the run without the checkpoints it had (accelerate's
-    ProjectConfiguration(total_limit) deletes before saving, and its saves are not atomic)."""
+    ProjectConfiguration(total_limit) deletes before saving, and its saves are not atomic). Checkpoints after
+    `newest_step`, the one just saved, are left alone: damaged ones that a resume skipped, which this run
+    replaces when it gets there; counting them would delete the good checkpoints before them."""
     if total_limit is None:
         return
-    checkpoints = complete_checkpoints(output_dir)
+    checkpoints = [name for name in complete_checkpoints(output_dir) if int(name.split("-")[1]) <= newest_step]
     for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         logger.info(f"removing old checkpoint {name} (--checkpoints_total_limit {total_limit})")
         shutil.rmtree(os.path.join(output_dir, name))
 
 
-def resolve_resume_checkpoint(args):
-    """The checkpoint directory to resume from, or None to start fresh."""
+class DamagedCheckpoint(Exception):
+    """A checkpoint that a resume cannot read in full; the message names what is missing or broken."""
+
+
+def find_resume_checkpoint(args, accelerator, record, checkpoint_files=(), count_keys=()):
+    """(checkpoint dir, its training state) to resume from, or (None, None) to start fresh; before any model loads.
+
+    Every file the resume will read is checked first: training_state.json and its fields, accelerate's own state
+    in this regime, and `checkpoint_files`, what the method's checkpoint hooks wrote. An explicit
+    --resume_from_checkpoint that lacks one is refused in one line; `latest` takes the newest checkpoint that has
+    them all, warning in one line about each newer one it skips. A checkpoint of another run is refused either
+    way (check_resume_compatible)."""
     if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for name in reversed(list_checkpoints(args.output_dir)):
-            path = os.path.join(args.output_dir, name)
-            if os.path.isfile(os.path.join(path, "training_state.json")):
-                return path
-            logger.warning(f"skipping {path}: incomplete (no training_state.json), it was not fully written")
-        logger.info(f"no complete checkpoint in {args.output_dir}: starting a new run")
-        return None
-    path = args.resume_from_checkpoint
-    return path if os.path.isdir(path) else os.path.join(args.output_dir, path)
+        return None, None
+    explicit = args.resume_from_checkpoint != "latest"
+    if explicit:
+        path = args.resume_from_checkpoint
+        candidates = [path if os.path.isdir(path) else os.path.join(args.output_dir, path)]
+    else:
+        candidates = [os.path.join(args.output_dir, name) for name in reversed(list_checkpoints(args.output_dir))]
+    for path in candidates:
+        try:
+            state = read_training_state(path, count_keys)
+            check_resume_compatible(state, record, path, args.allow_topology_change)
+            processes = (state.get("topology") or {}).get("processes")  # every process saved its random state
+            if not isinstance(processes, int) or processes < 1:
+                processes = accelerator.num_processes
+            check_checkpoint_files(path, accelerator, processes, checkpoint_files)
+            return path, state
+        except DamagedCheckpoint as damage:
+            if explicit:
+                raise SystemExit(f"error: cannot resume {path}: {damage}; resume an earlier checkpoint, or pass "
+                                 "--resume_from_checkpoint latest to take the newest complete one") from None
+            logger.warning(f"skipping {path}: {damage}")
+    if candidates:
+        logger.warning(f"no complete checkpoint in {args.output_dir}: starting a new run")
+    else:
+        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+    return None, None
 
 
-def read_training_state(checkpoint_dir):
-    with open(os.path.join(checkpoint_dir, "training_state.json")) as f:
-        return json.load(f)
+def read_training_state(checkpoint_dir, count_keys=()):
+    """training_state.json as a dict with a valid global_step (and `count_keys`, the data counters, where present);
+    DamagedCheckpoint when it is missing (the save did not finish), not JSON (a truncated write) or malformed."""
+    path = os.path.join(checkpoint_dir, "training_state.json")
+    if not os.path.isfile(path):
+        raise DamagedCheckpoint("incomplete (no training_state.json), it was not fully written")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"training_state.json is unreadable ({error_summary(error)}); truncated?") from None
+
+    def is_count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(state, dict) or not is_count(state.get("global_step")):
+        raise DamagedCheckpoint("training_state.json has no valid global_step")
+    for key in count_keys:
+        if key in state and not is_count(state[key]):
+            raise DamagedCheckpoint(f"training_state.json: {key} is {state[key]!r}, not a count")
+    for key in ("topology", "settings", "teacher"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise DamagedCheckpoint(f"training_state.json: {key} is not a mapping")
+    return state
+
+
+def checkpoint_file_problem(checkpoint_dir, name, what=None):
+    """Why the checkpoint's `name` cannot be loaded, or None: missing, empty, or cut short (safetensors headers
+    and torch.save's zip directory, which sits at the end of the file, are read; nothing else is). A `name`
+    ending in '/' is a diffusers model folder: its config.json and every weights file its index names."""
+    path = os.path.join(checkpoint_dir, name)
+    label = f"{name} ({what})" if what else name
+    if name.endswith("/"):
+        if not os.path.isdir(path):
+            return f"{label} is missing"
+        problem = checkpoint_file_problem(checkpoint_dir, name + "config.json")
+        index_path = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
+        weights = ["diffusion_pytorch_model.safetensors"]
+        if not problem and os.path.isfile(index_path):  # save_pretrained shards weights above 10 GB
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weights = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"{name}diffusion_pytorch_model.safetensors.index.json is unreadable; truncated?"
+        for weights_name in weights:
+            problem = problem or checkpoint_file_problem(checkpoint_dir, name + weights_name)
+        return problem
+    if not os.path.isfile(path):
+        return f"{label} is missing"
+    if os.path.getsize(path) == 0:
+        return f"{label} is empty"
+    try:
+        if name.endswith(".safetensors"):
+            with safe_open(path, framework="pt"):  # checks the header against the file's length
+                pass
+        elif name.endswith((".bin", ".pkl", ".pt")) and not zipfile.is_zipfile(path):  # torch.save writes zips
+            return f"{label} is cut short or not a torch.save file"
+        elif name.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+    except Exception as error:  # safetensors and json raise their own types for a truncated file
+        return f"{label} is unreadable ({error_summary(error)}); truncated?"
+    return None
+
+
+def accelerate_state_files(accelerator, processes):
+    """{file: what it holds} that accelerator.load_state reads in this regime (DeepSpeed's and FSDP's own model
+    and optimiser files are checked apart, in check_checkpoint_files)."""
+    files = {f"random_states_{rank}.pkl": f"the random state of process {rank}" for rank in range(processes)}
+    files["custom_checkpoint_0.pkl"] = "the learning-rate schedule"  # register_for_checkpointing(lr_scheduler)
+    if not is_sharded(accelerator):
+        files["optimizer.bin"] = "the optimiser state"
+    if accelerator.scaler is not None:
+        files["scaler.pt"] = "the fp16 gradient scaler"
+    return files
+
+
+def check_checkpoint_files(checkpoint_dir, accelerator, processes, checkpoint_files):
+    """DamagedCheckpoint naming the first file a resume would read that is missing or broken: accelerate's state
+    (of `processes` processes) and `checkpoint_files`, what the method's checkpoint hooks write."""
+    problems = [checkpoint_file_problem(checkpoint_dir, name, what)
+                for name, what in accelerate_state_files(accelerator, processes).items()]
+    problems += [checkpoint_file_problem(checkpoint_dir, name) for name in checkpoint_files]
+    names = os.listdir(checkpoint_dir)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model_dir = os.path.join(checkpoint_dir, "pytorch_model")
+        if not os.path.isdir(model_dir) or not any(n.endswith("model_states.pt") for n in os.listdir(model_dir)):
+            problems.append("pytorch_model/ (DeepSpeed's model and optimiser states) is missing")
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        if not any(n.startswith("pytorch_model_fsdp") for n in names):
+            problems.append("pytorch_model_fsdp* (FSDP's model state) is missing")
+        if not any(n.startswith("optimizer") for n in names):
+            problems.append("optimizer* (FSDP's optimiser state) is missing")
+    problems = [problem for problem in problems if problem]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DamagedCheckpoint(f"damaged: {problems[0]}{more}")
 
 
 class OutputDirLock:
@@ -1422,24 +1642,40 @@ def shard_list_digest(urls):
     return f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:16]}"
 
 
-def run_record(method, topology):
+def run_record(method, topology, settings=None):
     """What a checkpoint records about the run that wrote it, so that a resume can check it continues that run.
 
     `topology` is everything that decides which samples each step reads (processes, loader workers, batch,
-    accumulation, seed, data); its keys are the names users know, shown as they are in a refusal."""
-    return {"script": SCRIPT_NAME, "method": method, "topology": topology}
+    accumulation, seed, data); `settings` the flags that fix the shapes or the meaning of the trained weights
+    (a LoRA rank, ...: the method's checkpoint_settings). Keys are the names users know, shown as they are in a
+    refusal. train() adds the teacher the models were loaded from (its weights are known once they load)."""
+    return {"script": SCRIPT_NAME, "method": method, "topology": topology, "settings": settings or {}}
+
+
+def describe_setting(value):
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
     """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
-    another script or method (its files, state dicts and optimiser groups do not fit), or one trained on
-    another data topology (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    another script or method (its files, state dicts and optimiser groups do not fit), one whose weights have
+    other shapes or meaning (`settings`: a load_state size mismatch, or silently another model), one of another
+    teacher (when `record` has it, see check_resume_teacher), or one trained on another data topology
+    (resuming would silently repeat and skip samples) unless --allow_topology_change.
     Checkpoints from before these were recorded are taken as they are."""
     theirs = (state.get("script"), state.get("method"))
     ours = (record["script"], record["method"])
     if theirs[0] is not None and theirs != ours:
         raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
                          f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    recorded = state.get("settings") or {}
+    changed = [f"{key} {describe_setting(recorded[key])} -> {describe_setting(value)}"
+               for key, value in (record.get("settings") or {}).items() if key in recorded and recorded[key] != value]
+    if changed:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir}: {'; '.join(changed)} would change the trained "
+                         "weights' shapes or scale; restore the checkpoint's setting, or start a new run")
+    if record.get("teacher"):
+        check_resume_teacher(state, record["teacher"], checkpoint_dir)
     recorded = state.get("topology") or {}
     changed = [f"{key} {recorded[key]} -> {value}" for key, value in record["topology"].items()
                if key in recorded and recorded[key] != value]
@@ -1450,6 +1686,28 @@ def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change
                          "settings, or pass --allow_topology_change to resume with an approximate data position")
     logger.warning(f"--allow_topology_change: resuming {checkpoint_dir} with {'; '.join(changed)}; the data "
                    "position is approximate (some samples are seen twice, some not at all, in this epoch)")
+
+
+def check_resume_teacher(state, teacher, checkpoint_dir):
+    """Refuse, in one line, a checkpoint trained from another teacher (`teacher_record`): one of other shapes would
+    stop in a size-mismatch traceback, one of the same shapes would resume silently and distil something else.
+    The weights decide: the same model from another folder or Hub mirror resumes, with a warning. Called once the
+    teacher has loaded (its fingerprint is cheap), before anything trains."""
+    theirs = state.get("teacher")
+    if not isinstance(theirs, dict) or not theirs.get("UNet weights") or not teacher.get("UNet weights"):
+        return  # a checkpoint from before the teacher was recorded
+
+    def name(record):
+        revision = f" (revision {record['revision']})" if record.get("revision") else ""
+        return f"{record.get('model')}{revision}"
+
+    if theirs["UNet weights"] != teacher["UNet weights"]:
+        raise SystemExit(f"error: {checkpoint_dir} was trained from {teacher['flag']} {name(theirs)} (UNet weights "
+                         f"{theirs['UNet weights']}), but this run loads {name(teacher)} (UNet weights "
+                         f"{teacher['UNet weights']}): resume with that model, or start a new run")
+    if (theirs.get("model"), theirs.get("revision")) != (teacher["model"], teacher["revision"]):
+        logger.warning(f"resuming {checkpoint_dir}, trained from {name(theirs)}, with {name(teacher)}: the same "
+                       "UNet weights")
 
 
 def is_sharded(accelerator):
@@ -1468,6 +1726,13 @@ def configure_deepspeed(accelerator, args):
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    # DeepSpeed clips inside its own step (accelerator.clip_grad_norm_ does nothing there), at its config's
+    # gradient_clipping, which accelerate fills with 1.0 when unset: --max_grad_norm decides, 0 turns it off
+    previous = config.get("gradient_clipping")
+    if previous not in (None, "auto") and float(previous) != args.max_grad_norm:
+        logger.warning(f"--max_grad_norm {args.max_grad_norm} replaces gradient_clipping {previous} of the DeepSpeed "
+                       "config")
+    config["gradient_clipping"] = args.max_grad_norm
 
 
 def unwrap(accelerator, model):
@@ -1518,11 +1783,12 @@ def save_model_folder(accelerator, model, path):
 
 
 def save_checkpoint(accelerator, args, global_step, training_state):
-    """Rotate, then save everything needed to resume (called on every process: each saves its RNG state).
+    """Save everything needed to resume (called on every process: each saves its RNG state), then rotate.
 
     Atomic: written as checkpoint-N.tmp and renamed when complete, so a crash or a full disk mid-write never
     leaves a checkpoint-N that a resume would pick; training_state.json, written last, marks it complete.
-    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1)."""
+    Old checkpoints are rotated out only after that (so the disk briefly holds limit + 1). A write that fails
+    (full disk) removes the .tmp, to give the space back, and stops the run in one line (exit_if_write_fails)."""
     final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     save_path = final_path + ".tmp"
     if accelerator.is_main_process:
@@ -1530,18 +1796,63 @@ def save_checkpoint(accelerator, args, global_step, training_state):
             if re.fullmatch(r"checkpoint-\d+\.tmp", name):
                 shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
-    accelerator.save_state(save_path)
-    accelerator.wait_for_everyone()
+    try:
+        with exit_if_write_fails(f"checkpoint {final_path}", args.output_dir):
+            accelerator.save_state(save_path)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                with open(os.path.join(save_path, "training_state.json"), "w") as f:
+                    json.dump({"global_step": global_step, **training_state}, f, indent=2)
+                if os.path.isdir(final_path):  # the same step saved by an earlier run
+                    shutil.rmtree(final_path)
+                os.replace(save_path, final_path)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(save_path, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        with open(os.path.join(save_path, "training_state.json"), "w") as f:
-            json.dump({"global_step": global_step, **training_state}, f, indent=2)
-        if os.path.isdir(final_path):  # the same step saved by an earlier run
-            shutil.rmtree(final_path)
-        os.replace(save_path, final_path)
         logger.info(f"saved checkpoint {final_path}")
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit, global_step)
     accelerator.wait_for_everyone()
     return final_path
+
+
+# what the writers a save goes through say when the disk is full or a write fails: torch.save's zip writer
+# ("file write failed", "unexpected pos"), safetensors ("No space left on device (os error 28)")
+WRITE_FAILURE_MESSAGES = ("No space left on device", "Disk quota exceeded", "file write failed", "unexpected pos")
+NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk, or a full quota
+
+
+def write_failure(error):
+    """What failed, in a few words, when `error` (or an error it was raised from) is a failed write: an OSError
+    (ENOSPC, EDQUOT, EIO, a vanished folder, ...) or a library's error that reports one; None for anything else."""
+    while error is not None:
+        if isinstance(error, OSError):
+            if error.errno in NO_SPACE_ERRNOS:
+                return "no space left on the device"
+            return error.strerror or error_summary(error)
+        if any(message in str(error) for message in WRITE_FAILURE_MESSAGES):
+            return error_summary(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def exit_if_write_fails(what, output_dir):
+    """Stop the run in one line when writing `what` fails (a full disk, a quota, an I/O error), naming it and the
+    last complete checkpoint, which a failed write never touches, instead of chained tracebacks. Other errors
+    pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        last = (complete_checkpoints(output_dir) or [None])[-1]
+        kept = (f"the last complete checkpoint, {os.path.join(output_dir, last)}, is intact" if last
+                else "no checkpoint was saved before it")
+        raise SystemExit(f"error: {reason} while writing {what}; {kept}. Free some space, then continue with "
+                         "--resume_from_checkpoint latest") from None
 
 
 class StopOnSignal:
@@ -1679,8 +1990,7 @@ def report_peak_memory(accelerator, step):
 
 def push_output_to_hub(args, commit_message="End of training"):
     """Create (or reuse) the Hub repo and upload the output dir, without checkpoints and tracker logs."""
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    repo_id = create_repo(repo_id=hub_repo_id(args), exist_ok=True, token=args.hub_token).repo_id
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
                   ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp",
                                    OutputDirLock.FILE_NAME],
@@ -1765,6 +2075,7 @@ class TrainingData:
     resume_dir: object = None
     global_step: int = 0
     samples_per_epoch: int = 0  # sizes the run when --max_train_steps is not given
+    resume_state: dict = None  # the resumed checkpoint's training_state.json
 
 
 class TrainingMethod(Protocol):
@@ -1774,6 +2085,17 @@ class TrainingMethod(Protocol):
     hands the prepared (DDP / DeepSpeed-wrapped) ones back through `use_prepared` before the first step."""
 
     modules: list
+    teacher: dict  # teacher_record() of the model it learns from: checkpoints record it, a resume must match it
+
+    @staticmethod
+    def checkpoint_files(args):
+        """What `checkpoint_hooks` write into a checkpoint (file names; 'name/' for a diffusers model folder): a
+        resume checks they are there and whole before any model loads."""
+
+    @staticmethod
+    def checkpoint_settings(args):
+        """{flag: value} of the flags that fix the shapes or meaning of the trained weights (a LoRA rank, ...):
+        recorded in checkpoints (run_record), a resume with other values is refused before any model loads."""
 
     def use_prepared(self, modules): ...
 
@@ -1840,14 +2162,13 @@ def start_run(args):
     return accelerator
 
 
-def open_training_data(args, accelerator, record, make_dataloader, counts, samples_per_epoch):
+def open_training_data(args, accelerator, record, make_dataloader, counts, samples_per_epoch, checkpoint_files=()):
     """The resume point and the batch stream, before any model loads: a data source that yields nothing, or a
-    checkpoint of another run, fails now rather than after minutes of loading."""
-    resume_dir = resolve_resume_checkpoint(args)
+    checkpoint of another run or missing a file (`checkpoint_files`: the method's, see find_resume_checkpoint),
+    fails now rather than after minutes of loading."""
+    resume_dir, state = find_resume_checkpoint(args, accelerator, record, checkpoint_files, counts)
     global_step = 0
     if resume_dir is not None:
-        state = read_training_state(resume_dir)
-        check_resume_compatible(state, record, resume_dir, args.allow_topology_change)
         global_step = state["global_step"]
         counts = {key: state.get(key, 0) for key in counts}
     # a resumed stream skips the batches the checkpointed run already trained on
@@ -1858,12 +2179,17 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
     except (DataError, RuntimeError) as error:
         close_batches(loader_iterator)
         exit_on_data_error(error)
-    return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch)
+    return TrainingData(batches, loader_iterator, counts, record, resume_dir, global_step, samples_per_epoch, state)
 
 
 def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     """The training loop shared by every script: optimiser and schedule, accumulation, the non-finite guard,
     EMA via the method, logs, checkpoints, stop signals, validation, then the final save, model card and push."""
+    teacher = getattr(method, "teacher", None)
+    if teacher:  # known now that the models have loaded; nothing has trained yet
+        data.record["teacher"] = teacher
+        if data.resume_dir is not None:
+            check_resume_teacher(data.resume_state, teacher, data.resume_dir)
     device = accelerator.device
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
@@ -1875,6 +2201,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     *modules, optimizer = accelerator.prepare(*method.modules, optimizer)
     method.use_prepared(modules)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        logger.info(f"DeepSpeed clips gradients at norm {modules[0].gradient_clipping()} (--max_grad_norm; 0: off)")
     accelerator.register_for_checkpointing(lr_scheduler)
     save_hook, load_hook = method.checkpoint_hooks(accelerator)
     accelerator.register_save_state_pre_hook(save_hook)
@@ -1942,7 +2270,8 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 stop.exit_after(accelerator, global_step, checkpoint)
             if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
                     and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
-                method.validate(global_step)
+                with exit_if_write_fails(f"validation images to {args.output_dir}", args.output_dir):
+                    method.validate(global_step)
                 step_started = time.perf_counter()  # validation time is not training throughput
     except (DataError, RuntimeError) as error:
         exit_on_data_error(error)
@@ -1954,17 +2283,23 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
 
     report_peak_memory(accelerator, global_step)
     accelerator.wait_for_everyone()
-    method.save_outputs()
-    if accelerator.is_main_process:
-        if any(counts.values()):
-            logger.info(f"data: {describe_data_counts(counts)}")
-        path = method.validate(global_step)
-        validation_image = os.path.relpath(path, args.output_dir) if path else None
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-            f.write(method.model_card(repo_id, validation_image))
-        if args.push_to_hub:
+    with exit_if_write_fails(f"the trained model to {args.output_dir}", args.output_dir):
+        method.save_outputs()
+        if accelerator.is_main_process:
+            if any(counts.values()):
+                logger.info(f"data: {describe_data_counts(counts)}")
+            path = method.validate(global_step)
+            validation_image = os.path.relpath(path, args.output_dir) if path else None
+            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+                f.write(method.model_card(repo_id, validation_image))
+    if accelerator.is_main_process and args.push_to_hub:
+        try:
             push_output_to_hub(args)
+        except Exception as error:  # a network failure at the very end: the trained model is saved all the same
+            raise SystemExit(f"error: the upload to the Hub failed ({error_summary(error)}); the trained model is "
+                             f"complete in {args.output_dir}: upload it with `hf upload {hub_repo_id(args)} "
+                             f"{args.output_dir}`") from None
     accelerator.end_training()
     OutputDirLock.release_all()
 
@@ -2514,7 +2849,7 @@ class DreamBoothExamples:
             "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--seed": args.seed,
             "instance images": len(self.instances.images),
             "class images": len(self.classes.images) if self.classes else 0,
-            "--resolution_buckets": args.resolution_buckets})
+            "--resolution_buckets": args.resolution_buckets}, DreamBoothLoRA.checkpoint_settings(args))
 
     def batches(self, args, accelerator, skip_batches=0):
         """This rank's batches from `skip_batches` on, endlessly: stream positions, the examples there, their flips.
@@ -2541,7 +2876,8 @@ def main(args):
     accelerator = start_run(args)
     examples = DreamBoothExamples(args, accelerator)  # generates missing class images
     data = open_training_data(args, accelerator, examples.record(args), examples.batches, counts={},
-                              samples_per_epoch=examples.num_examples)
+                              samples_per_epoch=examples.num_examples,
+                              checkpoint_files=DreamBoothLoRA.checkpoint_files(args))
     method = DreamBoothLoRA(args, accelerator, examples)
     train(args, accelerator, method, data, title="DreamBooth LoRA")
 

@@ -6,18 +6,22 @@
   checkpoint is refused in one line before any model loads; --allow_topology_change accepts the first.
 * Two runs into one --output_dir: the second is refused in one line and changes nothing."""
 
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import PartialState
 from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_bk_sdm_kd as bk
 import train_dreambooth_lora as db
@@ -85,7 +89,10 @@ def test_deepspeed_zero2_checkpoint_resumes_student_and_ema_target(assets, tmp_p
     IndexError on resume (and, before that, prepare() raised for want of a micro-batch size)."""
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    launch_deepspeed(lcd_flags(assets, run, "--max_train_steps", "2"))
+    output = launch_deepspeed(lcd_flags(assets, run, "--max_train_steps", "2", "--max_grad_norm", "0.5"))
+    # the flag reached DeepSpeed's own clipping (the launcher's --gradient_clipping 1.0 used to win, silently)
+    assert "--max_grad_norm 0.5 replaces gradient_clipping 1.0 of the DeepSpeed config" in output
+    assert "DeepSpeed clips gradients at norm 0.5 (--max_grad_norm; 0: off)" in output
     checkpoint = run / "checkpoint-2"
     assert (checkpoint / "pytorch_model").is_dir()  # DeepSpeed's own files: it saved the student itself
     # the hook still writes a loadable, full unet/: the same weights as the final save of the same step
@@ -95,8 +102,8 @@ def test_deepspeed_zero2_checkpoint_resumes_student_and_ema_target(assets, tmp_p
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoint-1", resumed / "checkpoint-1")
-    output = launch_deepspeed(lcd_flags(assets, resumed, "--max_train_steps", "2", "--resume_from_checkpoint",
-                                        "latest"))
+    output = launch_deepspeed(lcd_flags(assets, resumed, "--max_train_steps", "2", "--max_grad_norm", "0.5",
+                                        "--resume_from_checkpoint", "latest"))
     assert "resuming from" in output and "checkpoint-1" in output
     for name in ("unet", "unet_target"):  # the EMA target came back from checkpoint-1/unet_target
         assert_same_weights(weights(run / name), weights(resumed / name), name)
@@ -249,6 +256,16 @@ def test_dreambooth_changed_topology_is_refused_then_accepted(assets, tmp_path):
     run_in_process("train_dreambooth_lora.py", flags + ["--max_train_steps", "1"])
     state = json.loads((run / "checkpoint-1" / "training_state.json").read_text())
     assert state["method"] == "dreambooth-lora" and state["topology"]["instance images"] == 3
+    assert state["settings"]["--rank"] == 4 and state["teacher"]["flag"] == "--pretrained_model_name_or_path"
+
+    # another --rank: refused before the models load (it used to stop after them, or not at all for --lora_alpha)
+    other_rank = flags + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    other_rank[other_rank.index("--rank") + 1] = "8"
+    result = run_in_process("train_dreambooth_lora.py", other_rank, check=False)
+    assert exit_line(result) == (f"error: cannot resume {run / 'checkpoint-1'}: --rank 4 -> 8; --lora_alpha 4.0 -> "
+                                 "8.0 would change the trained weights' shapes or scale; restore the checkpoint's "
+                                 "setting, or start a new run")
+    assert "resuming from" not in result.stdout
 
     flags[flags.index("--train_batch_size") + 1] = "1"
     resume = flags + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
@@ -320,3 +337,151 @@ def test_second_run_into_a_locked_output_dir_is_refused(module, assets, tiny_sdx
         assert os.path.realpath(out) in module.OutputDirLock.held
     finally:
         module.OutputDirLock.release_all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged checkpoints, another teacher, other adapter shapes, a full disk (issue 21): one line, before
+# anything trains, and the last complete checkpoint kept
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PlainAccelerator:
+    """What find_resume_checkpoint reads of an Accelerator: one process, no DeepSpeed/FSDP, no fp16 scaler."""
+
+    distributed_type = DistributedType.NO
+    num_processes = 1
+    scaler = None
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGES = {  # what a crash, a full disk or a careless cleanup leaves, by the file a resume then lacks
+    "optimizer.bin": lambda ckpt: (ckpt / "optimizer.bin").unlink(),
+    "unet_target/": lambda ckpt: shutil.rmtree(ckpt / "unet_target"),
+    "training_state.json": lambda ckpt: cut_in_half(ckpt / "training_state.json"),
+    "random_states_0.pkl": lambda ckpt: (ckpt / "random_states_0.pkl").unlink(),
+    "custom_checkpoint_0.pkl": lambda ckpt: cut_in_half(ckpt / "custom_checkpoint_0.pkl"),
+    "unet/diffusion_pytorch_model.safetensors": lambda ckpt: cut_in_half(
+        ckpt / "unet" / "diffusion_pytorch_model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damaged", DAMAGES)
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(damaged, lcd_checkpoint, tmp_path, caplog):
+    """Before: tracebacks after the models loaded (one naming unet/ for a missing unet_target/), or, without
+    random_states_0.pkl, a silently inexact resume. Now the file is named before any model loads; `latest`
+    takes the newest complete checkpoint instead."""
+    run = copy_run(lcd_checkpoint, tmp_path / "run")
+    state = json.loads((run / "checkpoint-1" / "training_state.json").read_text())
+    record = {key: state[key] for key in ("script", "method", "topology", "settings")}
+    files = lcd.LatentConsistencyDistillation.checkpoint_files(None)
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-2")
+    (run / "checkpoint-2" / "training_state.json").write_text(json.dumps({**state, "global_step": 2}))
+    DAMAGES[damaged](run / "checkpoint-2")
+
+    def find(resume):
+        args = SimpleNamespace(resume_from_checkpoint=resume, output_dir=str(run), allow_topology_change=False)
+        return lcd.find_resume_checkpoint(args, PlainAccelerator(), record, files, lcd.new_data_counts())
+
+    PartialState()  # accelerate's logger needs one (run_in_process resets it)
+    with pytest.raises(SystemExit) as refusal:
+        find(str(run / "checkpoint-2"))
+    assert str(refusal.value).startswith(f"error: cannot resume {run / 'checkpoint-2'}: ")
+    assert damaged in str(refusal.value) and "\n" not in str(refusal.value)
+    with caplog.at_level(logging.WARNING):
+        path, resumed_state = find("latest")
+    assert path == str(run / "checkpoint-1") and resumed_state["global_step"] == 1
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and str(run / "checkpoint-2") in skipped[0] and damaged in skipped[0]
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_and_other_teacher_refused_in_process(lcd_checkpoint, assets, tmp_path):
+    """Through main(): an explicit checkpoint without optimizer.bin stops before the models load; a teacher
+    of the same shapes but other weights (which used to resume silently) stops once it has loaded, before
+    anything trains."""
+    run = copy_run(lcd_checkpoint, tmp_path / "run")
+    state = json.loads((run / "checkpoint-1" / "training_state.json").read_text())
+    assert state["teacher"]["model"] == assets["tiny-sd"] and len(state["teacher"]["UNet weights"]) == 16
+    (run / "checkpoint-1" / "optimizer.bin").rename(tmp_path / "optimizer.bin")
+    flags = lcd_flags(assets, run, "--max_train_steps", "2", "--resume_from_checkpoint", run / "checkpoint-1")
+    result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
+    assert exit_line(result).startswith(f"error: cannot resume {run / 'checkpoint-1'}: damaged: optimizer.bin ")
+    assert "resuming from" not in result.stdout and "Traceback" not in result.stdout
+
+    (tmp_path / "optimizer.bin").rename(run / "checkpoint-1" / "optimizer.bin")
+    other = tmp_path / "other-teacher"
+    shutil.copytree(assets["tiny-sd"], other)
+    unet_file = other / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({key: -value for key, value in load_file(str(unet_file)).items()}, str(unet_file),
+              metadata={"format": "pt"})
+    flags[flags.index("--pretrained_teacher_model") + 1] = str(other)
+    result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
+    line = exit_line(result)
+    assert line.startswith(f"error: {run / 'checkpoint-1'} was trained from --pretrained_teacher_model "
+                           f"{assets['tiny-sd']} (UNet weights {state['teacher']['UNet weights']}), but this run "
+                           f"loads {other} (UNet weights ")
+    assert "resuming from" not in result.stdout
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+
+
+def test_teacher_and_adapter_settings_rules(caplog):
+    PartialState()  # accelerate's logger needs one (run_in_process resets it)
+    teacher = {"flag": "--pretrained_teacher_model", "model": "org/sd", "revision": None, "UNet weights": "ab"}
+    lcd.check_resume_teacher({"global_step": 1}, teacher, "ckpt")  # written before the teacher was recorded
+    with caplog.at_level(logging.WARNING):  # the same weights from another folder resume, with a warning
+        lcd.check_resume_teacher({"teacher": {**teacher, "model": "/mirror/sd"}}, teacher, "ckpt")
+    assert "trained from /mirror/sd, with org/sd: the same UNet weights" in caplog.text
+    with pytest.raises(SystemExit, match=r"^error: ckpt was trained from --pretrained_teacher_model org/sd "
+                                         r"\(revision v2\) \(UNet weights cd\), but this run loads org/sd \(UNet"):
+        lcd.check_resume_teacher({"teacher": {**teacher, "revision": "v2", "UNet weights": "cd"}}, teacher, "ckpt")
+
+    def lora_args(rank, alpha=None):
+        return SimpleNamespace(lora_rank=rank, lora_alpha=float(alpha or rank), lora_target_modules=["to_q", "to_v"])
+
+    settings = lcm_lora.LatentConsistencyLoraDistillation.checkpoint_settings
+    saved = lcm_lora.run_record("lcm-lora", {}, settings(lora_args(4)))
+    lcm_lora.check_resume_compatible(json.loads(json.dumps(saved)), saved, "ckpt")  # a JSON round trip is equal
+    with pytest.raises(SystemExit, match=r"^error: cannot resume ckpt: --lora_rank 4 -> 8; --lora_alpha 4\.0 -> 8\.0 "
+                                         r"would change the trained weights' shapes or scale"):
+        lcm_lora.check_resume_compatible(saved, lcm_lora.run_record("lcm-lora", {}, settings(lora_args(8))), "ckpt",
+                                         allow_topology_change=True)
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoint(lcd_checkpoint, assets, tmp_path,
+                                                                           monkeypatch):
+    """Before: chained tracebacks. (A full disk inside a checkpoint save: test_scale_out_and_faults.) The run
+    resumes at its last step, so it goes straight to the final save."""
+    run = copy_run(lcd_checkpoint, tmp_path / "run")
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "unet"))
+
+    monkeypatch.setattr(lcd.LatentConsistencyDistillation, "save_outputs", full_disk)
+    flags = lcd_flags(assets, run, "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
+    result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
+    assert exit_line(result) == (
+        f"error: no space left on the device while writing the trained model to {run}; the last complete "
+        f"checkpoint, {run / 'checkpoint-1'}, is intact. Free some space, then continue with "
+        "--resume_from_checkpoint latest")
+    assert "Traceback" not in result.stdout and not (run / "README.md").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+
+
+def test_write_failures_are_recognised_from_each_writer():
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    torch_error.__context__ = RuntimeError("basic_ios::clear: iostream error")
+    safetensors_error = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+    assert lcd.write_failure(OSError(errno.ENOSPC, "No space left on device")) == "no space left on the device"
+    assert lcd.write_failure(OSError(errno.EDQUOT, "Disk quota exceeded")) == "no space left on the device"
+    assert lcd.write_failure(torch_error).endswith("unexpected pos 704 vs 598")
+    assert lcd.write_failure(safetensors_error).startswith("Error while serializing")
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = OSError(errno.EIO, "Input/output error")
+    assert lcd.write_failure(wrapped) == "Input/output error"
+    assert lcd.write_failure(ValueError("a bug")) is None  # its traceback is kept

@@ -302,9 +302,10 @@ def test_half_written_checkpoint_is_skipped_with_a_warning(assets, tmp_path, scr
     assert not (out / "checkpoint-4.tmp").exists()
 
 
-def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(assets, tmp_path):
-    """The writer saves into checkpoint-N.tmp and renames at the end: a failure inside save_state leaves only
-    the .tmp folder, which `latest` never considers."""
+def test_a_full_disk_while_saving_leaves_no_checkpoint_to_resume(assets, tmp_path):
+    """The writer saves into checkpoint-N.tmp and renames at the end: a failure inside save_state leaves the
+    earlier checkpoints as they were, removes the .tmp folder (its space is needed) and stops the run in one line
+    naming the checkpoint it could not write and the one that is intact (before: chained tracebacks)."""
     from accelerate import Accelerator
 
     args = lcd.parse_args([str(a) for a in lcd_flags(assets, tmp_path / "out") + ["--max_train_steps", "1"]])
@@ -320,12 +321,14 @@ def test_a_crash_while_saving_leaves_no_checkpoint_to_resume(assets, tmp_path):
     (previous / "training_state.json").write_text('{"global_step": 3}')
     args.checkpoints_total_limit = 1  # rotation runs after a successful save, never before
     accelerator.save_state = full_disk
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as stop:
         lcd.save_checkpoint(accelerator, args, 7, {})
+    assert str(stop.value) == (
+        f"error: no space left on the device while writing checkpoint {tmp_path / 'out' / 'checkpoint-7'}; the last "
+        f"complete checkpoint, {previous}, is intact. Free some space, then continue with --resume_from_checkpoint "
+        "latest")
     left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != lcd.OutputDirLock.FILE_NAME)
-    assert left == ["checkpoint-3", "checkpoint-7.tmp"]
-    args.resume_from_checkpoint = "latest"
-    assert lcd.resolve_resume_checkpoint(args) == str(previous)
+    assert left == ["checkpoint-3"]
 
 
 # ----------------------------------------------------------------------------------------------------------
