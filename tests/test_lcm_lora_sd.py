@@ -204,7 +204,10 @@ def test_one_unet_only_lora_trainable_and_disabled_adapters_are_the_teacher(scri
     with torch.no_grad():
         expected = base(sample, timesteps, encoder_hidden_states=context).sample
         with lcm_lora.adapters_disabled(unet) as teacher:
-            assert torch.equal(teacher(sample, timesteps, encoder_hidden_states=context).sample, expected)
+            # equal up to float rounding: the two networks hold the same weights in differently placed memory, and
+            # on some CPUs the kernels then round differently (~1e-7); the adapters below change it by > 1e-4
+            torch.testing.assert_close(teacher(sample, timesteps, encoder_hidden_states=context).sample, expected,
+                                       rtol=0, atol=1e-5)
         student = unet(sample, timesteps, encoder_hidden_states=context).sample
     assert (student - expected).abs().max() > 1e-4, "adapters enabled again after the teacher pass"
 
