@@ -55,6 +55,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from PIL import Image, ImageOps
 
 # region IMPORT_NOTICES copied from train_lcm_distill_sd_wds
@@ -68,7 +69,7 @@ logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, fsdp2_prepare_model, set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -1393,8 +1394,15 @@ def unet_forward(unet, sample, timesteps, **conditioning):
 @torch.no_grad()
 def update_ema(target_params, source_params, decay):
     """theta- <- mu * theta- + (1 - mu) * theta, as one fused foreach op (torch has no public name for it; its
-    optimisers use the same). Not diffusers' EMAModel: its decay is 0 at step 1, and the target needs a forward."""
+    optimisers use the same). Not diffusers' EMAModel: its decay is 0 at step 1, and the target needs a forward.
+
+    Under FSDP both networks are sharded alike (`shard_like_prepared`): each rank lerps its own slice of every
+    parameter, with no communication."""
     target_params, source_params = list(target_params), list(source_params)
+    if any(isinstance(t, DTensor) != isinstance(p, DTensor) for t, p in zip(target_params, source_params)):
+        raise RuntimeError("the EMA target and the student are not sharded alike (see shard_like_prepared)")
+    target_params = [t.to_local() if isinstance(t, DTensor) else t for t in target_params]
+    source_params = [p.to_local() if isinstance(p, DTensor) else p for p in source_params]
     torch._foreach_lerp_(target_params, [p.to(t.dtype) for t, p in zip(target_params, source_params)], 1.0 - decay)
 
 
@@ -1716,6 +1724,57 @@ def is_sharded(accelerator):
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+def shards_parameters(accelerator):
+    """Under FSDP each rank holds only a slice of every parameter of the student (and of its EMA target), so a
+    forward pass is a collective that every rank must run, validation included. (DeepSpeed ZeRO-2, the one
+    stage that works, shards only gradients and optimiser state.)"""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_ema_sharding(accelerator):
+    """Before any model loads: an EMA target follows the student's FSDP 2 sharding (`shard_like_prepared`); FSDP 1
+    flattens each wrapped block's parameters into one buffer, which an EMA update cannot follow."""
+    if shards_parameters(accelerator) and not accelerator.is_fsdp2:
+        raise SystemExit("error: an EMA target under FSDP needs FSDP 2: set fsdp_version: 2 in the accelerate "
+                         "config (as configs/fsdp.yaml does), or pass --fsdp_version 2 to accelerate launch")
+
+
+def shard_like_prepared(accelerator, model):
+    """Under FSDP, shard a copy of the student that the engine does not prepare (its EMA target) as
+    `accelerator.prepare` shards the student: the same plugin applied to the same module tree cuts every
+    parameter into the same slices on every rank. The EMA update then stays local, and each rank holds 1/N of
+    the target. Its forward, like the student's, gathers each block's weights on the fly (every rank runs it),
+    and saving gathers it (`save_target_folder`). Elsewhere: `model` as it is, whole on the ranks that keep it."""
+    if not shards_parameters(accelerator):
+        return model
+    model = fsdp2_prepare_model(accelerator, model)
+    # forward only: free the gathered weights after every forward, the root's too (accelerate keeps those for the
+    # backward that follows a student's forward), so that the target stays sliced for the EMA update
+    model.set_reshard_after_forward(True)
+    return model
+
+
+def save_target_folder(accelerator, model, path):
+    """Write an EMA target (a network the engine does not prepare) as a loadable folder with its full weights.
+    Under FSDP it is sharded like the student: every rank calls this and the shards are gathered; elsewhere the
+    main process writes its own whole copy."""
+    if shards_parameters(accelerator):
+        save_model_folder(accelerator, model, path)
+    elif accelerator.is_main_process:
+        model.save_pretrained(path)
+
+
+def load_whole_weights(model, state_dict):
+    """Load a full state dict into a network, also into one that FSDP shards (every rank calls it then, and each
+    keeps its own slice of every tensor)."""
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state_dict)
+
+
 def configure_deepspeed(accelerator, args):
     """DeepSpeed reads the micro-batch size from a prepared dataloader; ours yields whole batches and is not
     prepared, so give it the batch sizes (without this, accelerate.prepare raises under DeepSpeed). Its
@@ -1926,6 +1985,8 @@ class NonFiniteGuard:
 
 def save_validation_grid(accelerator, output_dir, rows, file_name, tracker_key, step):
     """Rows of equal-sized PIL images as one PNG in output_dir/validation/, logged to every tracker; its path."""
+    if not accelerator.is_main_process:  # under FSDP every rank validates (see shards_parameters); one writes
+        return None
     grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
     os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
     path = os.path.join(output_dir, "validation", file_name)
@@ -2112,7 +2173,8 @@ class TrainingMethod(Protocol):
         """accelerate's (save, load) state pre-hooks for what the method keeps beyond accelerate's own state."""
 
     def validate(self, step):
-        """Main process: sample, save and log validation images; the path of the image for the model card."""
+        """Main process (every process under FSDP, where sampling is a collective): sample, save and log validation
+        images; the path of the image for the model card (None on the other processes)."""
 
     def save_outputs(self):
         """Every process (under DeepSpeed/FSDP saving gathers shards): write the trained model files."""
@@ -2224,6 +2286,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     step_started = time.perf_counter()
     stop = StopOnSignal().install()
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir)
+    validates = accelerator.is_main_process or shards_parameters(accelerator)  # FSDP: sampling is a collective
     try:
         while global_step < args.max_train_steps:
             running, apply_update = None, True
@@ -2268,7 +2331,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
                 checkpoint = save_checkpoint(accelerator, args, global_step, {**counts, **data.record})
             if stop_requested:
                 stop.exit_after(accelerator, global_step, checkpoint)
-            if (accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0
+            if (validates and args.validation_steps and global_step % args.validation_steps == 0
                     and stop.received is None and global_step < args.max_train_steps):  # the end validates anyway
                 with exit_if_write_fails(f"validation images to {args.output_dir}", args.output_dir):
                     method.validate(global_step)
@@ -2285,10 +2348,10 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     accelerator.wait_for_everyone()
     with exit_if_write_fails(f"the trained model to {args.output_dir}", args.output_dir):
         method.save_outputs()
+        if accelerator.is_main_process and any(counts.values()):
+            logger.info(f"data: {describe_data_counts(counts)}")
+        path = method.validate(global_step) if validates else None
         if accelerator.is_main_process:
-            if any(counts.values()):
-                logger.info(f"data: {describe_data_counts(counts)}")
-            path = method.validate(global_step)
             validation_image = os.path.relpath(path, args.output_dir) if path else None
             repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
             with open(os.path.join(args.output_dir, "README.md"), "w") as f:

@@ -9,7 +9,11 @@ precision, real bitsandbytes 8-bit AdamW, gradient checkpointing, and xformers a
 and the peak `torch.cuda.max_memory_allocated` each script reports at the end of training, and says whether
 LCM-LoRA-SDXL at 1024 px, batch 1, fits a 24 GB card. Two more runs, `lcd_sd_inductor` and
 `lcm_lora_sd_inductor`, repeat `lcd_sd` and `lcm_lora_sd` through `accelerate launch --dynamo_backend inductor`
-(torch.compile of the trained model; the first steps, which compile, are outside the median). Everything is
+(torch.compile of the trained model; the first steps, which compile, are outside the median). `lcd_sd_fsdp`
+repeats `lcd_sd` under FSDP 2 (`accelerate launch --config_file configs/fsdp.yaml`, one process; torch's AdamW,
+checkpoints every 3 steps): the sharded EMA target's forward, update and gathered save on CUDA with NCCL and
+FSDP's mixed precision, which the CPU tests (gloo, fp32) cannot reach; the dry run runs it without FSDP,
+which accelerate 1.15 does not start without a GPU. Everything is
 offline; the whole check is meant to take under 8 minutes on a current datacentre GPU (the compiled runs come
 last, so the time budget skips them first).
 
@@ -57,6 +61,8 @@ def configuration(device):
         ("lcd_sd_fused_adamw", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
         ("lcd_sd_channels_last", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, ["--channels_last"]),
         ("bk_sdm_small_precomputed", "train_bk_sdm_kd.py", sd, sd_res, batch, ["--unet_config_name", "bk_small"]),
+        # issue 21: full LCD (its EMA target sharded like the student) under FSDP 2, checkpoints included
+        ("lcd_sd_fsdp", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, ["--checkpointing_steps", "3"]),
         # torch.compile through `accelerate launch --dynamo_backend inductor`, to compare with lcd_sd / lcm_lora_sd
         # (last: their compile takes minutes, and the time budget skips them first)
         ("lcd_sd_inductor", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
@@ -156,8 +162,17 @@ def failure_line(log):
 
 
 def uses_8bit_adam(name):
-    """Every run trains with 8-bit AdamW but the `*_fused_adamw` ones (torch's fused AdamW on CUDA)."""
-    return not name.endswith("_fused_adamw")
+    """Every run trains with 8-bit AdamW but the `*_fused_adamw` ones (torch's fused AdamW on CUDA) and the
+    `*_fsdp` ones (bitsandbytes does not step FSDP's sharded DTensor parameters)."""
+    return not name.endswith(("_fused_adamw", "_fsdp"))
+
+
+def launcher_flags(name, device):
+    """`accelerate launch` flags of a run beyond the common ones: the `*_fsdp` runs read configs/fsdp.yaml (on
+    a GPU; without one accelerate does not start FSDP, so the dry run trains without it)."""
+    if name.endswith("_fsdp") and device == "cuda":
+        return ["--config_file", str(REPO / "configs" / "fsdp.yaml")]
+    return []
 
 
 def precompute_latents(work_dir, assets, preset, resolution, device):
@@ -178,9 +193,10 @@ def dynamo_backend(name):
     return "inductor" if name.endswith("_inductor") else "no"
 
 
-def launch(script, flags, device, precision, timeout, backend="no"):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", precision, "--dynamo_backend", backend] + (["--cpu"] if device == "cpu" else [])
+def launch(script, flags, device, precision, timeout, backend="no", launcher=()):
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", backend]
+    command += ["--cpu"] if device == "cpu" else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                # a user's accelerate config (several GPUs, DeepSpeed) must not change what this check measures
@@ -230,7 +246,8 @@ def main():
         flags = run_flags((name, script, preset, resolution, batch, extra), common, assets, output_dir, attention)
         run_started = time.perf_counter()
         try:
-            result = launch(script, flags, device, common["precision"], timeout=left, backend=dynamo_backend(name))
+            result = launch(script, flags, device, common["precision"], timeout=left, backend=dynamo_backend(name),
+                            launcher=launcher_flags(name, device))
             log = result.stdout + result.stderr
             ok = result.returncode == 0
         except subprocess.TimeoutExpired as timeout:

@@ -25,6 +25,10 @@ def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device)
     assert sorted(compiled) == ["lcd_sd_inductor", "lcm_lora_sd_inductor"]
     eager = {run[0]: run for run in runs if gpu_check.dynamo_backend(run[0]) == "no"}
     assert all(run[1:] == eager[name.removesuffix("_inductor")][1:] for name, run in compiled.items())
+    # the FSDP row: full LCD through the shipped FSDP config on a GPU (accelerate starts no FSDP without one)
+    assert [run[0] for run in runs if gpu_check.launcher_flags(run[0], "cuda")] == ["lcd_sd_fsdp"]
+    assert gpu_check.launcher_flags("lcd_sd_fsdp", "cuda") == ["--config_file", str(REPO / "configs" / "fsdp.yaml")]
+    assert gpu_check.launcher_flags("lcd_sd_fsdp", "cpu") == []
     instance = tmp_path / "instance"
     instance.mkdir()
     for png in sorted(Path(assets["images"]).glob("*.png"))[:2]:
@@ -37,7 +41,7 @@ def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device)
         flags = gpu_check.run_flags(run, common, paths, tmp_path / run[0], "sdpa")
         module = importlib.import_module(Path(run[1]).stem)
         args = module.parse_args([str(f) for f in flags])
-        assert args.use_8bit_adam == (run[0] != "lcd_sd_fused_adamw")
+        assert args.use_8bit_adam == (run[0] not in ("lcd_sd_fused_adamw", "lcd_sd_fsdp"))
         assert args.gradient_checkpointing and args.report_to == "none"
         assert args.channels_last == (run[0] == "lcd_sd_channels_last")
         if run[0].endswith("_precomputed"):

@@ -11,7 +11,6 @@ import json
 import shutil
 import tarfile
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
