@@ -2112,21 +2112,26 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     validates = accelerator.is_main_process or shards_parameters(accelerator)  # FSDP: sampling is a collective
     try:
         while global_step < args.max_train_steps:
-            running, apply_update = None, True
+            running, apply_update, step_counts = None, True, dict.fromkeys(counts, 0)
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(data.batches)
-                counts = {key: value + batch[key] for key, value in counts.items()}
+                step_counts = {key: value + batch[key] for key, value in step_counts.items()}
                 with accelerator.accumulate(*method.modules):
                     loss, terms = method.loss(batch)
                     values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())])
                     running = values if running is None else running + values
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        # one host sync per optimiser step: the loss terms averaged over ranks, and whether any rank
-                        # was asked to stop; a non-finite loss skips the update before it touches the weights
-                        stats = torch.cat([running / args.gradient_accumulation_steps,
-                                           torch.tensor([stop.flag], device=device)])
-                        *means, stop_requested = accelerator.reduce(stats, "mean").tolist()
+                        # one host sync per optimiser step: the loss terms averaged over ranks, the data counts
+                        # summed over them (each rank reads its own shards), and whether any rank was asked to stop;
+                        # a non-finite loss skips the update before it touches the weights
+                        stats = accelerator.reduce(torch.cat([
+                            running / args.gradient_accumulation_steps,
+                            torch.tensor([*step_counts.values(), stop.flag], device=device)]), "sum")
+                        stats[:len(values)] /= accelerator.num_processes
+                        *reduced, stop_requested = stats.tolist()
+                        means, added = reduced[:len(values)], reduced[len(values):]
+                        counts = {key: value + round(n) for (key, value), n in zip(counts.items(), added)}
                         apply_update = nonfinite.apply(means[0], global_step + 1)
                         if apply_update and args.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)

@@ -10,8 +10,10 @@ reference: another data split and other noise. AdamW runs with --adam_epsilon 1,
 lr * gradient: with the usual 1e-8 its first step is lr * sign(gradient), which turns rounding noise in
 near-zero gradients into differences of +-lr. The EMA decay is low, so the target moves well past tolerance."""
 
+import io
 import json
 import socket
+import tarfile
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -34,6 +36,26 @@ def common_flags(assets, output_dir, *extra):
             "--learning_rate", "1", "--adam_epsilon", "1", "--lr_warmup_steps", "0", "--shuffle_buffer_size", "4",
             "--dataloader_num_workers", "0", "--validation_steps", "0", "--validation_prompts", "--report_to", "none",
             "--max_train_steps", "2", "--checkpointing_steps", "100", *extra]
+
+
+def shards_with_unreadable_samples_first(assets, folder, unreadable_counts):
+    """One shard per count: that many samples whose image bytes are not an image, then three readable samples."""
+    folder.mkdir(parents=True)
+    with tarfile.open(assets["shard_paths"][0]) as source:
+        members = [(member.name, source.extractfile(member).read()) for member in source.getmembers()]
+    readable = [(name, data) for name, data in members if name.split(".", 1)[0] in
+                sorted({name.split(".", 1)[0] for name, _ in members})[:3]]
+    paths = []
+    for index, count in enumerate(unreadable_counts):
+        paths.append(str(folder / f"shard-{index}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            files = [item for k in range(count) for item in ((f"broken{k}.jpg", b"\xff\xd8 not a jpeg"),
+                                                              (f"broken{k}.txt", b"a broken image"))]
+            for name, data in files + readable:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return paths
 
 
 def free_port():
@@ -67,6 +89,11 @@ def fsdp_runs(assets, tmp_path_factory):
                               "--validation_prompts", "a red circle", "--num_validation_inference_steps", "2")},
         {"name": "bk_ddp", "script": "train_bk_sdm_kd.py", "fsdp": False,
          "args": common_flags(assets, root / "bk_ddp", *bk_flags)},
+        # the data counts of both ranks: each reads one of these shards, with 1 and 2 unreadable samples first
+        {"name": "counts_ddp", "script": "train_lcm_distill_sd_wds.py", "fsdp": False,
+         "args": common_flags(assets, root / "counts_ddp", "--max_train_steps", "1", "--checkpointing_steps", "1",
+                              "--shuffle_buffer_size", "0", "--train_shards_path_or_url",
+                              "::".join(shards_with_unreadable_samples_first(assets, root / "counts", [1, 2])))},
     ]
     plan_path = root / "plan.json"
     plan_path.write_text(json.dumps(plan))
@@ -138,6 +165,15 @@ def test_bk_sdm_ema_under_fsdp_equals_ddp(fsdp_runs):
     assert (fresh / "model_index.json").is_file()  # the output pipeline, with the gathered student
     # the end-of-run validation ran its forward passes on both ranks (the weights are sharded) and wrote once
     assert [p.name for p in (fresh / "validation").iterdir()] == ["step_000002.png"]
+
+
+@pytest.mark.slow
+def test_data_counts_are_summed_over_ranks(fsdp_runs):
+    """Each rank reads its own shards: the logs and the checkpoint count what both skipped (they used to count
+    only what the main process read)."""
+    state = json.loads((fsdp_runs["root"] / "counts_ddp" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["n_corrupt"] == 1 + 2 and state["n_uncaptioned"] == 0
+    assert "data: 3 unreadable" in fsdp_runs["log"]
 
 
 @pytest.mark.parametrize("module", [lcd, lcm_xl, bk])
