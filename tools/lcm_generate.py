@@ -139,14 +139,19 @@ def _cuda():
 
 def main(argv=None):
     args = parse_args(argv)
+    import logging
+
     import torch
+
+    # the image-processor fallback notice transformers prints without torchvision: nothing here uses them
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     extra = {}
     if args.unet is not None:
-        extra["unet"] = UNet2DConditionModel.from_pretrained(os.path.expanduser(args.unet), torch_dtype=dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(args.teacher, torch_dtype=dtype, safety_checker=None,
+        extra["unet"] = UNet2DConditionModel.from_pretrained(os.path.expanduser(args.unet), dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(args.teacher, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, **extra)
     if args.lora is not None:
         lora = os.path.expanduser(args.lora)

@@ -204,10 +204,10 @@ def load_encoders(args):
     try:
         if args.pretrained_vae_model_name_or_path is not None:
             vae_name = args.pretrained_vae_model_name_or_path
-            vae = AutoencoderKL.from_pretrained(vae_name, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(vae_name, dtype=dtype)
         else:
             vae_name = f"{model}/vae"
-            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
         text_encoders, tokenizers = [], []
         if args.text_embeddings:
             sdxl = "text_encoder_2" in DiffusionPipeline.load_config(model)
@@ -215,7 +215,7 @@ def load_encoders(args):
             if sdxl:
                 kinds.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
             tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=t) for _, t, _ in kinds]
-            text_encoders = [(f"{model}/{e}", cls.from_pretrained(model, subfolder=e, torch_dtype=dtype))
+            text_encoders = [(f"{model}/{e}", cls.from_pretrained(model, subfolder=e, dtype=dtype))
                              for e, _, cls in kinds]
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot load the encoders: {str(error).strip().splitlines()[0]}") from None

@@ -17,6 +17,7 @@ multistep sampler re-noises between steps, so its 2- and 4-step samples leave th
 deterministic trajectory by design: distance is the sharp test at 1 and 2 steps, accuracy at every count.
 """
 
+import logging
 import os
 import sys
 
@@ -24,6 +25,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# diffusers' pipelines ask transformers for image processors, which without torchvision announce a fallback these
+# tools never use (the training scripts silence the same notice)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 import toy_world  # noqa: E402
 
