@@ -181,7 +181,7 @@ def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     with torch.no_grad():
         expected = unet(sample, 10, text).sample
         args = argparse.Namespace(enable_xformers_memory_efficient_attention=False, channels_last=True)
-        lcd.set_unet_kernels(args, unet, None)
+        lcd.set_denoiser_kernels(args, unet, None)
         convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
         torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=1e-4, atol=1e-5)
