@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from conftest import build_pipeline, make_toy_dataset
+from conftest import REPO, build_pipeline, make_toy_dataset
 
 import train_bk_sdm_kd as bk  # noqa: E402
 import train_dreambooth_lora as db  # noqa: E402
@@ -196,5 +196,8 @@ def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     for module in (lcd, lcm_lora, sdxl, bk, db):
         with pytest.raises(SystemExit):
             module.parse_args([])
-    assert len(parsers) == 5
+    scripts = sorted(p.name for p in REPO.glob("train_*.py"))
+    assert len(parsers) == len(scripts), (
+        f"this test checks {len(parsers)} scripts' parsers but the repository has {len(scripts)} ({scripts}): add the "
+        "new script's module to the tuple above")
     assert all(any("--channels_last" in a.option_strings for a in parser._actions) for parser in parsers)
