@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from conftest import build_pipeline, make_toy_dataset
+from conftest import REPO, build_pipeline, make_toy_dataset
 
 import train_bk_sdm_kd as bk  # noqa: E402
 import train_dreambooth_lora as db  # noqa: E402
@@ -181,7 +181,7 @@ def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     with torch.no_grad():
         expected = unet(sample, 10, text).sample
         args = argparse.Namespace(enable_xformers_memory_efficient_attention=False, channels_last=True)
-        lcd.set_unet_kernels(args, unet, None)
+        lcd.set_denoiser_kernels(args, unet, None)
         convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
         torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=1e-4, atol=1e-5)
@@ -196,5 +196,8 @@ def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     for module in (lcd, lcm_lora, sdxl, bk, db):
         with pytest.raises(SystemExit):
             module.parse_args([])
-    assert len(parsers) == 5
+    scripts = sorted(p.name for p in REPO.glob("train_*.py"))
+    assert len(parsers) == len(scripts), (
+        f"this test checks {len(parsers)} scripts' parsers but the repository has {len(scripts)} ({scripts}): add the "
+        "new script's module to the tuple above")
     assert all(any("--channels_last" in a.option_strings for a in parser._actions) for parser in parsers)
