@@ -1592,9 +1592,10 @@ def describe_setting(value):
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
     """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
     another script or method (its files, state dicts and optimiser groups do not fit), or with another --optimizer
-    (its state would not fit either), one whose weights have other shapes or meaning (`settings`: a load_state size mismatch, or silently another model), one of another
-    teacher (when `record` has it, see check_resume_teacher), or one trained on another data topology
-    (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    (its state would not fit either), one whose weights have other shapes or meaning (`settings`: a load_state
+    size mismatch, or silently another model), one of another teacher (when `record` has it, see
+    check_resume_teacher), or one trained on another data topology (resuming would silently repeat and skip
+    samples) unless --allow_topology_change.
     Checkpoints from before these were recorded are taken as they are."""
     theirs = (state.get("script"), state.get("method"))
     ours = (record["script"], record["method"])
