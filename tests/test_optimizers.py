@@ -28,10 +28,17 @@ import train_dreambooth_lora as db
 import train_lcm_distill_lora_sd_wds as lcm_lora
 import train_lcm_distill_sd_wds as lcd
 import train_lcm_distill_sdxl_wds as lcm_xl
-from conftest import assert_resumed_exactly, checkpoint_optimizer_state, rejection_line, train_then_resume
+from conftest import REPO, assert_resumed_exactly, checkpoint_optimizer_state, rejection_line, train_then_resume
 from make_toy_dataset import make_toy_dataset
 
 ALL_SCRIPTS = (lcd, lcm_lora, lcm_xl, bk, db)
+
+
+def test_every_script_is_covered():
+    scripts = sorted(p.name for p in REPO.glob("train_*.py"))
+    assert sorted(f"{m.__name__}.py" for m in ALL_SCRIPTS) == scripts, (
+        f"tests/test_optimizers.py checks {sorted(m.__name__ for m in ALL_SCRIPTS)} but the repository has {scripts}: "
+        "add the new script's module to ALL_SCRIPTS there, and its required flags to flags_for")
 
 
 def flags_for(module, assets, output_dir):
