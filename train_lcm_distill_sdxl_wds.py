@@ -807,13 +807,14 @@ def checkpoint_hooks(accelerator, target_unet, use_lora):
 
 
 # Copied from train_lcm_distill_sd_wds.teacher_record
-def teacher_record(flag, model, revision, unet):
+def teacher_record(flag, model, revision, denoiser):
     """What checkpoints record of the model a run learns from (the engine refuses a resume with another one): its
-    flag, id or path and revision, and a fingerprint of its UNet's weights (weights_fingerprint: the signs of each
-    tensor's first values, cheap, the same in any precision). Of the base weights only: LoRA adapters, which
-    train, are left out, and PEFT's wrapped names are read as the plain UNet's."""
-    base = ((name.replace(".base_layer", ""), param) for name, param in unet.named_parameters() if "lora_" not in name)
-    return {"flag": flag, "model": model, "revision": revision, "UNet weights": weights_fingerprint(base)}
+    flag, id or path and revision, and a fingerprint of its denoiser's weights (weights_fingerprint: the signs of
+    each tensor's first values, cheap, the same in any precision). Of the base weights only: LoRA adapters, which
+    train, are left out, and PEFT's wrapped names are read as the plain network's."""
+    base = ((name.replace(".base_layer", ""), param) for name, param in denoiser.named_parameters()
+            if "lora_" not in name)
+    return {"flag": flag, "model": model, "revision": revision, "denoiser weights": weights_fingerprint(base)}
 
 
 def decode_latents_to_image(pipeline, latents):
@@ -1897,9 +1898,10 @@ def describe_setting(value):
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
     """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
     another script or method (its files, state dicts and optimiser groups do not fit), or with another --optimizer
-    (its state would not fit either), one whose weights have other shapes or meaning (`settings`: a load_state size mismatch, or silently another model), one of another
-    teacher (when `record` has it, see check_resume_teacher), or one trained on another data topology
-    (resuming would silently repeat and skip samples) unless --allow_topology_change.
+    (its state would not fit either), one whose weights have other shapes or meaning (`settings`: a load_state
+    size mismatch, or silently another model), one of another teacher (when `record` has it, see
+    check_resume_teacher), or one trained on another data topology (resuming would silently repeat and skip
+    samples) unless --allow_topology_change.
     Checkpoints from before these were recorded are taken as they are."""
     theirs = (state.get("script"), state.get("method"))
     ours = (record["script"], record["method"])
@@ -1937,20 +1939,24 @@ def check_resume_teacher(state, teacher, checkpoint_dir):
     The weights decide: the same model from another folder or Hub mirror resumes, with a warning. Called once the
     teacher has loaded (its fingerprint is cheap), before anything trains."""
     theirs = state.get("teacher")
-    if not isinstance(theirs, dict) or not theirs.get("UNet weights") or not teacher.get("UNet weights"):
+
+    def fingerprint(record):  # checkpoints of 2026-12-07 and before name it "UNet weights"
+        return record.get("denoiser weights") or record.get("UNet weights")
+
+    if not isinstance(theirs, dict) or not fingerprint(theirs) or not fingerprint(teacher):
         return  # a checkpoint from before the teacher was recorded
 
     def name(record):
         revision = f" (revision {record['revision']})" if record.get("revision") else ""
         return f"{record.get('model')}{revision}"
 
-    if theirs["UNet weights"] != teacher["UNet weights"]:
-        raise SystemExit(f"error: {checkpoint_dir} was trained from {teacher['flag']} {name(theirs)} (UNet weights "
-                         f"{theirs['UNet weights']}), but this run loads {name(teacher)} (UNet weights "
-                         f"{teacher['UNet weights']}): resume with that model, or start a new run")
+    if fingerprint(theirs) != fingerprint(teacher):
+        raise SystemExit(f"error: {checkpoint_dir} was trained from {teacher['flag']} {name(theirs)} (denoiser "
+                         f"weights {fingerprint(theirs)}), but this run loads {name(teacher)} (denoiser weights "
+                         f"{fingerprint(teacher)}): resume with that model, or start a new run")
     if (theirs.get("model"), theirs.get("revision")) != (teacher["model"], teacher["revision"]):
         logger.warning(f"resuming {checkpoint_dir}, trained from {name(theirs)}, with {name(teacher)}: the same "
-                       "UNet weights")
+                       "denoiser weights")
 
 
 def is_sharded(accelerator):

@@ -7,10 +7,12 @@ busy 2-core CI machine. Each script therefore has its main run through `accelera
 (resume, other flags, error paths) run in process, where only the training itself costs time."""
 
 import contextlib
+import copy
 import importlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -108,6 +110,97 @@ def run_in_process(script, args, *, check=True):
     if check and returncode != 0:
         raise AssertionError(f"{script} failed ({returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def spy_on_optimizer(module, monkeypatch):
+    """Record every optimiser a script's make_optimizer builds, and a copy of its per-parameter state right after
+    each load_state_dict (what a resumed run actually continues from)."""
+    record = {"optimizers": [], "loaded_state": []}
+    real_make_optimizer = module.make_optimizer
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        real_load = optimizer.load_state_dict
+
+        def load_state_dict(state_dict):
+            real_load(state_dict)
+            record["loaded_state"].append(copy.deepcopy(list(optimizer.state.values())))
+
+        optimizer.load_state_dict = load_state_dict
+        record["optimizers"].append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(module, "make_optimizer", make_optimizer)
+    return record
+
+
+def checkpoint_optimizer_state(checkpoint):
+    """(per-parameter states in parameter order, parameter groups without their parameter lists) that accelerate
+    wrote into a checkpoint folder. bitsandbytes' state_dict nests its quantisation buffers under one key (to hide
+    them from FSDP): flattened back here."""
+    saved = torch_load(Path(checkpoint) / "optimizer.bin")
+    states = []
+    for index in sorted(saved["state"]):
+        state = dict(saved["state"][index])
+        state.update(state.pop("__bnb_optimizer_quant_state__", {}))
+        states.append(state)
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in saved["param_groups"]]
+    return states, groups
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(expected, got):
+    """Per-parameter optimiser states (lists of dicts) equal bit for bit, dtypes included."""
+    import torch
+
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+def train_then_resume(script, module, flags, output_dir, tmp_path, monkeypatch, resume_step, weights):
+    """Train `flags` to the end in process with checkpoints, then resume a copy of checkpoint-`resume_step` to the
+    end in another output dir; return the optimiser records of both runs (spy_on_optimizer), the resumed output
+    dir and the (uninterrupted, resumed) final `weights(output_dir)`."""
+    uninterrupted = spy_on_optimizer(module, monkeypatch)
+    run_in_process(script, flags)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(output_dir / f"checkpoint-{resume_step}", resumed_dir / f"checkpoint-{resume_step}")
+    monkeypatch.undo()  # the resumed run's spy wraps the script's own make_optimizer, not the first spy
+    resumed = spy_on_optimizer(module, monkeypatch)
+    resumed_flags = [str(resumed_dir) if str(f) == str(output_dir) else str(f) for f in flags]
+    result = run_in_process(script, resumed_flags + ["--resume_from_checkpoint", "latest"])
+    assert f"checkpoint-{resume_step}" in result.stdout
+    return uninterrupted, resumed, resumed_dir, weights(output_dir), weights(resumed_dir)
+
+
+def assert_resumed_exactly(output_dir, resumed_dir, resumed, resume_step, final_step, expected, got):
+    """The resumed run loaded exactly the optimiser state of checkpoint-`resume_step` and ends where the
+    uninterrupted run ended: the same final weights and the same optimiser state (groups included: Prodigy keeps
+    its step-size estimate there) in the last checkpoint."""
+    import torch
+
+    saved, _ = checkpoint_optimizer_state(output_dir / f"checkpoint-{resume_step}")
+    assert all(s["step"] == resume_step for s in saved)
+    assert_same_state(saved, resumed["loaded_state"][-1])  # prepare() also reloads the (then empty) state
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+    final, final_groups = checkpoint_optimizer_state(output_dir / f"checkpoint-{final_step}")
+    resumed_final, resumed_groups = checkpoint_optimizer_state(resumed_dir / f"checkpoint-{final_step}")
+    assert_same_state(final, resumed_final)
+    assert final_groups == resumed_groups
 
 
 def rejection_line(module, argv, capsys):

@@ -3,8 +3,6 @@ DreamBooth LoRA train with it, its uint8 state goes into the checkpoint, comes b
 resumed run ends bit-identical to the uninterrupted one. Runs are in process (see conftest), so the test can
 hold on to the optimiser the script built."""
 
-import copy
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_in_process
+from conftest import assert_resumed_exactly, checkpoint_optimizer_state, train_then_resume
 from make_toy_dataset import make_toy_dataset
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -23,58 +21,14 @@ import train_lcm_distill_sd_wds as lcd  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def spy_on_optimizer(module, monkeypatch):
-    """Record every optimiser the script builds, and a copy of its state right after each load_state_dict."""
-    record = {"optimizers": [], "loaded_state": []}
-    real_make_optimizer = module.make_optimizer
-
-    def make_optimizer(*args, **kwargs):
-        optimizer = real_make_optimizer(*args, **kwargs)
-        real_load = optimizer.load_state_dict
-
-        def load_state_dict(state_dict):
-            real_load(state_dict)
-            record["loaded_state"].append(copy.deepcopy(list(optimizer.state.values())))
-
-        optimizer.load_state_dict = load_state_dict
-        record["optimizers"].append(optimizer)
-        return optimizer
-
-    monkeypatch.setattr(module, "make_optimizer", make_optimizer)
-    return record
-
-
 def uint8_states(states):
     """The 8-bit moment buffers (bitsandbytes keys state1/state2) among the per-parameter states."""
     return [s for s in states if isinstance(s.get("state1"), torch.Tensor) and s["state1"].dtype == torch.uint8]
 
 
-def checkpoint_optimizer_state(checkpoint):
-    """Per-parameter optimiser states accelerate wrote into a checkpoint folder, in parameter order. bitsandbytes'
-    state_dict nests its quantisation buffers under one key (to hide them from FSDP): flattened back here."""
-    saved = torch.load(Path(checkpoint) / "optimizer.bin", weights_only=True)["state"]
-    states = []
-    for index in sorted(saved):
-        state = dict(saved[index])
-        state.update(state.pop("__bnb_optimizer_quant_state__", {}))
-        states.append(state)
-    return states
-
-
-def assert_same_state(expected, got):
-    assert len(expected) == len(got)
-    for a, b in zip(expected, got):
-        assert a.keys() == b.keys()
-        for key in a:
-            if isinstance(a[key], torch.Tensor):
-                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-            else:
-                assert a[key] == b[key], key
-
-
 def test_make_optimizer_builds_the_real_adamw8bit_with_the_flags():
-    args = SimpleNamespace(optimizer="adamw8bit", use_8bit_adam=True, adam_beta1=0.9, adam_beta2=0.99, adam_weight_decay=0.01,
-                           adam_epsilon=1e-8)
+    args = SimpleNamespace(optimizer="adamw8bit", use_8bit_adam=True, adam_beta1=0.9, adam_beta2=0.99,
+                           adam_weight_decay=0.01, adam_epsilon=1e-8)
     big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))
     optimizer = lcd.make_optimizer(args, [big, small], 3e-5)
     assert type(optimizer) is bnb.optim.AdamW8bit
@@ -92,40 +46,19 @@ def test_make_optimizer_builds_the_real_adamw8bit_with_the_flags():
 
 
 def run_and_resume(script, module, flags, output_dir, tmp_path, monkeypatch, resume_step, weights):
-    """Train to the end with checkpoints, then resume a copy of checkpoint-`resume_step` to the end; return the
-    optimiser records of both runs and (uninterrupted, resumed) final weights."""
-    uninterrupted = spy_on_optimizer(module, monkeypatch)
-    run_in_process(script, flags)
-    [optimizer] = uninterrupted["optimizers"]
+    result = train_then_resume(script, module, flags, output_dir, tmp_path, monkeypatch, resume_step, weights)
+    [optimizer] = result[0]["optimizers"]
     assert type(optimizer) is bnb.optim.AdamW8bit
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(output_dir / f"checkpoint-{resume_step}", resumed_dir / f"checkpoint-{resume_step}")
-    monkeypatch.undo()  # the resumed run's spy wraps the script's own make_optimizer, not the first spy
-    resumed = spy_on_optimizer(module, monkeypatch)
-    resumed_flags = [str(resumed_dir) if str(f) == str(output_dir) else str(f) for f in flags]
-    result = run_in_process(script, resumed_flags + ["--resume_from_checkpoint", "latest"])
-    assert f"checkpoint-{resume_step}" in result.stdout
-    return uninterrupted, resumed, resumed_dir, weights(output_dir), weights(resumed_dir)
+    return result
 
 
 def check_8bit_run(uninterrupted, resumed, output_dir, resumed_dir, resume_step, final_step, expected, got):
     [optimizer] = uninterrupted["optimizers"]
-    live = list(optimizer.state.values())
-    assert uint8_states(live), "no parameter got 8-bit optimiser state"
-    # the checkpoint holds the 8-bit state, and the resumed run loaded exactly that
-    saved = checkpoint_optimizer_state(output_dir / f"checkpoint-{resume_step}")
-    assert uint8_states(saved)
-    assert all(s["step"] == resume_step for s in saved)
-    loaded = resumed["loaded_state"][-1]  # accelerate's prepare() also reloads the (then empty) state
-    assert_same_state(saved, loaded)
-    assert uint8_states(loaded)
-    # the resumed run continues exactly: same final weights and the same optimiser state in the last checkpoint
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
-    assert_same_state(checkpoint_optimizer_state(output_dir / f"checkpoint-{final_step}"),
-                      checkpoint_optimizer_state(resumed_dir / f"checkpoint-{final_step}"))
+    assert uint8_states(list(optimizer.state.values())), "no parameter got 8-bit optimiser state"
+    # the checkpoint holds the 8-bit state, and the resumed run loaded it (compared exactly below)
+    assert uint8_states(checkpoint_optimizer_state(output_dir / f"checkpoint-{resume_step}")[0])
+    assert uint8_states(resumed["loaded_state"][-1])
+    assert_resumed_exactly(output_dir, resumed_dir, resumed, resume_step, final_step, expected, got)
 
 
 def test_full_lcd_trains_and_resumes_with_real_8bit_adam(assets, tmp_path, monkeypatch):

@@ -91,8 +91,8 @@ def flags(pixart, assets, output_dir, *extra):
     return ["--pretrained_teacher_model", pixart, "--train_shards_path_or_url", assets["shards"],
             "--output_dir", output_dir, "--resolution", "64", "--train_batch_size", "2", "--seed", "0",
             "--lora_rank", "4", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--shuffle_buffer_size", "4",
-            "--dataloader_num_workers", "0", "--num_ddim_timesteps", "10", "--report_to", "none", "--max_train_steps", "2",
-            *extra]
+            "--dataloader_num_workers", "0", "--num_ddim_timesteps", "10", "--report_to", "none",
+            "--max_train_steps", "2", *extra]
 
 
 def lora_output(model, latents, timesteps, conditioning, adapted):

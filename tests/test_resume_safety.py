@@ -405,7 +405,7 @@ def test_damaged_checkpoint_and_other_teacher_refused_in_process(lcd_checkpoint,
     anything trains."""
     run = copy_run(lcd_checkpoint, tmp_path / "run")
     state = json.loads((run / "checkpoint-1" / "training_state.json").read_text())
-    assert state["teacher"]["model"] == assets["tiny-sd"] and len(state["teacher"]["UNet weights"]) == 16
+    assert state["teacher"]["model"] == assets["tiny-sd"] and len(state["teacher"]["denoiser weights"]) == 16
     (run / "checkpoint-1" / "optimizer.bin").rename(tmp_path / "optimizer.bin")
     flags = lcd_flags(assets, run, "--max_train_steps", "2", "--resume_from_checkpoint", run / "checkpoint-1")
     result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
@@ -422,22 +422,28 @@ def test_damaged_checkpoint_and_other_teacher_refused_in_process(lcd_checkpoint,
     result = run_in_process("train_lcm_distill_sd_wds.py", flags, check=False)
     line = exit_line(result)
     assert line.startswith(f"error: {run / 'checkpoint-1'} was trained from --pretrained_teacher_model "
-                           f"{assets['tiny-sd']} (UNet weights {state['teacher']['UNet weights']}), but this run "
-                           f"loads {other} (UNet weights ")
+                           f"{assets['tiny-sd']} (denoiser weights {state['teacher']['denoiser weights']}), but "
+                           f"this run loads {other} (denoiser weights ")
     assert "resuming from" not in result.stdout
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
 
 
 def test_teacher_and_adapter_settings_rules(caplog):
     PartialState()  # accelerate's logger needs one (run_in_process resets it)
-    teacher = {"flag": "--pretrained_teacher_model", "model": "org/sd", "revision": None, "UNet weights": "ab"}
+    teacher = {"flag": "--pretrained_teacher_model", "model": "org/sd", "revision": None, "denoiser weights": "ab"}
     lcd.check_resume_teacher({"global_step": 1}, teacher, "ckpt")  # written before the teacher was recorded
     with caplog.at_level(logging.WARNING):  # the same weights from another folder resume, with a warning
         lcd.check_resume_teacher({"teacher": {**teacher, "model": "/mirror/sd"}}, teacher, "ckpt")
-    assert "trained from /mirror/sd, with org/sd: the same UNet weights" in caplog.text
+    assert "trained from /mirror/sd, with org/sd: the same denoiser weights" in caplog.text
     with pytest.raises(SystemExit, match=r"^error: ckpt was trained from --pretrained_teacher_model org/sd "
-                                         r"\(revision v2\) \(UNet weights cd\), but this run loads org/sd \(UNet"):
-        lcd.check_resume_teacher({"teacher": {**teacher, "revision": "v2", "UNet weights": "cd"}}, teacher, "ckpt")
+                                         r"\(revision v2\) \(denoiser weights cd\), but this run loads org/sd "
+                                         r"\(denoiser"):
+        lcd.check_resume_teacher({"teacher": {**teacher, "revision": "v2", "denoiser weights": "cd"}}, teacher, "ckpt")
+    # checkpoints written before the rename record the same fingerprint as "UNet weights"
+    old_style = {key: value for key, value in teacher.items() if key != "denoiser weights"}
+    lcd.check_resume_teacher({"teacher": {**old_style, "UNet weights": "ab"}}, teacher, "ckpt")
+    with pytest.raises(SystemExit, match=r"\(denoiser weights cd\), but this run loads org/sd \(denoiser weights ab"):
+        lcd.check_resume_teacher({"teacher": {**old_style, "UNet weights": "cd"}}, teacher, "ckpt")
 
     def lora_args(rank, alpha=None):
         return SimpleNamespace(lora_rank=rank, lora_alpha=float(alpha or rank), lora_target_modules=["to_q", "to_v"])
