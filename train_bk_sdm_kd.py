@@ -93,7 +93,9 @@ logger = get_logger(__name__)
 
 
 
-UNET_CONFIG_NAMES = ("bk_base", "bk_small", "bk_tiny")
+BK_SDM_STUDENTS = ("bk_base", "bk_small", "bk_tiny")  # of an SD 1.x / 2.x teacher
+SDXL_STUDENTS = ("ssd-1b", "vega", "koala-700m")  # of an SDXL teacher
+UNET_CONFIG_NAMES = BK_SDM_STUDENTS + SDXL_STUDENTS
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SCRIPT_NAME = "train_bk_sdm_kd.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
@@ -217,10 +219,13 @@ def student_unet_config(teacher_config, unet_config_name):
     bk_small: bk_base without the mid block.
     bk_tiny: bk_small without the innermost level (down block 3, up block 0); down block 2 becomes the last
     one and so loses its downsampler.
+    ssd-1b, vega, koala-700m (SDXL teachers): see sdxl_student_unet_config.
     """
     if unet_config_name not in UNET_CONFIG_NAMES:
         raise ValueError(f"unknown --unet_config_name {unet_config_name!r}; "
                          f"choose one of {', '.join(UNET_CONFIG_NAMES)}")
+    if unet_config_name in SDXL_STUDENTS:
+        return sdxl_student_unet_config(teacher_config, unet_config_name)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     check_sd_teacher_config(config)
     config["layers_per_block"] = 1
@@ -238,12 +243,101 @@ def student_unet_config(teacher_config, unet_config_name):
     return config
 
 
+SDXL_DOWN_BLOCKS = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+SDXL_UP_BLOCKS = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+SDXL_DEPTHS = (0, 2, 10)  # SDXL base's transformer blocks per attention layer, per level (down-block order)
+# The published students, as ComfyUI's model detection reads them from their weights (transformer_depth per down
+# layer, transformer_depth_output per up layer, transformer_depth_middle). Per level in down-block order: the
+# depth of each down layer and of each up layer (up layers in the order of diffusers' up block, which serves that
+# level from the inside out). Mid block: "UNetMidBlock2D" is a single resnet (ComfyUI depth -1), None no mid
+# block (-2). SSD-1B keeps the full depth where its authors found it mattered most: the innermost up block's
+# last attention and level 1's first up attention.
+SDXL_STUDENT_LAYOUTS = {
+    "ssd-1b": {"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
+               "down": [[0, 0], [2, 2], [4, 4]], "up": [[0, 0, 0], [2, 1, 1], [4, 4, 10]]},
+    "vega": {"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
+             "down": [[0, 0], [1, 1], [2, 2]], "up": [[0, 0, 0], [1, 1, 1], [2, 2, 2]]},
+    "koala-700m": {"layers_per_block": 1, "mid_block_type": None,
+                   "down": [[0], [2], [5]], "up": [[0, 0], [2, 2], [5, 5]]},
+}
+
+
+def check_sdxl_teacher_config(config):
+    """The SDXL students assume SDXL's layout (any widths and transformer depths); one line for anything else."""
+    layout = (list(config["down_block_types"]), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+              list(config["up_block_types"]), config["layers_per_block"])
+    expected = (SDXL_DOWN_BLOCKS, "UNetMidBlock2DCrossAttn", SDXL_UP_BLOCKS, 2)
+    if layout != expected:
+        raise ValueError(
+            f"the {', '.join(SDXL_STUDENTS)} students are defined for the SDXL UNet (down {SDXL_DOWN_BLOCKS}, a "
+            f"cross-attention mid block, up {SDXL_UP_BLOCKS}, 2 layers per block); this teacher has down "
+            f"{layout[0]}, mid {layout[1]}, up {layout[2]}, {layout[3]} layers per block (SD 1.x/2.x teachers: "
+            f"--unet_config_name {'/'.join(BK_SDM_STUDENTS)})"
+        )
+
+
+def transformer_depths(config, up):
+    """Per level (down-block order), the transformer depth of each layer of a UNet config: its down blocks', or
+    with `up` its up blocks' (which diffusers gives in up-block order, innermost level first)."""
+    num_levels, per_level = len(config["down_block_types"]), config.get("transformer_layers_per_block", 1)
+    per_level = list(per_level) if isinstance(per_level, (list, tuple)) else [per_level] * num_levels
+    if up:
+        num_layers = config["layers_per_block"] + 1
+        reverse = config.get("reverse_transformer_layers_per_block")
+        per_level = list(reversed(reverse)) if reverse is not None else per_level
+    else:
+        num_layers = config["layers_per_block"]
+    return [list(depth) if isinstance(depth, (list, tuple)) else [depth] * num_layers for depth in per_level]
+
+
+def kept_depth(teacher_depth, student_sdxl_depth, sdxl_depth):
+    """How many of a teacher attention's transformer blocks the student keeps: the published student's share of
+    SDXL's depth at that place, of this teacher's depth, rounded up (a kept attention keeps at least one block)."""
+    if student_sdxl_depth == sdxl_depth:
+        return teacher_depth
+    return max(1, -(-teacher_depth * student_sdxl_depth // sdxl_depth))
+
+
+def up_layer_source(layer, student_layers_per_block, teacher_layers_per_block):
+    """The teacher up-block layer a student up-block layer starts from: the same index, except the student's
+    last (fed the skip from the level above), which starts from the teacher's last."""
+    return teacher_layers_per_block if layer == student_layers_per_block else layer
+
+
+def sdxl_student_unet_config(teacher_config, unet_config_name):
+    """An SDXL student: SSD-1B, Segmind-Vega (Gupta et al., 2024, arXiv:2401.02677) or KOALA-700M (Lee et al.,
+    2023), derived from an SDXL-layout teacher of any widths and depths by one rule.
+
+    Resnets: `layers_per_block` of the published student (SSD-1B, Vega: SDXL's 2; KOALA: 1, its up blocks 2,
+    the layers kept as in BK-SDM). Mid block: a single resnet (SSD-1B, Vega) or none (KOALA). Transformer depth
+    of each kept attention: the published student's share of SDXL base's depth at that place (SSD-1B keeps 4 of
+    the 10 blocks of most innermost attentions) applied to this teacher's depth there, rounded up; the student
+    keeps the teacher's first blocks (teacher_key_for). On SDXL base this gives the published models exactly."""
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    check_sdxl_teacher_config(config)
+    layout = SDXL_STUDENT_LAYOUTS[unet_config_name]
+    teacher_down, teacher_up = transformer_depths(config, up=False), transformer_depths(config, up=True)
+    down, up = [], []
+    for level, sdxl_depth in enumerate(SDXL_DEPTHS):
+        down.append([kept_depth(teacher_down[level][layer], published, sdxl_depth)
+                     for layer, published in enumerate(layout["down"][level])])
+        up.append([kept_depth(teacher_up[level][up_layer_source(layer, layout["layers_per_block"], 2)], published,
+                              sdxl_depth) for layer, published in enumerate(layout["up"][level])])
+    # level 0 has no attention (DownBlock2D / UpBlock2D ignore their entry): keep the teacher's numbers there
+    down[0], up[0] = [teacher_down[0][0]] * len(down[0]), [teacher_up[0][0]] * len(up[0])
+    config.update(layers_per_block=layout["layers_per_block"], mid_block_type=layout["mid_block_type"],
+                  transformer_layers_per_block=down, reverse_transformer_layers_per_block=list(reversed(up)))
+    return config
+
+
 def teacher_key_for(student_key, student_config, teacher_config):
     """The teacher tensor a student tensor is initialised from; every kept layer starts as the teacher's.
 
     Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
     layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
-    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name.
+    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name: an
+    attention that keeps k of its teacher's transformer blocks (SDXL students) keeps the first k, the teacher's
+    residual stream up to block k.
     """
     up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
     match = re.fullmatch(r"up_blocks\.(\d+)\.(.+)", student_key)
@@ -253,9 +347,7 @@ def teacher_key_for(student_key, student_config, teacher_config):
     layer = re.fullmatch(r"(resnets|attentions)\.(\d+)\.(.+)", rest)
     if layer is not None:
         index = int(layer.group(2))
-        student_last, teacher_last = student_config["layers_per_block"], teacher_config["layers_per_block"]
-        if index == student_last:
-            index = teacher_last
+        index = up_layer_source(index, student_config["layers_per_block"], teacher_config["layers_per_block"])
         rest = f"{layer.group(1)}.{index}.{layer.group(3)}"
     return f"up_blocks.{block}.{rest}"
 
