@@ -3,14 +3,17 @@ config against the published models (parameter counts, and the transformer depth
 layer map, and an end-to-end run on the tiny SDXL pipeline."""
 
 import re
+import shutil
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 import train_bk_sdm_kd as bk
-from conftest import REPO
+from conftest import REPO, run_in_process, run_script
 
 sys.path.insert(0, str(REPO / "tools"))
 from make_random_pipeline import PRESETS  # noqa: E402
@@ -117,3 +120,99 @@ def test_students_of_the_other_family_are_refused_in_one_line():
         with pytest.raises(ValueError) as excinfo:
             bk.student_unet_config(config, name)
         assert expected in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end on the tiny SDXL pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def xl_flags(teacher, output_dir, data):
+    return ["--pretrained_teacher_model", teacher, "--output_dir", output_dir, "--train_shards_path_or_url", data,
+            "--resolution", "64", "--train_batch_size", "2", "--seed", "0", "--shuffle_buffer_size", "4",
+            "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from make_random_pipeline import build_pipeline
+
+    return build_pipeline("tiny-sdxl", str(tmp_path_factory.mktemp("bk_xl") / "tiny-sdxl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl_run(assets, tiny_sdxl, tmp_path_factory):
+    """ssd-1b (the default student of an SDXL teacher) through `accelerate launch`: EMA, gradient checkpointing,
+    a checkpoint every 2 steps, validation at the end."""
+    output_dir = tmp_path_factory.mktemp("bk_xl_run") / "run"
+    flags = xl_flags(tiny_sdxl, output_dir, assets["shards"]) + [
+        "--max_train_steps", "3", "--checkpointing_steps", "2", "--use_ema", "--ema_decay", "0.9",
+        "--gradient_checkpointing", "--validation_prompts", "a red circle", "--num_validation_inference_steps", "2",
+        "--validation_steps", "3"]
+    result = run_script("train_bk_sdm_kd.py", flags)
+    return {"output_dir": output_dir, "flags": flags, "log": result.stdout}
+
+
+@pytest.mark.slow
+def test_sdxl_teacher_trains_an_ssd_1b_student_that_loads_generates_and_resumes(xl_run, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    out = xl_run["output_dir"]
+    assert "ssd-1b student" in xl_run["log"]
+    # the student: SSD-1B's rule on the tiny teacher's depths; its layers moved, the EMA between
+    student = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    assert comfyui_depths(student) == ([0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 2, 1, 1], -1)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    initial = bk.make_student_unet(teacher, "ssd-1b").state_dict()
+    online, ema = student.state_dict(), load_file(str(out / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    moved = [k for k in online if not torch.equal(online[k], initial[k])]
+    assert moved and not torch.equal(ema[moved[0]], online[moved[0]])
+    # the folder is an SDXL pipeline that loads and generates; VAE and second text encoder are the teacher's
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
+    for part in ("vae", "text_encoder_2"):
+        ours = load_file(str(next((out / part).glob("*.safetensors"))))
+        theirs = load_file(str(next((Path(tiny_sdxl) / part).glob("*.safetensors"))))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    card = (out / "README.md").read_text()
+    assert "student (ssd-1b)" in card and "1.0 x task + 0.5 x output KD + 0.5 x feature KD" in card
+    assert "StableDiffusionXLPipeline.from_pretrained" in card
+    assert (out / "validation" / "step_000003.png").is_file()
+    # resumed from checkpoint-2 in a fresh output folder: the same final student and EMA
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    flags = [str(resumed) if str(f) == str(out) else str(f) for f in xl_run["flags"]]
+    result = run_in_process("train_bk_sdm_kd.py", flags + ["--resume_from_checkpoint", "latest",
+                                                           "--validation_prompts"])
+    assert "resuming from" in result.stdout
+    for name in ("unet", "unet_ema"):
+        expected = load_file(str(out / name / "diffusion_pytorch_model.safetensors"))
+        got = load_file(str(resumed / name / "diffusion_pytorch_model.safetensors"))
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), name
+
+
+def test_sdxl_teacher_defaults_and_a_student_of_the_other_family_is_one_line(assets, tiny_sdxl, tmp_path, capsys,
+                                                                            monkeypatch):
+    from conftest import rejection_line
+
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is relative: keep it out of the repository
+    xl = ["--pretrained_teacher_model", tiny_sdxl, "--train_shards_path_or_url", assets["shards"],
+          "--max_train_steps", "1"]
+    args = bk.parse_args(xl)
+    assert args.sdxl and args.unet_config_name == "ssd-1b" and args.resolution == 1024
+    assert (args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat) == (1.0, 0.5, 0.5)  # Segmind's recipe
+    args = bk.parse_args(["--pretrained_teacher_model", assets["tiny-sd"], "--train_data_dir", assets["images"]])
+    assert not args.sdxl and args.resolution == 512 and args.lambda_kd_feat == 1.0
+    line = rejection_line(bk, xl + ["--unet_config_name", "bk_small"], capsys)
+    assert "--unet_config_name bk_small is a student of an SD 1.x/2.x teacher; this teacher is SDXL: choose one of " \
+           "ssd-1b, vega, koala-700m" in line
+    sd = ["--pretrained_teacher_model", assets["tiny-sd"], "--train_data_dir", assets["images"]]
+    line = rejection_line(bk, sd + ["--unet_config_name", "vega"], capsys)
+    assert "vega is a student of an SDXL teacher; this teacher is SD 1.x/2.x: choose one of bk_base" in line
+    assert "--use_fix_crop_and_size is SDXL micro-conditioning" in rejection_line(
+        bk, sd + ["--use_fix_crop_and_size"], capsys)
