@@ -161,8 +161,8 @@ def parse_args(input_args=None):
                        help="Weight of the output-KD loss (student vs teacher noise prediction); default 1 (BK-SDM), "
                             "0.5 for the SDXL students (Segmind's SSD-1B/Vega recipe).")
     group.add_argument("--lambda_kd_feat", type=bounded(float, 0, None), default=None,
-                       help="Weight of the feature-KD loss (student vs teacher block or layer outputs, summed); default "
-                            "1 (BK-SDM), 0.5 for the SDXL students.")
+                       help="Weight of the feature-KD loss (student vs teacher block or layer outputs, summed); "
+                            "default 1 (BK-SDM), 0.5 for the SDXL students.")
     group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=0.9999,
                        help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
@@ -447,9 +447,10 @@ def feature_pairs(student_config, teacher_config):
     """(student module, teacher module) whose outputs feature KD matches, paired by position.
 
     Every down block and up block. SSD-1B and Vega, which keep every resnet of the teacher: every resnet and
-    attention of the down and up blocks instead (the layer-level loss of their report, arXiv:2401.02677). bk_tiny: its last down block has no downsampler, so its output is
-    compared through attention 0's proj_out with the teacher's down block 2 attention 1 proj_out (the same
-    point before the teacher's downsampler); its up block i pairs with the teacher's up block i + 1.
+    attention of the down and up blocks instead (the layer-level loss of their report, arXiv:2401.02677).
+    bk_tiny: its last down block has no downsampler, so its output is compared through attention 0's proj_out
+    with the teacher's down block 2 attention 1 proj_out (the same point before the teacher's downsampler); its
+    up block i pairs with the teacher's up block i + 1.
     """
     num_down = len(student_config["down_block_types"])
     up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])

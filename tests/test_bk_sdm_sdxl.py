@@ -91,7 +91,8 @@ def test_every_sdxl_student_tensor_comes_from_a_teacher_tensor_of_its_shape(name
     everywhere): every student tensor is the teacher tensor of the same name, except a 1-resnet student's last up
     layer (<- the teacher's last); kept transformer blocks are the teacher's first ones."""
     torch.manual_seed(0)
-    teacher = UNet2DConditionModel.from_config(dict(PRESETS["tiny-sdxl"]["unet"], transformer_layers_per_block=(1, 3, 5)))
+    config = dict(PRESETS["tiny-sdxl"]["unet"], transformer_layers_per_block=(1, 3, 5))
+    teacher = UNet2DConditionModel.from_config(config)
     student = UNet2DConditionModel.from_config(bk.student_unet_config(teacher.config, name))
     mapping = bk.copy_weights_from_teacher(student, teacher)
     student_state, teacher_state = student.state_dict(), teacher.state_dict()
