@@ -164,6 +164,10 @@ def parse_args(input_args=None):
                        help="Weight of the feature-KD loss (student vs teacher block or layer outputs, summed); "
                             "default 1 (BK-SDM), 0.5 for the SDXL students.")
     group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
+    group.add_argument("--single_file", type=str, default=None, choices=["fp16", "bf16", "fp32", "none"],
+                       help="SDXL teachers: also save the output pipeline as one <unet_config_name>.safetensors in the "
+                            "original SGM layout (what ComfyUI / A1111 load from their checkpoints folder), in this "
+                            "precision; default fp16, 'none' to skip.")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=0.9999,
                        help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
     group = parser.add_argument_group("validation")
@@ -202,6 +206,10 @@ def check_teacher_args(parser, args):
                      f"{'SDXL' if args.sdxl else 'SD 1.x/2.x'}: choose one of {', '.join(family)}")
     if args.use_fix_crop_and_size and not args.sdxl:
         parser.error("--use_fix_crop_and_size is SDXL micro-conditioning; this teacher is SD 1.x/2.x")
+    if args.single_file not in (None, "none") and not args.sdxl:
+        parser.error("--single_file writes an SDXL (SGM-layout) checkpoint; this teacher is SD 1.x/2.x")
+    if args.single_file is None:
+        args.single_file = "fp16" if args.sdxl else "none"
     if args.resolution is None:
         args.resolution = 1024 if args.sdxl else 512
     kd_weight = 0.5 if args.sdxl else 1.0  # Segmind's SSD-1B/Vega recipe; BK-SDM's paper
@@ -779,7 +787,8 @@ def teacher_record(flag, model, revision, unet):
 
 
 def save_output_pipeline(args, unet):
-    """The teacher's pipeline with the student UNet, saved to --output_dir.
+    """The teacher's pipeline with the student UNet, saved to --output_dir (SDXL: also as one SGM-layout file,
+    `<unet_config_name>.safetensors`, in --single_file's precision).
 
     VAE and text encoders are re-read from the teacher (the VAE from --pretrained_vae_model_name_or_path when given)
     in their stored precision (training held them in the mixed-precision dtype)."""
@@ -796,6 +805,10 @@ def save_output_pipeline(args, unet):
             cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             **extra)
     pipeline.save_pretrained(args.output_dir)
+    if args.single_file != "none":
+        save_file(sgm_state_dict(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2,
+                                 weight_dtype_for(args.single_file)),
+                  os.path.join(args.output_dir, f"{args.unet_config_name}.safetensors"), metadata={"format": "pt"})
     del pipeline
 
 
@@ -910,6 +923,136 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[
                [("loss", f"{args.lambda_sd} x task + {args.lambda_kd_output} x output KD + "
                          f"{args.lambda_kd_feat} x feature KD"),
                 ("EMA", f"decay {args.ema_decay}" if args.use_ema else "no")])}"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SDXL single-file checkpoint (the original SGM layout: ComfyUI, A1111, Forge)
+# ----------------------------------------------------------------------------------------------------------
+
+
+SGM_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+SGM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+SGM_OPENCLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                            "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def renamed(rest, names):
+    """`rest` ("norm1.weight") with its leading module path renamed by `names` ({"norm1": "in_layers.0"})."""
+    for old, new in names.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def sgm_unet_key(key, config):
+    """The SGM (`model.diffusion_model.`) name of a diffusers UNet2DConditionModel tensor.
+
+    SGM numbers the UNet's layers as one sequence per half: input_blocks 0 is conv_in, then each level's resnets
+    (each with its attention as sub-module .1) and its downsampler; output_blocks the up blocks' resnets (their
+    attention .1, the upsampler after the level's last one .1 or .2); the mid block is middle_block 0 (resnet), 1
+    (attention), 2 (resnet). Attention internals keep their names; resnet internals are renamed."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    module, _, parameter = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{parameter}"
+    per_level = config["layers_per_block"] + 1  # SGM entries per down level: its resnets and its downsampler
+    match = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if match:
+        half, block, kind, layer, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), \
+            match.group(5)
+        if kind == "resnets":
+            rest = renamed(rest, SGM_RESNET_NAMES)
+        if half == "down":
+            if kind == "downsamplers":
+                return f"input_blocks.{(block + 1) * per_level}.0.op.{rest.removeprefix('conv.')}"
+            return f"input_blocks.{1 + block * per_level + layer}.{0 if kind == 'resnets' else 1}.{rest}"
+        if kind == "upsamplers":
+            position = 2 if "CrossAttn" in config["up_block_types"][block] else 1
+            return f"output_blocks.{block * per_level + per_level - 1}.{position}.{rest}"
+        return f"output_blocks.{block * per_level + layer}.{0 if kind == 'resnets' else 1}.{rest}"
+    match = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if match:
+        kind, layer, rest = match.groups()
+        if kind == "resnets":
+            return f"middle_block.{2 * int(layer)}.{renamed(rest, SGM_RESNET_NAMES)}"
+        return f"middle_block.1.{rest}"
+    raise ValueError(f"no SGM name for UNet tensor {key}")
+
+
+def sgm_vae_key(key, num_up_blocks):
+    """The SGM (`first_stage_model.`) name of a diffusers AutoencoderKL tensor: down/up blocks become
+    down.i.block.j / up.(reversed i).block.j, the mid block mid.block_1, attn_1, block_2."""
+    key = key.replace(".conv_norm_out.", ".norm_out.").replace(".conv_shortcut.", ".nin_shortcut.")
+    match = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)",
+                         key)
+    if match:
+        part, half, block, kind, layer, rest = match.groups()
+        level = int(block) if half == "down" else num_up_blocks - 1 - int(block)
+        if kind == "resnets":
+            return f"{part}.{half}.{level}.block.{layer}.{rest}"
+        return f"{part}.{half}.{level}.{kind[:-2].replace('sampler', 'sample')}.{rest}"
+    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if match:
+        part, kind, layer, rest = match.groups()
+        if kind == "resnets":
+            return f"{part}.mid.block_{int(layer) + 1}.{rest}"
+        return f"{part}.mid.attn_1.{renamed(rest, SGM_VAE_ATTENTION_NAMES)}"
+    return key
+
+
+def sgm_openclip_state_dict(state_dict):
+    """A diffusers CLIPTextModelWithProjection's tensors in OpenCLIP's layout (SDXL's
+    `conditioner.embedders.1.model.`): q/k/v projections fused into one in_proj, the projection stored transposed (OpenCLIP multiplies x @ P)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("text_model.")
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+        if match:
+            layer, rest = match.groups()
+            attention = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if attention:
+                if attention.group(1) == "q":
+                    parts = [state_dict[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{attention.group(2)}"]
+                             for p in "qkv"]
+                    converted[f"transformer.resblocks.{layer}.attn.in_proj_{attention.group(2)}"] = torch.cat(parts)
+                continue
+            converted[f"transformer.resblocks.{layer}.{renamed(rest, SGM_OPENCLIP_LAYER_NAMES)}"] = tensor
+        elif key == "embeddings.token_embedding.weight":
+            converted["token_embedding.weight"] = tensor
+        elif key == "embeddings.position_embedding.weight":
+            converted["positional_embedding"] = tensor
+        elif key.startswith("final_layer_norm."):
+            converted["ln_final." + key.removeprefix("final_layer_norm.")] = tensor
+        elif key == "text_projection.weight":
+            converted["text_projection"] = tensor.t().contiguous()
+        elif key != "embeddings.position_ids":
+            raise ValueError(f"no OpenCLIP name for text encoder tensor {key}")
+    return converted
+
+
+def sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype):
+    """One SDXL checkpoint in the original (SGM) layout, every tensor in `dtype`: the UNet under
+    `model.diffusion_model.`, the VAE under `first_stage_model.` (its attention's linear layers as the 1x1
+    convolutions SGM has), CLIP-L in Hugging Face's layout under `conditioner.embedders.0.transformer.` and
+    OpenCLIP-bigG under `conditioner.embedders.1.model.`."""
+    checkpoint = {}
+    for key, tensor in unet.state_dict().items():
+        checkpoint["model.diffusion_model." + sgm_unet_key(key, unet.config)] = tensor
+    for key, tensor in vae.state_dict().items():
+        name = sgm_vae_key(key, len(vae.config.up_block_types))
+        if ".mid.attn_1." in name and name.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        checkpoint["first_stage_model." + name] = tensor
+    for key, tensor in text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            key = key if key.startswith("text_model.") else "text_model." + key
+            checkpoint["conditioner.embedders.0.transformer." + key] = tensor
+    for key, tensor in sgm_openclip_state_dict(text_encoder_2.state_dict()).items():
+        checkpoint["conditioner.embedders.1.model." + key] = tensor
+    return {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in checkpoint.items()}
 
 
 class BlockRemovalDistillation:

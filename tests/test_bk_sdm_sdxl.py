@@ -115,6 +115,64 @@ def test_every_sdxl_student_tensor_comes_from_a_teacher_tensor_of_its_shape(name
         assert student(sample, 10, encoder_hidden_states=embeds, added_cond_kwargs=added).sample.shape == sample.shape
 
 
+def depths_from_sgm_keys(keys, prefix="model.diffusion_model."):
+    """ComfyUI's model detection, redone here from its description: for every input/output block that starts with
+    a resnet, the number of transformer blocks of its attention (0 without one); the output list in the order the
+    UNet pops it (innermost output block last); the middle block's depth, -1 for a lone resnet, -2 for none."""
+    keys = {key[len(prefix):] for key in keys if key.startswith(prefix)}
+
+    def count(block):
+        start = f"{block}.1.transformer_blocks."
+        return len({key[len(start):].split(".")[0] for key in keys if key.startswith(start)})
+
+    def depths(half):
+        numbers = sorted({int(key.split(".")[1]) for key in keys if key.startswith(half + ".")})
+        return [count(f"{half}.{n}") for n in numbers if f"{half}.{n}.0.in_layers.0.weight" in keys]
+
+    middle = (count("middle_block") if "middle_block.1.proj_in.weight" in keys
+              else -1 if "middle_block.0.in_layers.0.weight" in keys else -2)
+    return depths("input_blocks"), depths("output_blocks")[::-1], middle
+
+
+def openclip_to_hf(state):
+    """OpenCLIP text-transformer tensors back to transformers' CLIPTextModelWithProjection names, from OpenCLIP's
+    definition: resblocks with a fused q/k/v in_proj and ln_1/ln_2/mlp.c_fc/c_proj, x @ text_projection."""
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    hf = {"text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+          "text_model.final_layer_norm.weight": state["ln_final.weight"],
+          "text_model.final_layer_norm.bias": state["ln_final.bias"],
+          "text_projection.weight": state["text_projection"].t()}
+    for key, tensor in state.items():
+        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if match is None:
+            match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
+            if match:
+                layer, kind = match.groups()
+                for name, part in zip("qkv", tensor.chunk(3)):
+                    hf[f"text_model.encoder.layers.{layer}.self_attn.{name}_proj.{kind}"] = part
+            continue
+        layer, module, kind = match.groups()
+        hf[f"text_model.encoder.layers.{layer}.{names[module]}.{kind}"] = tensor
+    return hf
+
+
+def test_sgm_keys_of_the_students_give_comfyuis_depths():
+    """The single-file UNet names of SDXL and of each student at real shapes (meta tensors: names only) read back,
+    ComfyUI's way, as the depths ComfyUI recognises SDXL, SSD-1B, Vega and KOALA-700M by."""
+    teacher = meta_unet(PRESETS["sdxl"]["unet"])
+    for name, unet in [("sdxl", teacher)] + [(n, meta_unet(bk.student_unet_config(teacher.config, n)))
+                                             for n in bk.SDXL_STUDENTS]:
+        keys = ["model.diffusion_model." + bk.sgm_unet_key(key, unet.config) for key in unet.state_dict()]
+        assert len(set(keys)) == len(keys)
+        assert depths_from_sgm_keys(keys) == COMFYUI_DEPTHS[name], name
+    keys = {bk.sgm_unet_key(key, teacher.config) for key in teacher.state_dict()}
+    assert {"input_blocks.3.0.op.weight", "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight",
+            "label_emb.0.0.weight", "middle_block.2.in_layers.0.weight",
+            "input_blocks.4.0.skip_connection.weight", "out.2.weight"} <= keys
+
+
 def test_students_of_the_other_family_are_refused_in_one_line():
     for config, name, expected in ((PRESETS["sd15"]["unet"], "ssd-1b", "defined for the SDXL UNet"),
                                    (PRESETS["sdxl"]["unet"], "bk_small", "SD 1.x/2.x UNet")):
@@ -183,6 +241,24 @@ def test_sdxl_teacher_trains_an_ssd_1b_student_that_loads_generates_and_resumes(
     assert "student (ssd-1b)" in card and "1.0 x task + 0.5 x output KD + 0.5 x feature KD" in card
     assert "StableDiffusionXLPipeline.from_pretrained" in card
     assert (out / "validation" / "step_000003.png").is_file()
+    # the single file (fp16, SGM layout): ComfyUI's depths from its keys; diffusers' own from_single_file (with the
+    # folder's configs) reads back UNet, VAE and CLIP-L exactly. (It tells the two text encoders apart by their
+    # widths, equal in the tiny pipeline, so bigG is read back here by the OpenCLIP layout's definition.)
+    single = load_file(str(out / "ssd-1b.safetensors"))
+    assert {t.dtype for t in single.values()} == {torch.float16}
+    assert depths_from_sgm_keys(single) == comfyui_depths(student)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out / "ssd-1b.safetensors"), config=str(out),
+                                                        local_files_only=True)
+    for part in ("unet", "vae", "text_encoder"):
+        saved, back = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
+        assert all(torch.equal(back[key].half(), tensor.half()) for key, tensor in saved.items()), part
+    bigg = {k.removeprefix("conditioner.embedders.1.model."): v for k, v in single.items()
+            if k.startswith("conditioner.embedders.1.model.")}
+    assert openclip_to_hf(bigg).keys() == pipe.text_encoder_2.state_dict().keys()
+    for key, tensor in pipe.text_encoder_2.state_dict().items():
+        assert torch.equal(openclip_to_hf(bigg)[key], tensor.half()), key
+    assert len(single) == sum(len(getattr(pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder")) + \
+        len(bigg)
     # resumed from checkpoint-2 in a fresh output folder: the same final student and EMA
     resumed = tmp_path / "resumed"
     resumed.mkdir()
