@@ -1005,7 +1005,8 @@ def sgm_vae_key(key, num_up_blocks):
 
 def sgm_openclip_state_dict(state_dict):
     """A diffusers CLIPTextModelWithProjection's tensors in OpenCLIP's layout (SDXL's
-    `conditioner.embedders.1.model.`): q/k/v projections fused into one in_proj, the projection stored transposed (OpenCLIP multiplies x @ P)."""
+    `conditioner.embedders.1.model.`): q/k/v projections fused into one in_proj, the projection stored transposed
+    (OpenCLIP multiplies x @ P)."""
     converted = {}
     for key, tensor in state_dict.items():
         key = key.removeprefix("text_model.")
