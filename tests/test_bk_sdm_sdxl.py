@@ -293,3 +293,42 @@ def test_sdxl_teacher_defaults_and_a_student_of_the_other_family_is_one_line(ass
     assert "vega is a student of an SDXL teacher; this teacher is SD 1.x/2.x: choose one of bk_base" in line
     assert "--use_fix_crop_and_size is SDXL micro-conditioning" in rejection_line(
         bk, sd + ["--use_fix_crop_and_size"], capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outcome on the toy SDXL teacher (the full measurement, 192 samples with intervals: benchmarks/outcome_bk_sdxl.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+OUTCOME_STEPS = 12
+
+
+@pytest.mark.slow
+def test_kd_keeps_the_ssd_1b_student_closer_to_the_toy_teacher_than_the_task_loss_alone(toy, tmp_path):
+    """The cheapest check that bites (the measured outcome, 192 samples with intervals: benchmarks/outcome_bk_sdxl.py
+    and benchmarks/QUALITY.md). The SSD-1B rule on the toy SDXL teacher (one transformer block per attention)
+    removes its mid block's attention and second resnet, which barely changes its pictures; a few steps at a high
+    learning rate move the student away. Trained with the KD terms alone it stays much closer to the teacher's
+    pictures (12 prompts, guided DDIM) than trained with the task loss alone. A KD term that compares with
+    anything but the teacher, or that does not train the student, loses that margin."""
+    import toy_metrics
+
+    teacher = toy_metrics.load_pipeline(toy["sdxl"])
+    reference = toy_metrics.evaluate(teacher, "ddim", 10, toy_metrics.TEACHER_GUIDANCE, seeds_per_prompt=1)
+    initial = bk.make_student_unet(teacher.unet, "ssd-1b").state_dict()
+    distances = {}
+    for label, weights in (("kd", ["0", "1", "1"]), ("task", ["1", "0", "0"])):
+        run_in_process("train_bk_sdm_kd.py", [
+            "--pretrained_teacher_model", toy["sdxl"], "--unet_config_name", "ssd-1b",
+            "--train_shards_path_or_url", toy["shards"], "--output_dir", tmp_path / label, "--resolution", "32",
+            "--train_batch_size", "16", "--max_train_steps", OUTCOME_STEPS, "--learning_rate", "1e-3",
+            "--lambda_sd", weights[0], "--lambda_kd_output", weights[1], "--lambda_kd_feat", weights[2],
+            "--dataloader_num_workers", "0", "--checkpointing_steps", "100000", "--validation_prompts",
+            "--single_file", "none", "--report_to", "none", "--seed", "0"])
+        distances[label] = toy_metrics.measure_bk_student(teacher, str(tmp_path / label / "unet"),
+                                                          reference["images"], steps=10,
+                                                          seeds_per_prompt=1)["distance"]
+    trained = UNet2DConditionModel.from_pretrained(str(tmp_path / "kd" / "unet")).state_dict()
+    assert sum(not torch.equal(trained[key], initial[key]) for key in initial) > len(initial) // 2
+    print(distances)  # measured: KD 0.115, task loss only 0.196
+    assert distances["kd"] < 0.75 * distances["task"], distances
