@@ -273,6 +273,31 @@ def test_sdxl_teacher_trains_an_ssd_1b_student_that_loads_generates_and_resumes(
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), name
 
 
+@pytest.mark.slow
+def test_vega_trains_on_precomputed_sdxl_latents_and_text_embeddings(assets, tiny_sdxl, tmp_path, capsys):
+    """Shards of SDXL latents and both encoders' embeddings (tools/precompute_latents.py), read as the LCM-SDXL
+    script reads them; shards made for other text encoders are refused in one line."""
+    import precompute_latents
+
+    precompute_latents.main([str(f) for f in (
+        "--pretrained_model_name_or_path", tiny_sdxl, "--train_shards_path_or_url", assets["shards"],
+        "--resolution", "64", "--center_crop", "--text_embeddings", "--latent_dtype", "float32",
+        "--output_dir", tmp_path / "latents", "--device", "cpu")])
+    capsys.readouterr()
+    flags = xl_flags(tiny_sdxl, tmp_path / "run", str(tmp_path / "latents" / "latents-000000.tar")) + [
+        "--center_crop", "--unet_config_name", "vega", "--max_train_steps", "2", "--validation_prompts",
+        "--single_file", "none", "--report_to", "none"]
+    result = run_in_process("train_bk_sdm_kd.py", flags)
+    assert "loss=" in result.stdout and (tmp_path / "run" / "unet" / "config.json").is_file()
+    other = tmp_path / "other-xl"
+    shutil.copytree(tiny_sdxl, other)
+    shutil.copytree(Path(assets["tiny-sd"]) / "text_encoder", other / "text_encoder", dirs_exist_ok=True)
+    flags[flags.index(tiny_sdxl)] = str(other)
+    result = run_in_process("train_bk_sdm_kd.py", [str(tmp_path / "run2") if str(f) == str(tmp_path / "run") else f
+                                                   for f in flags], check=False)
+    assert result.returncode != 0 and "text encoder weights" in result.stdout
+
+
 def test_sdxl_teacher_defaults_and_a_student_of_the_other_family_is_one_line(assets, tiny_sdxl, tmp_path, capsys,
                                                                             monkeypatch):
     from conftest import rejection_line
