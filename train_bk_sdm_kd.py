@@ -868,8 +868,8 @@ def model_card_text(args, repo_id, parameter_counts, validation_image=None):
         "bk_base": "the second resnet/attention pair of every down block and one of three in every up block",
         "bk_small": "as bk_base, and the mid block",
         "bk_tiny": "as bk_small, and the innermost level (down block 3 and up block 0)",
-        "ssd-1b": "transformer blocks as in Segmind's SSD-1B (60% of the innermost level's), and the mid block's "
-                  "attention and second resnet",
+        "ssd-1b": "transformer blocks as in Segmind's SSD-1B (6 of 10 in each innermost attention but the last up "
+                  "one, 1 of 2 in level 1's last two up attentions), and the mid block's attention and second resnet",
         "vega": "transformer blocks as in Segmind-Vega (half of level 1's, 80% of the innermost level's), and the mid "
                 "block's attention and second resnet",
         "koala-700m": "as KOALA-700M: one resnet/attention pair per down block (two per up block), half the "
