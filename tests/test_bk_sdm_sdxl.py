@@ -2,6 +2,7 @@
 config against the published models (parameter counts, and the transformer depths ComfyUI recognises them by), the
 layer map, and an end-to-end run on the tiny SDXL pipeline."""
 
+import contextlib
 import re
 import shutil
 import sys
@@ -171,6 +172,48 @@ def test_sgm_keys_of_the_students_give_comfyuis_depths():
     assert {"input_blocks.3.0.op.weight", "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight",
             "label_emb.0.0.weight", "middle_block.2.in_layers.0.weight",
             "input_blocks.4.0.skip_connection.weight", "out.2.weight"} <= keys
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+@pytest.mark.parametrize("name", bk.SDXL_STUDENTS)
+def test_sdxl_feature_pairs_match_in_shape_and_train_every_parameter(name, gradient_checkpointing):
+    """SSD-1B and Vega: every down/up resnet and attention, paired by name (the report's layer-level loss);
+    KOALA-700M: whole blocks. One step with SDXL's added conditioning: paired features of equal shapes, the
+    student's carrying grad, and a gradient for every student parameter (DDP needs each)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    config = dict(PRESETS["tiny-sdxl"]["unet"], transformer_layers_per_block=(1, 3, 5))
+    teacher = UNet2DConditionModel.from_config(config)
+    student = bk.make_student_unet(teacher, name)
+    if gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    pairs = bk.feature_pairs(student.config, teacher.config)
+    if name == "koala-700m":
+        assert pairs == [(f"{half}_blocks.{i}", f"{half}_blocks.{i}") for half in ("down", "up") for i in range(3)]
+    else:
+        assert len(pairs) == 6 + 4 + 9 + 6 and ("up_blocks.0.attentions.2", "up_blocks.0.attentions.2") in pairs
+    ctx = bk.KDContext(unet=student, teacher_unet=teacher.requires_grad_(False).eval(), noise_scheduler=DDPMScheduler(),
+                       student_features=bk.FeatureRecorder(student, [s for s, _ in pairs]),
+                       teacher_features=bk.FeatureRecorder(teacher, [t for _, t in pairs]), pairs=pairs,
+                       lambda_sd=1.0, lambda_kd_output=0.5, lambda_kd_feat=0.5, autocast=contextlib.nullcontext)
+    shapes = {}
+    for side, recorder in (("student", ctx.student_features), ("teacher", ctx.teacher_features)):
+        def pop(original=recorder.pop, side=side):
+            features = original()
+            shapes.update({(side, k): (tuple(v.shape), v.requires_grad) for k, v in features.items()})
+            return features
+
+        recorder.pop = pop
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    loss, terms = bk.bk_sdm_loss(ctx, torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), added)
+    for s, t in pairs:
+        assert shapes[("student", s)][0] == shapes[("teacher", t)][0], (s, t)
+        assert shapes[("student", s)][1] and not shapes[("teacher", t)][1]
+    assert all(torch.isfinite(v) for v in terms.values()) and terms["loss_kd_feat"] > 0
+    loss.backward()
+    assert not [n for n, p in student.named_parameters() if p.grad is None]
 
 
 def test_students_of_the_other_family_are_refused_in_one_line():
