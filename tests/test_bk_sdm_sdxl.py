@@ -319,7 +319,8 @@ def test_sdxl_teacher_trains_an_ssd_1b_student_that_loads_generates_and_resumes(
 @pytest.mark.slow
 def test_vega_trains_on_precomputed_sdxl_latents_and_text_embeddings(assets, tiny_sdxl, tmp_path, capsys):
     """Shards of SDXL latents and both encoders' embeddings (tools/precompute_latents.py), read as the LCM-SDXL
-    script reads them; shards made for other text encoders are refused in one line."""
+    script reads them, in fp16 without autocast (a CPU: DeepSpeed's regime) with 8-bit AdamW; shards made for
+    other text encoders are refused in one line."""
     import precompute_latents
 
     precompute_latents.main([str(f) for f in (
@@ -329,9 +330,10 @@ def test_vega_trains_on_precomputed_sdxl_latents_and_text_embeddings(assets, tin
     capsys.readouterr()
     flags = xl_flags(tiny_sdxl, tmp_path / "run", str(tmp_path / "latents" / "latents-000000.tar")) + [
         "--center_crop", "--unet_config_name", "vega", "--max_train_steps", "2", "--validation_prompts",
-        "--single_file", "none", "--report_to", "none"]
+        "--single_file", "none", "--report_to", "none", "--mixed_precision", "fp16", "--optimizer", "adamw8bit"]
     result = run_in_process("train_bk_sdm_kd.py", flags)
     assert "loss=" in result.stdout and (tmp_path / "run" / "unet" / "config.json").is_file()
+    assert UNet2DConditionModel.from_pretrained(str(tmp_path / "run"), subfolder="unet").dtype == torch.float32
     other = tmp_path / "other-xl"
     shutil.copytree(tiny_sdxl, other)
     shutil.copytree(Path(assets["tiny-sd"]) / "text_encoder", other / "text_encoder", dirs_exist_ok=True)
