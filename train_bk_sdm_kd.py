@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The SD Distillation Suite authors. Apache License 2.0.
-"""BK-SDM: block-removal knowledge distillation of a Stable Diffusion 1.x / 2.x UNet.
+"""BK-SDM: block-removal knowledge distillation of a Stable Diffusion 1.x / 2.x or SDXL UNet.
 
 Paper: Kim et al., "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion" (arXiv:2305.15798,
 "On Architectural Compression of Text-to-Image Diffusion Models"). The student is the teacher's UNet with
@@ -9,6 +9,12 @@ blocks removed (`--unet_config_name`):
     bk_base   one resnet/attention pair per down block, two per up block (-33% UNet parameters)
     bk_small  bk_base without the mid block                                      (-44%)
     bk_tiny   bk_small without the innermost level (down block 3, up block 0)    (-62%)
+
+and of an SDXL teacher (the teacher's kind is read from its model_index.json):
+
+    ssd-1b      Segmind's SSD-1B: fewer transformer blocks, a one-resnet mid block  (-48% of SDXL's 2.57B)
+    vega        Segmind-Vega: fewer still                                            (-71%)
+    koala-700m  KOALA-700M: one resnet/attention per down block, no mid block         (-70%)
 
 It starts from the teacher's weights (the kept layers are copied) and learns from three signals: the usual
 denoising task loss, the teacher's output (output KD) and the teacher's block outputs (feature KD).
@@ -78,8 +84,10 @@ import diffusers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
@@ -87,13 +95,15 @@ from diffusers.training_utils import free_memory
 from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, get_token, is_offline_mode, snapshot_download, upload_folder
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 logger = get_logger(__name__)
 
 
 
-UNET_CONFIG_NAMES = ("bk_base", "bk_small", "bk_tiny")
+BK_SDM_STUDENTS = ("bk_base", "bk_small", "bk_tiny")  # of an SD 1.x / 2.x teacher
+SDXL_STUDENTS = ("ssd-1b", "vega", "koala-700m")  # of an SDXL teacher
+UNET_CONFIG_NAMES = BK_SDM_STUDENTS + SDXL_STUDENTS
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SCRIPT_NAME = "train_bk_sdm_kd.py"  # recorded in checkpoints (a literal: survives a renamed file)
 
@@ -112,20 +122,30 @@ SCRIPT_NAME = "train_bk_sdm_kd.py"  # recorded in checkpoints (a literal: surviv
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         prog="train_bk_sdm_kd.py",
-        description="BK-SDM block-removal knowledge distillation of a Stable Diffusion 1.x/2.x UNet.",
+        description="BK-SDM block-removal knowledge distillation of a Stable Diffusion 1.x/2.x or SDXL UNet.",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="pretrained_teacher_model",
                        type=str, required=True,
-                       help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction).")
-    group.add_argument("--unet_config_name", type=str, default="bk_small", choices=UNET_CONFIG_NAMES,
-                       help="Student architecture, derived from the teacher's UNet config by removing blocks.")
+                       help="Hub id or local directory of the teacher pipeline (SD 1.x / 2.x, eps or v-prediction, "
+                            "or SDXL: told apart by its model_index.json).")
+    group.add_argument("--unet_config_name", type=str, default=None, choices=UNET_CONFIG_NAMES,
+                       help="Student architecture, derived from the teacher's UNet config by removing blocks: "
+                            f"{', '.join(BK_SDM_STUDENTS)} of an SD 1.x/2.x teacher (default bk_small), "
+                            f"{', '.join(SDXL_STUDENTS)} of an SDXL teacher (default ssd-1b).")
+    group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to use instead of the teacher's, e.g. madebyollin/sdxl-vae-fp16-fix; it runs in the "
+                            "mixed-precision dtype (an SDXL teacher's own VAE stays fp32: it overflows in fp16). It is "
+                            "saved in the output pipeline.")
     group.add_argument("--no_copy_weight_from_teacher", dest="copy_weight_from_teacher", action="store_false",
                        help="Start the student from random weights instead of the teacher's kept layers.")
     group.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    group = add_stream_args(parser, shards_required=False)
+    group = add_stream_args(parser, resolution=None, shards_required=False)
+    group.add_argument("--use_fix_crop_and_size", action="store_true",
+                       help="SDXL teachers: micro-condition every sample on original size (resolution, resolution) and "
+                            "crop (0, 0) instead of its real size (json, else image) and real crop.")
     group.add_argument("--train_data_dir", type=str, default=None,
                        help="An image folder (instead of --train_shards_path_or_url) with metadata.jsonl or "
                             "metadata.csv: one row per image, its path (relative to the folder) in --image_column and "
@@ -137,11 +157,17 @@ def parse_args(input_args=None):
     group = parser.add_argument_group("knowledge distillation")
     group.add_argument("--lambda_sd", type=bounded(float, 0, None),
                        default=1.0, help="Weight of the denoising task loss.")
-    group.add_argument("--lambda_kd_output", type=bounded(float, 0, None), default=1.0,
-                       help="Weight of the output-KD loss (student vs teacher noise prediction).")
-    group.add_argument("--lambda_kd_feat", type=bounded(float, 0, None), default=1.0,
-                       help="Weight of the feature-KD loss (student vs teacher block outputs, summed over blocks).")
+    group.add_argument("--lambda_kd_output", type=bounded(float, 0, None), default=None,
+                       help="Weight of the output-KD loss (student vs teacher noise prediction); default 1 (BK-SDM), "
+                            "0.5 for the SDXL students (Segmind's SSD-1B/Vega recipe).")
+    group.add_argument("--lambda_kd_feat", type=bounded(float, 0, None), default=None,
+                       help="Weight of the feature-KD loss (student vs teacher block or layer outputs, summed); "
+                            "default 1 (BK-SDM), 0.5 for the SDXL students.")
     group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (saved as unet_ema/).")
+    group.add_argument("--single_file", type=str, default=None, choices=["fp16", "bf16", "fp32", "none"],
+                       help="SDXL teachers: also save the output pipeline as one <unet_config_name>.safetensors in the "
+                            "original SGM layout (what ComfyUI / A1111 load from their checkpoints folder), in this "
+                            "precision; default fp16, 'none' to skip.")
     group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=0.9999,
                        help="Largest EMA decay; step t uses min(decay, (1 + t) / (10 + t)).")
     group = parser.add_argument_group("validation")
@@ -154,11 +180,65 @@ def parse_args(input_args=None):
     add_engine_args(parser, output_dir="bk-sdm-model", learning_rate=5e-5, lr_warmup_steps=0, adam_weight_decay=1e-2,
                     validation_steps=500, tracker_project_name="bk-sdm-kd")
 
-    args = parse_and_check(parser, input_args, "sd")
+    args = parser.parse_args(input_args)
+    check_teacher_args(parser, args)
+    check_common_args(parser, args)
+    if args.validation_prompts is None:
+        args.validation_prompts = (teacher_validation_prompts(args.pretrained_teacher_model)
+                                   or DEFAULT_VALIDATION_PROMPTS)
     check_data_source_args(parser, args)
     if args.lambda_sd == args.lambda_kd_output == args.lambda_kd_feat == 0:
         parser.error("--lambda_sd, --lambda_kd_output and --lambda_kd_feat are all 0: nothing would be learned")
     return args
+
+
+def check_teacher_args(parser, args):
+    """SD 1.x/2.x or SDXL, from the teacher's model_index.json; the student family and the defaults that follow
+    from it (resolution, KD weights); a student of the other family is refused in one line."""
+    args.sdxl = base_is_sdxl(parser, args)
+    check_model_kinds(parser, args, "sdxl" if args.sdxl else "sd")
+    family = SDXL_STUDENTS if args.sdxl else BK_SDM_STUDENTS
+    if args.unet_config_name is None:
+        args.unet_config_name = family[0] if args.sdxl else "bk_small"
+    elif args.unet_config_name not in family:
+        parser.error(f"--unet_config_name {args.unet_config_name} is a student of "
+                     f"{'an SD 1.x/2.x' if args.sdxl else 'an SDXL'} teacher; this teacher is "
+                     f"{'SDXL' if args.sdxl else 'SD 1.x/2.x'}: choose one of {', '.join(family)}")
+    if args.use_fix_crop_and_size and not args.sdxl:
+        parser.error("--use_fix_crop_and_size is SDXL micro-conditioning; this teacher is SD 1.x/2.x")
+    if args.single_file not in (None, "none") and not args.sdxl:
+        parser.error("--single_file writes an SDXL (SGM-layout) checkpoint; this teacher is SD 1.x/2.x")
+    if args.single_file is None:
+        args.single_file = "fp16" if args.sdxl else "none"
+    if args.resolution is None:
+        args.resolution = 1024 if args.sdxl else 512
+    kd_weight = 0.5 if args.sdxl else 1.0  # Segmind's SSD-1B/Vega recipe; BK-SDM's paper
+    args.lambda_kd_output = kd_weight if args.lambda_kd_output is None else args.lambda_kd_output
+    args.lambda_kd_feat = kd_weight if args.lambda_kd_feat is None else args.lambda_kd_feat
+
+
+# Copied from train_dreambooth_lora.base_is_sdxl with pretrained_model_name_or_path->pretrained_teacher_model, args.revision->args.teacher_revision
+def base_is_sdxl(parser, args):
+    """Whether the base model is SDXL, from its model_index.json. A local folder without one is taken as SD, so
+    that check_model_kinds names what it is instead; a Hub model's index is fetched (a few hundred bytes) because
+    the default resolution depends on it."""
+    path = os.path.expanduser(args.pretrained_teacher_model)
+    if looks_like_local_path(path) and not os.path.isdir(path):
+        return False  # check_common_args names the missing folder
+    if os.path.isdir(path):
+        index = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+                index = json.load(f)
+    else:
+        try:
+            index = DiffusionPipeline.load_config(path, revision=args.teacher_revision, cache_dir=args.cache_dir)
+        except Exception as error:  # hub errors come in many types; the message says which
+            parser.error(f"--pretrained_teacher_model: cannot read model_index.json of {path}: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    if not isinstance(index, dict):
+        return False
+    return "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
 
 
 def check_data_source_args(parser, args):
@@ -217,10 +297,13 @@ def student_unet_config(teacher_config, unet_config_name):
     bk_small: bk_base without the mid block.
     bk_tiny: bk_small without the innermost level (down block 3, up block 0); down block 2 becomes the last
     one and so loses its downsampler.
+    ssd-1b, vega, koala-700m (SDXL teachers): see sdxl_student_unet_config.
     """
     if unet_config_name not in UNET_CONFIG_NAMES:
         raise ValueError(f"unknown --unet_config_name {unet_config_name!r}; "
                          f"choose one of {', '.join(UNET_CONFIG_NAMES)}")
+    if unet_config_name in SDXL_STUDENTS:
+        return sdxl_student_unet_config(teacher_config, unet_config_name)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     check_sd_teacher_config(config)
     config["layers_per_block"] = 1
@@ -238,12 +321,101 @@ def student_unet_config(teacher_config, unet_config_name):
     return config
 
 
+SDXL_DOWN_BLOCKS = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+SDXL_UP_BLOCKS = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+SDXL_DEPTHS = (0, 2, 10)  # SDXL base's transformer blocks per attention layer, per level (down-block order)
+# The published students, as ComfyUI's model detection reads them from their weights (transformer_depth per down
+# layer, transformer_depth_output per up layer, transformer_depth_middle). Per level in down-block order: the
+# depth of each down layer and of each up layer (up layers in the order of diffusers' up block, which serves that
+# level from the inside out). Mid block: "UNetMidBlock2D" is a single resnet (ComfyUI depth -1), None no mid
+# block (-2). SSD-1B keeps the full depth where its authors found it mattered most: the innermost up block's
+# last attention and level 1's first up attention.
+SDXL_STUDENT_LAYOUTS = {
+    "ssd-1b": {"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
+               "down": [[0, 0], [2, 2], [4, 4]], "up": [[0, 0, 0], [2, 1, 1], [4, 4, 10]]},
+    "vega": {"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
+             "down": [[0, 0], [1, 1], [2, 2]], "up": [[0, 0, 0], [1, 1, 1], [2, 2, 2]]},
+    "koala-700m": {"layers_per_block": 1, "mid_block_type": None,
+                   "down": [[0], [2], [5]], "up": [[0, 0], [2, 2], [5, 5]]},
+}
+
+
+def check_sdxl_teacher_config(config):
+    """The SDXL students assume SDXL's layout (any widths and transformer depths); one line for anything else."""
+    layout = (list(config["down_block_types"]), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+              list(config["up_block_types"]), config["layers_per_block"])
+    expected = (SDXL_DOWN_BLOCKS, "UNetMidBlock2DCrossAttn", SDXL_UP_BLOCKS, 2)
+    if layout != expected:
+        raise ValueError(
+            f"the {', '.join(SDXL_STUDENTS)} students are defined for the SDXL UNet (down {SDXL_DOWN_BLOCKS}, a "
+            f"cross-attention mid block, up {SDXL_UP_BLOCKS}, 2 layers per block); this teacher has down "
+            f"{layout[0]}, mid {layout[1]}, up {layout[2]}, {layout[3]} layers per block (SD 1.x/2.x teachers: "
+            f"--unet_config_name {'/'.join(BK_SDM_STUDENTS)})"
+        )
+
+
+def transformer_depths(config, up):
+    """Per level (down-block order), the transformer depth of each layer of a UNet config: its down blocks', or
+    with `up` its up blocks' (which diffusers gives in up-block order, innermost level first)."""
+    num_levels, per_level = len(config["down_block_types"]), config.get("transformer_layers_per_block", 1)
+    per_level = list(per_level) if isinstance(per_level, (list, tuple)) else [per_level] * num_levels
+    if up:
+        num_layers = config["layers_per_block"] + 1
+        reverse = config.get("reverse_transformer_layers_per_block")
+        per_level = list(reversed(reverse)) if reverse is not None else per_level
+    else:
+        num_layers = config["layers_per_block"]
+    return [list(depth) if isinstance(depth, (list, tuple)) else [depth] * num_layers for depth in per_level]
+
+
+def kept_depth(teacher_depth, student_sdxl_depth, sdxl_depth):
+    """How many of a teacher attention's transformer blocks the student keeps: the published student's share of
+    SDXL's depth at that place, of this teacher's depth, rounded up (a kept attention keeps at least one block)."""
+    if student_sdxl_depth == sdxl_depth:
+        return teacher_depth
+    return max(1, -(-teacher_depth * student_sdxl_depth // sdxl_depth))
+
+
+def up_layer_source(layer, student_layers_per_block, teacher_layers_per_block):
+    """The teacher up-block layer a student up-block layer starts from: the same index, except the student's
+    last (fed the skip from the level above), which starts from the teacher's last."""
+    return teacher_layers_per_block if layer == student_layers_per_block else layer
+
+
+def sdxl_student_unet_config(teacher_config, unet_config_name):
+    """An SDXL student: SSD-1B, Segmind-Vega (Gupta et al., 2024, arXiv:2401.02677) or KOALA-700M (Lee et al.,
+    2023), derived from an SDXL-layout teacher of any widths and depths by one rule.
+
+    Resnets: `layers_per_block` of the published student (SSD-1B, Vega: SDXL's 2; KOALA: 1, its up blocks 2,
+    the layers kept as in BK-SDM). Mid block: a single resnet (SSD-1B, Vega) or none (KOALA). Transformer depth
+    of each kept attention: the published student's share of SDXL base's depth at that place (SSD-1B keeps 4 of
+    the 10 blocks of most innermost attentions) applied to this teacher's depth there, rounded up; the student
+    keeps the teacher's first blocks (teacher_key_for). On SDXL base this gives the published models exactly."""
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    check_sdxl_teacher_config(config)
+    layout = SDXL_STUDENT_LAYOUTS[unet_config_name]
+    teacher_down, teacher_up = transformer_depths(config, up=False), transformer_depths(config, up=True)
+    down, up = [], []
+    for level, sdxl_depth in enumerate(SDXL_DEPTHS):
+        down.append([kept_depth(teacher_down[level][layer], published, sdxl_depth)
+                     for layer, published in enumerate(layout["down"][level])])
+        up.append([kept_depth(teacher_up[level][up_layer_source(layer, layout["layers_per_block"], 2)], published,
+                              sdxl_depth) for layer, published in enumerate(layout["up"][level])])
+    # level 0 has no attention (DownBlock2D / UpBlock2D ignore their entry): keep the teacher's numbers there
+    down[0], up[0] = [teacher_down[0][0]] * len(down[0]), [teacher_up[0][0]] * len(up[0])
+    config.update(layers_per_block=layout["layers_per_block"], mid_block_type=layout["mid_block_type"],
+                  transformer_layers_per_block=down, reverse_transformer_layers_per_block=list(reversed(up)))
+    return config
+
+
 def teacher_key_for(student_key, student_config, teacher_config):
     """The teacher tensor a student tensor is initialised from; every kept layer starts as the teacher's.
 
     Down block layer j <- teacher layer j. Up blocks have one layer more than down blocks; their last
     layer (fed the skip from the level above) <- the teacher's last, the others <- the same index. bk_tiny's
-    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name.
+    up blocks are the teacher's shifted by one (its up block 0 was removed). Everything else keeps its name: an
+    attention that keeps k of its teacher's transformer blocks (SDXL students) keeps the first k, the teacher's
+    residual stream up to block k.
     """
     up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
     match = re.fullmatch(r"up_blocks\.(\d+)\.(.+)", student_key)
@@ -253,9 +425,7 @@ def teacher_key_for(student_key, student_config, teacher_config):
     layer = re.fullmatch(r"(resnets|attentions)\.(\d+)\.(.+)", rest)
     if layer is not None:
         index = int(layer.group(2))
-        student_last, teacher_last = student_config["layers_per_block"], teacher_config["layers_per_block"]
-        if index == student_last:
-            index = teacher_last
+        index = up_layer_source(index, student_config["layers_per_block"], teacher_config["layers_per_block"])
         rest = f"{layer.group(1)}.{index}.{layer.group(3)}"
     return f"up_blocks.{block}.{rest}"
 
@@ -284,12 +454,16 @@ def copy_weights_from_teacher(student, teacher):
 def feature_pairs(student_config, teacher_config):
     """(student module, teacher module) whose outputs feature KD matches, paired by position.
 
-    Every down block and up block. bk_tiny: its last down block has no downsampler, so its output is
-    compared through attention 0's proj_out with the teacher's down block 2 attention 1 proj_out (the same
-    point before the teacher's downsampler); its up block i pairs with the teacher's up block i + 1.
+    Every down block and up block. SSD-1B and Vega, which keep every resnet of the teacher: every resnet and
+    attention of the down and up blocks instead (the layer-level loss of their report, arXiv:2401.02677).
+    bk_tiny: its last down block has no downsampler, so its output is compared through attention 0's proj_out
+    with the teacher's down block 2 attention 1 proj_out (the same point before the teacher's downsampler); its
+    up block i pairs with the teacher's up block i + 1.
     """
     num_down = len(student_config["down_block_types"])
     up_shift = len(teacher_config["up_block_types"]) - len(student_config["up_block_types"])
+    if student_config["layers_per_block"] == teacher_config["layers_per_block"] and not up_shift:
+        return [(name, name) for name in layer_names(student_config)]
     pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(num_down)]
     if up_shift:
         last = num_down - 1
@@ -297,6 +471,19 @@ def feature_pairs(student_config, teacher_config):
                        f"down_blocks.{last}.attentions.{teacher_config['layers_per_block'] - 1}.proj_out")
     pairs += [(f"up_blocks.{i}", f"up_blocks.{i + up_shift}") for i in range(len(student_config["up_block_types"]))]
     return pairs
+
+
+def layer_names(config):
+    """The resnets and attentions of a UNet config's down and up blocks, by module name."""
+    names = []
+    for kind, block_types, num_layers in (("down_blocks", config["down_block_types"], config["layers_per_block"]),
+                                          ("up_blocks", config["up_block_types"], config["layers_per_block"] + 1)):
+        for block, block_type in enumerate(block_types):
+            for layer in range(num_layers):
+                names.append(f"{kind}.{block}.resnets.{layer}")
+                if "CrossAttn" in block_type:
+                    names.append(f"{kind}.{block}.attentions.{layer}")
+    return names
 
 
 class FeatureRecorder:
@@ -368,8 +555,9 @@ def noised_latents_and_target(noise_scheduler, latents, noise_offset=0.0):
     return timesteps, noisy_latents, noise
 
 
-def bk_sdm_loss(ctx, latents, prompt_embeds):
+def bk_sdm_loss(ctx, latents, prompt_embeds, added_cond_kwargs=None):
     """One BK-SDM step (Kim et al., Eq. 1-3). Returns the total loss and its three terms (all fp32).
+    `added_cond_kwargs`: an SDXL UNet's pooled text embedding and micro-conditioning (the same for both UNets).
 
     L = lambda_sd * ||eps_s - target||^2 + lambda_out * ||eps_s - eps_t||^2 + lambda_feat * sum_l ||f_s^l - f_t^l||^2
     """
@@ -377,15 +565,16 @@ def bk_sdm_loss(ctx, latents, prompt_embeds):
     timesteps, noisy_latents, target = noised_latents_and_target(ctx.noise_scheduler, latents)
 
     # 2. Teacher: no grad, in its own (mixed-precision) dtype; its hooks record the block outputs.
+    conditioning = {"encoder_hidden_states": prompt_embeds}
+    if added_cond_kwargs is not None:
+        conditioning["added_cond_kwargs"] = added_cond_kwargs
     with torch.no_grad():
-        teacher_pred = denoiser_forward(ctx.teacher_unet, noisy_latents, timesteps,
-                                        encoder_hidden_states=prompt_embeds)
+        teacher_pred = denoiser_forward(ctx.teacher_unet, noisy_latents, timesteps, **conditioning)
     teacher_features = ctx.teacher_features.pop()
 
     # 3. Student under autocast; its hooks record the matching block outputs, which must carry grad.
     with ctx.autocast():
-        student_pred = denoiser_forward(ctx.unet, noisy_latents, timesteps,
-                                        encoder_hidden_states=prompt_embeds)
+        student_pred = denoiser_forward(ctx.unet, noisy_latents, timesteps, **conditioning)
     student_features = ctx.student_features.pop()
     no_grad = [name for name, feature in student_features.items() if not feature.requires_grad]
     if torch.is_grad_enabled() and no_grad:
@@ -428,6 +617,60 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     return text_encoder(input_ids.to(text_encoder.device))[0].float()
 
 
+# Copied from train_lcm_distill_sdxl_wds.encode_prompts_sdxl
+@torch.no_grad()
+def encode_prompts_sdxl(text_encoders, tokenizers, prompts):
+    """SDXL text conditioning: both encoders' penultimate hidden states concatenated on the last dim, and the
+    second encoder's pooled projection."""
+    hidden_states = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1).float(), pooled.float()
+
+
+# Copied from train_lcm_distill_sdxl_wds.compute_time_ids
+def compute_time_ids(original_sizes, crop_top_lefts, resolution, use_fix_crop_and_size=False):
+    """SDXL micro-conditioning per sample: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (height first).
+
+    original_sizes and crop_top_lefts are (B, 2) tensors of (height, width) and (top, left).
+    """
+    bsz = original_sizes.shape[0]
+    if use_fix_crop_and_size:
+        original_sizes = torch.full((bsz, 2), resolution)
+        crop_top_lefts = torch.zeros((bsz, 2), dtype=torch.long)
+    target_sizes = torch.full((bsz, 2), resolution)
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
+
+
+# Copied from train_lcm_distill_sdxl_wds.teacher_zeroes_empty_prompt
+def teacher_zeroes_empty_prompt(args):
+    """The teacher pipeline's `force_zeros_for_empty_prompt` (model_index.json; SDXL base and its default: true):
+    whether its unconditional input is zeros or the encoded empty prompt."""
+    config = StableDiffusionXLPipeline.load_config(args.pretrained_teacher_model, revision=args.teacher_revision,
+                                                   cache_dir=args.cache_dir)
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
+# Copied from train_lcm_distill_sdxl_wds.decode_latents_to_image
+def decode_latents_to_image(pipeline, latents):
+    """The first image of a batch of SDXL latents, decoded as the pipeline does but outside autocast."""
+    vae = pipeline.vae
+    latents_mean, latents_std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if latents_mean is not None and latents_std is not None:
+        mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents.device, torch.float32)
+        std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents.device, torch.float32)
+        latents = latents.float() * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents.float() / vae.config.scaling_factor
+    with torch.autocast(latents.device.type, enabled=False):
+        image = vae.decode(latents.to(vae.dtype)).sample
+    return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
 def make_student_unet(teacher_unet, unet_config_name, copy_weight_from_teacher=True):
     """The BK-SDM student (fp32), initialised from the teacher's kept layers unless told otherwise."""
     student = UNet2DConditionModel.from_config(student_unet_config(teacher_unet.config, unet_config_name))
@@ -462,10 +705,37 @@ def load_teacher_unet(args, dtype, **config_overrides):
                                     **config_overrides)
 
 
+def load_sdxl_teacher(args, weight_dtype):
+    """An SDXL teacher's noise scheduler, both tokenizers and text encoders, VAE and UNet, each loaded directly in
+    `weight_dtype`, except its own VAE: fp32, because the SDXL VAE overflows in fp16 (a VAE given with
+    --pretrained_vae_model_name_or_path, e.g. the fp16-fix one, runs in `weight_dtype`)."""
+    teacher, common = args.pretrained_teacher_model, {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
+    noise_scheduler = scheduler_from_pretrained(DDPMScheduler, teacher, **common)
+    tokenizers = [CLIPTokenizer.from_pretrained(teacher, subfolder=name, **common) for name in ("tokenizer",
+                                                                                              "tokenizer_2")]
+    text_encoders = [from_pretrained_in_dtype(model_class, weight_dtype, teacher, subfolder=name, variant=args.variant,
+                                              **common)
+                     for model_class, name in ((CLIPTextModel, "text_encoder"),
+                                               (CLIPTextModelWithProjection, "text_encoder_2"))]
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = from_pretrained_in_dtype(AutoencoderKL, weight_dtype, args.pretrained_vae_model_name_or_path,
+                                       cache_dir=args.cache_dir)
+    else:
+        vae = from_pretrained_in_dtype(AutoencoderKL, torch.float32, teacher, subfolder="vae", variant=args.variant,
+                                       **common)
+    return noise_scheduler, tokenizers, text_encoders, vae, load_teacher_unet(args, weight_dtype)
+
+
 def load_models(args, weight_dtype):
-    """Teacher components from `--pretrained_teacher_model`, frozen and loaded directly in `weight_dtype`, and the
-    student (fp32) derived from its UNet."""
-    noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(args, dtype=weight_dtype)
+    """Teacher components from `--pretrained_teacher_model`, frozen and loaded directly in `weight_dtype` (an SDXL
+    teacher's own VAE in fp32), and the student (fp32) derived from its UNet. Tokenizers and text encoders come as
+    lists: one for SD 1.x/2.x, two for SDXL."""
+    if args.sdxl:
+        noise_scheduler, tokenizers, text_encoders, vae, teacher_unet = load_sdxl_teacher(args, weight_dtype)
+    else:
+        noise_scheduler, tokenizer, text_encoder, vae, teacher_unet = load_teacher(
+            args, args.pretrained_vae_model_name_or_path, dtype=weight_dtype)
+        tokenizers, text_encoders = [tokenizer], [text_encoder]
     # the student copies the teacher's stored weights, not its bf16 copy: memory-mapped, read once for the copy
     stored_teacher = teacher_unet if weight_dtype == torch.float32 else (
         UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
@@ -475,7 +745,7 @@ def load_models(args, weight_dtype):
         unet = make_student_unet(stored_teacher, args.unet_config_name, args.copy_weight_from_teacher)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    return noise_scheduler, tokenizer, text_encoder, vae, teacher_unet, unet
+    return noise_scheduler, tokenizers, text_encoders, vae, teacher_unet, unet
 
 
 # Copied from train_lcm_distill_sd_wds.load_unet_weights
@@ -518,35 +788,58 @@ def teacher_record(flag, model, revision, denoiser):
 
 
 def save_output_pipeline(args, unet):
-    """The teacher's pipeline with the student UNet, saved to --output_dir.
+    """The teacher's pipeline with the student UNet, saved to --output_dir (SDXL: also as one SGM-layout file,
+    `<unet_config_name>.safetensors`, in --single_file's precision).
 
-    VAE and text encoder are re-read from the teacher in their stored precision (training held them in the
-    mixed-precision dtype)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
-        cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    VAE and text encoders are re-read from the teacher (the VAE from --pretrained_vae_model_name_or_path when given)
+    in their stored precision (training held them in the mixed-precision dtype)."""
+    extra = {}
+    if args.pretrained_vae_model_name_or_path is not None:
+        extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    if args.sdxl:
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
+            cache_dir=args.cache_dir, **extra)
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_teacher_model, unet=unet, revision=args.teacher_revision, variant=args.variant,
+            cache_dir=args.cache_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            **extra)
     pipeline.save_pretrained(args.output_dir)
+    if args.single_file != "none":
+        save_file(sgm_state_dict(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2,
+                                 weight_dtype_for(args.single_file)),
+                  os.path.join(args.output_dir, f"{args.unet_config_name}.safetensors"), metadata={"format": "pt"})
     del pipeline
 
 
-def generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet, weight_dtype):
+def generate_validation_images(args, accelerator, vae, text_encoders, tokenizers, unet, weight_dtype):
     """One image per validation prompt from `unet` in the teacher's pipeline (DPM-Solver++, fixed seed)."""
     prompts = args.validation_prompts  # parse_args resolves the default (see parse_and_check)
     scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
                                                             revision=args.teacher_revision, cache_dir=args.cache_dir)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    if args.sdxl:
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unwrap(accelerator, unet), scheduler=scheduler,
+            force_zeros_for_empty_prompt=teacher_zeroes_empty_prompt(args))
+    else:
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+                                           unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                         enabled=weight_dtype != torch.float32):
-        for prompt in prompts:
-            generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
-                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                   width=args.resolution, generator=generator).images[0])
+    for prompt in prompts:
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+        # an SDXL VAE decodes outside autocast, in its own dtype: fp32 unless an fp16-safe VAE was given
+        with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                             enabled=weight_dtype != torch.float32):
+            output = pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
+                              guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                              width=args.resolution, generator=generator,
+                              output_type="latent" if args.sdxl else "pil").images
+        with torch.no_grad():
+            images.append(decode_latents_to_image(pipeline, output) if args.sdxl else output[0])
     del pipeline
     free_memory()
     return images
@@ -558,12 +851,12 @@ def log_validation(args, accelerator, models, step, weight_dtype, teacher_images
     prompts = args.validation_prompts  # parse_args resolves the default (see parse_and_check)
     if not prompts:
         return None
-    vae, text_encoder, tokenizer = models.pop("vae"), models.pop("text_encoder"), models.pop("tokenizer")
+    vae, text_encoders, tokenizers = models.pop("vae"), models.pop("text_encoders"), models.pop("tokenizers")
     if not teacher_images:
-        teacher_images.extend(generate_validation_images(args, accelerator, vae, text_encoder, tokenizer,
+        teacher_images.extend(generate_validation_images(args, accelerator, vae, text_encoders, tokenizers,
                                                          models.pop("teacher"), weight_dtype))
     models.pop("teacher", None)
-    columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoder, tokenizer, unet,
+    columns = [teacher_images] + [generate_validation_images(args, accelerator, vae, text_encoders, tokenizers, unet,
                                                              weight_dtype) for unet in models.values()]
     return save_validation_grid(accelerator, args.output_dir, [list(row) for row in zip(*columns)],
                                 f"step_{step:06d}.png", "validation/" + "_".join(["teacher", *models]), step)
@@ -576,14 +869,21 @@ def model_card_text(args, repo_id, parameter_counts, validation_image=None):
         "bk_base": "the second resnet/attention pair of every down block and one of three in every up block",
         "bk_small": "as bk_base, and the mid block",
         "bk_tiny": "as bk_small, and the innermost level (down block 3 and up block 0)",
+        "ssd-1b": "transformer blocks as in Segmind's SSD-1B (6 of 10 in each innermost attention but the last up "
+                  "one, 1 of 2 in level 1's last two up attentions), and the mid block's attention and second resnet",
+        "vega": "transformer blocks as in Segmind-Vega (half of level 1's, 80% of the innermost level's), and the mid "
+                "block's attention and second resnet",
+        "koala-700m": "as KOALA-700M: one resnet/attention pair per down block (two per up block), half the "
+                      "innermost level's transformer blocks, and the mid block",
     }[args.unet_config_name]
+    pipeline_class = "StableDiffusionXLPipeline" if args.sdxl else "StableDiffusionPipeline"
     image_line = (f"\n![validation grid: prompts x (teacher, student{', EMA' if args.use_ema else ''})]"
                   f"({validation_image})\n" if validation_image else "")
     ema_note = "`unet_ema/` holds the EMA of the student's weights; " if args.use_ema else ""
     front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
                                  license="creativeml-openrail-m", inference=True,
-                                 tags=["stable-diffusion", "text-to-image", "diffusers", "bk-sdm",
-                                       "knowledge-distillation"]).to_yaml()
+                                 tags=["stable-diffusion-xl" if args.sdxl else "stable-diffusion", "text-to-image",
+                                       "diffusers", "bk-sdm", "knowledge-distillation"]).to_yaml()
     return f"""---
 {front_matter}
 ---
@@ -591,8 +891,9 @@ def model_card_text(args, repo_id, parameter_counts, validation_image=None):
 # {repo_id}: a block-removed ({args.unet_config_name}) student of {args.pretrained_teacher_model}
 
 This pipeline's UNet was compressed by block removal and knowledge distillation (BK-SDM; Kim et al., 2023,
-arXiv:2305.15798) from the teacher `{args.pretrained_teacher_model}` by `train_bk_sdm_kd.py`. The VAE, text
-encoder, tokenizer and scheduler are the teacher's.
+arXiv:2305.15798{"; the SSD-1B/Vega layer-level variant, arXiv:2401.02677" if args.sdxl else ""}) from the teacher
+`{args.pretrained_teacher_model}` by `train_bk_sdm_kd.py`. The VAE, text encoders, tokenizers and scheduler are the
+teacher's.
 {image_line}
 ## Architecture
 
@@ -608,9 +909,9 @@ Removed from the teacher's UNet: {removed}. The student started from
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 
-pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
 image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[0]
 ```
 
@@ -625,6 +926,137 @@ image = pipe("a photo of a red fox in the snow", num_inference_steps=25).images[
                 ("EMA", f"decay {args.ema_decay}" if args.use_ema else "no")])}"""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SDXL single-file checkpoint (the original SGM layout: ComfyUI, A1111, Forge)
+# ----------------------------------------------------------------------------------------------------------
+
+
+SGM_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+SGM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+SGM_OPENCLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                            "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def renamed(rest, names):
+    """`rest` ("norm1.weight") with its leading module path renamed by `names` ({"norm1": "in_layers.0"})."""
+    for old, new in names.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def sgm_unet_key(key, config):
+    """The SGM (`model.diffusion_model.`) name of a diffusers UNet2DConditionModel tensor.
+
+    SGM numbers the UNet's layers as one sequence per half: input_blocks 0 is conv_in, then each level's resnets
+    (each with its attention as sub-module .1) and its downsampler; output_blocks the up blocks' resnets (their
+    attention .1, the upsampler after the level's last one .1 or .2); the mid block is middle_block 0 (resnet), 1
+    (attention), 2 (resnet). Attention internals keep their names; resnet internals are renamed."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    module, _, parameter = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{parameter}"
+    per_level = config["layers_per_block"] + 1  # SGM entries per down level: its resnets and its downsampler
+    match = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if match:
+        half, block, kind, layer, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), \
+            match.group(5)
+        if kind == "resnets":
+            rest = renamed(rest, SGM_RESNET_NAMES)
+        if half == "down":
+            if kind == "downsamplers":
+                return f"input_blocks.{(block + 1) * per_level}.0.op.{rest.removeprefix('conv.')}"
+            return f"input_blocks.{1 + block * per_level + layer}.{0 if kind == 'resnets' else 1}.{rest}"
+        if kind == "upsamplers":
+            position = 2 if "CrossAttn" in config["up_block_types"][block] else 1
+            return f"output_blocks.{block * per_level + per_level - 1}.{position}.{rest}"
+        return f"output_blocks.{block * per_level + layer}.{0 if kind == 'resnets' else 1}.{rest}"
+    match = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if match:
+        kind, layer, rest = match.groups()
+        if kind == "resnets":
+            return f"middle_block.{2 * int(layer)}.{renamed(rest, SGM_RESNET_NAMES)}"
+        return f"middle_block.1.{rest}"
+    raise ValueError(f"no SGM name for UNet tensor {key}")
+
+
+def sgm_vae_key(key, num_up_blocks):
+    """The SGM (`first_stage_model.`) name of a diffusers AutoencoderKL tensor: down/up blocks become
+    down.i.block.j / up.(reversed i).block.j, the mid block mid.block_1, attn_1, block_2."""
+    key = key.replace(".conv_norm_out.", ".norm_out.").replace(".conv_shortcut.", ".nin_shortcut.")
+    match = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)",
+                         key)
+    if match:
+        part, half, block, kind, layer, rest = match.groups()
+        level = int(block) if half == "down" else num_up_blocks - 1 - int(block)
+        if kind == "resnets":
+            return f"{part}.{half}.{level}.block.{layer}.{rest}"
+        return f"{part}.{half}.{level}.{kind[:-2].replace('sampler', 'sample')}.{rest}"
+    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if match:
+        part, kind, layer, rest = match.groups()
+        if kind == "resnets":
+            return f"{part}.mid.block_{int(layer) + 1}.{rest}"
+        return f"{part}.mid.attn_1.{renamed(rest, SGM_VAE_ATTENTION_NAMES)}"
+    return key
+
+
+def sgm_openclip_state_dict(state_dict):
+    """A diffusers CLIPTextModelWithProjection's tensors in OpenCLIP's layout (SDXL's
+    `conditioner.embedders.1.model.`): q/k/v projections fused into one in_proj, the projection stored transposed
+    (OpenCLIP multiplies x @ P)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("text_model.")
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+        if match:
+            layer, rest = match.groups()
+            attention = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if attention:
+                if attention.group(1) == "q":
+                    parts = [state_dict[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{attention.group(2)}"]
+                             for p in "qkv"]
+                    converted[f"transformer.resblocks.{layer}.attn.in_proj_{attention.group(2)}"] = torch.cat(parts)
+                continue
+            converted[f"transformer.resblocks.{layer}.{renamed(rest, SGM_OPENCLIP_LAYER_NAMES)}"] = tensor
+        elif key == "embeddings.token_embedding.weight":
+            converted["token_embedding.weight"] = tensor
+        elif key == "embeddings.position_embedding.weight":
+            converted["positional_embedding"] = tensor
+        elif key.startswith("final_layer_norm."):
+            converted["ln_final." + key.removeprefix("final_layer_norm.")] = tensor
+        elif key == "text_projection.weight":
+            converted["text_projection"] = tensor.t().contiguous()
+        elif key != "embeddings.position_ids":
+            raise ValueError(f"no OpenCLIP name for text encoder tensor {key}")
+    return converted
+
+
+def sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype):
+    """One SDXL checkpoint in the original (SGM) layout, every tensor in `dtype`: the UNet under
+    `model.diffusion_model.`, the VAE under `first_stage_model.` (its attention's linear layers as the 1x1
+    convolutions SGM has), CLIP-L in Hugging Face's layout under `conditioner.embedders.0.transformer.` and
+    OpenCLIP-bigG under `conditioner.embedders.1.model.`."""
+    checkpoint = {}
+    for key, tensor in unet.state_dict().items():
+        checkpoint["model.diffusion_model." + sgm_unet_key(key, unet.config)] = tensor
+    for key, tensor in vae.state_dict().items():
+        name = sgm_vae_key(key, len(vae.config.up_block_types))
+        if ".mid.attn_1." in name and name.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        checkpoint["first_stage_model." + name] = tensor
+    for key, tensor in text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            key = key if key.startswith("text_model.") else "text_model." + key
+            checkpoint["conditioner.embedders.0.transformer." + key] = tensor
+    for key, tensor in sgm_openclip_state_dict(text_encoder_2.state_dict()).items():
+        checkpoint["conditioner.embedders.1.model." + key] = tensor
+    return {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in checkpoint.items()}
+
+
 class BlockRemovalDistillation:
     """BK-SDM (Kim et al., 2023): the frozen teacher and its VAE / text encoder in the mixed-precision dtype, the
     block-removed student in fp32 (and with --use_ema its EMA, kept by the main process only, which saves and
@@ -635,7 +1067,7 @@ class BlockRemovalDistillation:
         if args.use_ema:
             check_ema_sharding(accelerator)
         device, self.weight_dtype = accelerator.device, weight_dtype_for(accelerator.mixed_precision)
-        noise_scheduler, self.tokenizer, self.text_encoder, self.vae, self.teacher_unet, unet = (
+        noise_scheduler, self.tokenizers, self.text_encoders, self.vae, self.teacher_unet, unet = (
             load_models(args, self.weight_dtype))
         self.teacher = teacher_record("--pretrained_teacher_model", args.pretrained_teacher_model,
                                       args.teacher_revision, self.teacher_unet)
@@ -646,12 +1078,12 @@ class BlockRemovalDistillation:
                                           "student": count_parameters(unet)}
         logger.info(f"{args.unet_config_name} student: {counts['student']:,} UNet parameters, teacher "
                     f"{counts['teacher']:,} ({100 * (1 - counts['student'] / counts['teacher']):.1f}% fewer)")
-        for frozen in (self.vae, self.text_encoder, self.teacher_unet, self.ema_unet):
+        for frozen in (self.vae, *self.text_encoders, self.teacher_unet, self.ema_unet):
             if frozen is not None:
                 frozen.requires_grad_(False)
                 frozen.eval()
         unet.train()
-        for model in (self.vae, self.text_encoder, self.teacher_unet, unet, self.ema_unet):
+        for model in (self.vae, *self.text_encoders, self.teacher_unet, unet, self.ema_unet):
             if model is not None:
                 model.to(device)
         set_denoiser_kernels(args, unet, self.teacher_unet)
@@ -684,10 +1116,18 @@ class BlockRemovalDistillation:
         return self.modules[0].parameters()
 
     def loss(self, batch):
-        latents = latents_from_batch(self.vae, batch, self.args.vae_encode_batch_size)
-        prompt_embeds = text_embeddings_from_batch(
-            batch, lambda captions: encode_prompts(self.text_encoder, self.tokenizer, captions), latents.device)
-        return bk_sdm_loss(self.ctx, latents, prompt_embeds)  # terms logged as train/loss_sd, ...
+        args = self.args
+        latents = latents_from_batch(self.vae, batch, args.vae_encode_batch_size)
+        if not args.sdxl:
+            prompt_embeds = text_embeddings_from_batch(
+                batch, lambda captions: encode_prompts(self.text_encoders[0], self.tokenizers[0], captions),
+                latents.device)
+            return bk_sdm_loss(self.ctx, latents, prompt_embeds)  # terms logged as train/loss_sd, ...
+        prompt_embeds, pooled_embeds = text_embeddings_from_batch(
+            batch, lambda captions: encode_prompts_sdxl(self.text_encoders, self.tokenizers, captions), latents.device)
+        time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution,
+                                    args.use_fix_crop_and_size).to(latents.device)
+        return bk_sdm_loss(self.ctx, latents, prompt_embeds, {"text_embeds": pooled_embeds, "time_ids": time_ids})
 
     def after_update(self, step):
         if self.ema_unet is not None:
@@ -706,7 +1146,7 @@ class BlockRemovalDistillation:
         return {}  # the student's shapes follow --unet_config_name, part of the method's name
 
     def validate(self, step):
-        models = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+        models = {"vae": self.vae, "text_encoders": self.text_encoders, "tokenizers": self.tokenizers,
                   "teacher": self.teacher_unet, "student": self.modules[0]}
         if self.ema_unet is not None:
             models["student_ema"] = self.ema_unet
@@ -3460,27 +3900,29 @@ class ImageFolderStream(ShardStream):
                    "txt": caption.encode("utf-8"), "json": json.dumps(row).encode("utf-8")}
 
 
-def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, samples_per_epoch):
+def make_image_folder_dataloader(args, accelerator, skip_batches=0, *, entries, samples_per_epoch,
+                                 needs_original_size=False):
     """The batch stream of an image folder: `entries` (read_image_folder) as one-image shards of the same
     deterministic, resumable stream as the shards, read by the same DataLoader."""
     stream = ImageFolderStream(entries, **stream_options(args, accelerator, skip_batches),
-                               max_samples_per_pass=samples_per_epoch)
+                               max_samples_per_pass=samples_per_epoch, needs_original_size=needs_original_size)
     return stream_dataloader(stream, args, accelerator)
 
 
 def data_source(args):
     """(make_dataloader, samples per epoch) of the data given: the shard stream, or the image folder (whose
     epoch is its images, or --max_train_samples of them)."""
+    # SDXL reads each sample's original size (its json or metadata row, else the image): the time_ids
     if args.train_data_dir is None:
-        return make_train_dataloader, args.max_train_samples or 0
+        return functools.partial(make_train_dataloader, needs_original_size=args.sdxl), args.max_train_samples or 0
     entries = read_image_folder(args.train_data_dir, args.image_column, args.caption_column)
     warning = small_image_warning(image_folder_sizes(entries, args.min_image_size), args.resolution,
                                   args.train_data_dir)
     if warning:
         logger.warning(f"{warning}; --min_image_size skips them")
     samples_per_epoch = min(len(entries), args.max_train_samples or len(entries))
-    return functools.partial(make_image_folder_dataloader, entries=entries,
-                             samples_per_epoch=samples_per_epoch), samples_per_epoch
+    return functools.partial(make_image_folder_dataloader, entries=entries, samples_per_epoch=samples_per_epoch,
+                             needs_original_size=args.sdxl), samples_per_epoch
 
 
 def main(args):
@@ -3491,7 +3933,7 @@ def main(args):
     data = open_training_data(args, accelerator, record, make_dataloader, new_data_counts(), samples_per_epoch,
                               checkpoint_files=BlockRemovalDistillation.checkpoint_files(args))
     method = BlockRemovalDistillation(args, accelerator)
-    precomputed = check_precomputed_data(args, method.vae, [method.text_encoder])
+    precomputed = check_precomputed_data(args, method.vae, method.text_encoders)
     free_unused_vae_halves(method.vae, encodes=not precomputed, decodes=args.validation_prompts != [])
     train(args, accelerator, method, data, title=f"BK-SDM ({args.unet_config_name})")
 

@@ -47,8 +47,13 @@ RUNS = {
     "lcm_lora_sdxl": ("train_lcm_distill_sdxl_wds.py", "sdxl", ["--use_lora"]),
     "dreambooth_lora_sdxl": ("train_dreambooth_lora.py", "sdxl", []),
     "lcd_sdxl_8bit": ("train_lcm_distill_sdxl_wds.py", "sdxl", ["--use_8bit_adam"]),
+    # BK-SDM's SDXL students (the student name last: floor_terms reads it there)
+    "bk_ssd1b_sdxl_8bit": ("train_bk_sdm_kd.py", "sdxl", ["--use_8bit_adam", "--unet_config_name", "ssd-1b"]),
+    "bk_vega_sdxl_8bit": ("train_bk_sdm_kd.py", "sdxl", ["--use_8bit_adam", "--unet_config_name", "vega"]),
 }
-DEFAULT_CPU_RUNS = [name for name in RUNS if name != "lcd_sdxl_8bit"]  # ~37 GB: more than a 24 GB machine has
+# more than this shared 24 GB machine can give one run: full LCD of SDXL (~37 GB), the SSD-1B (~23 GB) and Vega
+# (~16 GB) students beside their 2.6B-parameter teacher
+DEFAULT_CPU_RUNS = [name for name in RUNS if name not in ("lcd_sdxl_8bit", "bk_ssd1b_sdxl_8bit", "bk_vega_sdxl_8bit")]
 
 # The training process's peak RSS: the launcher and its children are waited for, so RUSAGE_CHILDREN holds the
 # largest of them (KiB on Linux).

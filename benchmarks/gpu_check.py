@@ -61,6 +61,9 @@ def configuration(device):
         ("lcd_sd_fused_adamw", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, []),
         ("lcd_sd_channels_last", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, ["--channels_last"]),
         ("bk_sdm_small_precomputed", "train_bk_sdm_kd.py", sd, sd_res, batch, ["--unet_config_name", "bk_small"]),
+        # issue 23: BK-SDM's SDXL students (SSD-1B, Segmind-Vega) of an SDXL teacher, at 1024 px
+        ("bk_sdm_ssd1b_sdxl", "train_bk_sdm_kd.py", sdxl, sdxl_res, 1, ["--unet_config_name", "ssd-1b"]),
+        ("bk_sdm_vega_sdxl", "train_bk_sdm_kd.py", sdxl, sdxl_res, 1, ["--unet_config_name", "vega"]),
         # issue 21: full LCD (its EMA target sharded like the student) under FSDP 2, checkpoints included
         ("lcd_sd_fsdp", "train_lcm_distill_sd_wds.py", sd, sd_res, batch, ["--checkpointing_steps", "3"]),
         # torch.compile through `accelerate launch --dynamo_backend inductor`, to compare with lcd_sd / lcm_lora_sd

@@ -387,7 +387,7 @@ def test_wrong_kind_of_model_is_one_line_before_loading(assets, tiny_sdxl_config
     empty.mkdir()
     for module in (lcd, lcm_lora, bk, dreambooth):
         flag = "--pretrained_model_name_or_path" if module is dreambooth else "--pretrained_teacher_model"
-        if module is not dreambooth:  # DreamBooth trains SDXL too
+        if module not in (dreambooth, bk):  # DreamBooth and BK-SDM (SSD-1B, Vega, KOALA students) train SDXL too
             line = rejection_line(module, model_argv(module, sdxl_path, tmp_path), capsys)
             assert f"{flag}: {sdxl_path} is an SDXL pipeline (StableDiffusionXLPipeline); expected a Stable " \
                    "Diffusion 1.x/2.x pipeline" in line, line
@@ -398,7 +398,7 @@ def test_wrong_kind_of_model_is_one_line_before_loading(assets, tiny_sdxl_config
     line = rejection_line(sdxl, model_argv(sdxl, sd, tmp_path), capsys)
     assert f"--pretrained_teacher_model: {sd} is a StableDiffusionPipeline without SDXL's second text encoder" in line
     assert "expected an SDXL pipeline" in line
-    for module, teacher in ((lcd, sd), (lcm_lora, sd), (sdxl, sdxl_path)):
+    for module, teacher in ((lcd, sd), (lcm_lora, sd), (sdxl, sdxl_path), (bk, sd), (bk, sdxl_path)):
         line = rejection_line(module, model_argv(module, teacher, tmp_path, vae=sd), capsys)
         assert f"--pretrained_vae_model_name_or_path: {sd} is a whole pipeline; pass its vae/ subfolder" in line
         line = rejection_line(module, model_argv(module, teacher, tmp_path, vae=os.path.join(sd, "unet")), capsys)

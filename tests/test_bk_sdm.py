@@ -301,7 +301,7 @@ def test_image_folder_far_below_the_resolution_is_one_warning(tmp_path, caplog):
         for name, size in (("dot.png", (1, 1)), ("thin.png", (10, 40)), ("dot2.png", (1, 1))):
             Image.new("RGB", size, (250, 0, 0)).save(folder / name)
             f.write(json.dumps({"file_name": name, "text": "a red thing"}) + "\n")
-    args = SimpleNamespace(train_data_dir=str(folder), image_column="file_name", caption_column="text",
+    args = SimpleNamespace(train_data_dir=str(folder), sdxl=False, image_column="file_name", caption_column="text",
                            resolution=64, min_image_size=0, max_train_samples=None)
     PartialState()  # the run's Accelerator exists when data_source runs
     try:

@@ -113,7 +113,7 @@ def test_every_script_loads_frozen_networks_in_the_training_dtype(assets, tiny_s
     # BK-SDM: frozen teacher bf16; the student fp32, its copied layers exactly the stored teacher's
     args = parse(bk, ["--pretrained_teacher_model", assets["tiny-sd"], *shards, "--unet_config_name", "bk_small"],
                  tmp_path)
-    _, _, text_encoder, vae, teacher, student = bk.load_models(args, BF16)
+    _, _, (text_encoder,), vae, teacher, student = bk.load_models(args, BF16)
     assert {p.dtype for m in (text_encoder, vae, teacher) for p in m.parameters()} == {BF16}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert states_equal(student, bk.make_student_unet(teacher_fp32, "bk_small"))
