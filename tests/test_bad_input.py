@@ -275,14 +275,15 @@ def test_spreadsheet_csv_metadata_reads(tmp_path):
     ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n\n{"file_name": null, "text": "x"}\n', 3),
     ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n["a.png", "x"]\n', 2),
 ])
-def test_metadata_row_without_file_name_is_one_line_naming_the_line(tmp_path, capsys, name, content, line):
+def test_metadata_row_without_file_name_is_one_line_naming_the_line(assets, tmp_path, capsys, name, content, line):
     folder = image_folder(tmp_path)
     (folder / name).write_text(content, newline="")
     with pytest.raises(bk.DataError, match=rf"{name} line {line}\b"):
         bk.read_image_folder(str(folder), "file_name", "text")
     from conftest import rejection_line
 
-    message = rejection_line(bk, ["--pretrained_teacher_model", "org/model", "--train_data_dir", str(folder),
+    # a real teacher folder: the teacher's kind is checked (and a Hub id fetched) before the data
+    message = rejection_line(bk, ["--pretrained_teacher_model", assets["tiny-sd"], "--train_data_dir", str(folder),
                                   "--output_dir", str(tmp_path / "out")], capsys)
     assert f"{name} line {line}" in message
 
