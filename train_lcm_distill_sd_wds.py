@@ -23,6 +23,7 @@ import copy
 import errno
 import hashlib
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -73,6 +74,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCardData, create_repo, get_token, is_offline_mode, snapshot_download, upload_folder
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -313,19 +315,21 @@ def concat_unet_kwargs(first, second):
 
 @torch.no_grad()
 def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_index, w, cond_kwargs, uncond_kwargs,
-                             solver, alpha_schedule, sigma_schedule, prediction_type, batched=True):
-    """x_{t_n} from x_{t_{n+k}}: classifier-free-guided teacher (scale omega) + one DDIM step.
+                             solver, alpha_schedule, sigma_schedule, prediction_type, batched=True, denoiser_call=None):
+    """x_{t_n} from x_{t_{n+k}}: classifier-free-guided teacher (scale omega) + one DDIM step. The teacher runs
+    through `denoiser_call` (see denoiser_forward; default: the UNet call).
 
     Conditional and unconditional passes run as ONE forward of batch 2B (`batched=True`, the default): the
     same FLOPs in fewer, larger kernels. `batched=False` runs two passes (less peak memory; benchmark baseline).
     """
     if batched:
-        both = unet_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]), torch.cat([timesteps, timesteps]),
-                            **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
+        both = denoiser_forward(teacher_unet, torch.cat([noisy_latents, noisy_latents]),
+                                torch.cat([timesteps, timesteps]), call=denoiser_call,
+                                **concat_unet_kwargs(cond_kwargs, uncond_kwargs))
         cond_output, uncond_output = both.chunk(2)
     else:
-        cond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **cond_kwargs)
-        uncond_output = unet_forward(teacher_unet, noisy_latents, timesteps, **uncond_kwargs)
+        cond_output = denoiser_forward(teacher_unet, noisy_latents, timesteps, call=denoiser_call, **cond_kwargs)
+        uncond_output = denoiser_forward(teacher_unet, noisy_latents, timesteps, call=denoiser_call, **uncond_kwargs)
     schedules = (prediction_type, alpha_schedule, sigma_schedule)
     cond_x0 = get_predicted_original_sample(cond_output, timesteps, noisy_latents, *schedules)
     uncond_x0 = get_predicted_original_sample(uncond_output, timesteps, noisy_latents, *schedules)
@@ -338,13 +342,23 @@ def teacher_guided_ddim_step(teacher_unet, noisy_latents, timesteps, timestep_in
 
 
 @contextlib.contextmanager
-def adapters_disabled(unet):
-    """The base UNet, i.e. the teacher, for the duration of the block: LoRA layers pass their input through."""
-    unet.disable_adapters()
+def adapters_disabled(model):
+    """The base model, i.e. the teacher, for the duration of the block: LoRA layers pass their input through.
+
+    Through peft's own adapter layers, not diffusers' LoRA mixin: any model that peft put adapters into (diffusers'
+    add_adapter, peft's inject_adapter_in_model or get_peft_model) can be its own teacher. Each layer gets back the
+    state it had."""
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("adapters_disabled: the model has no peft adapter layers (is it the LoRA student?)")
+    were_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
-        yield unet
+        yield model
     finally:
-        unet.enable_adapters()
+        for layer, disabled in zip(layers, were_disabled):
+            layer.enable_adapters(not disabled)
 
 
 @dataclass
@@ -368,11 +382,13 @@ class LCDContext:
     args: argparse.Namespace
     autocast: object = field(default=None)
     batched_teacher: bool = True
+    denoiser_call: object = None  # how the networks are called (denoiser_forward's `call`); None: the UNet call
 
 
 def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
-                     teacher_is_student_without_adapters=False, batched_teacher=True):
-    """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar)."""
+                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None):
+    """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar).
+    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call."""
     problem = ddim_timesteps_problem(args, noise_scheduler.config.num_train_timesteps)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -385,7 +401,7 @@ def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, 
         alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
         prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
         teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
-        batched_teacher=batched_teacher,
+        batched_teacher=batched_teacher, denoiser_call=denoiser_call,
     )
 
 
@@ -417,7 +433,7 @@ def teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond):
     with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
         return teacher_guided_ddim_step(teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
                                         ctx.solver, ctx.alpha_schedule, ctx.sigma_schedule, ctx.prediction_type,
-                                        batched=ctx.batched_teacher)
+                                        batched=ctx.batched_teacher, denoiser_call=ctx.denoiser_call)
 
 
 @torch.no_grad()
@@ -425,12 +441,13 @@ def target_prediction(ctx, x_prev, timesteps, w_input, cond):
     """The target network's output at (x_{t_n}, t_n), in eval mode: with LoRA dropout active the target would be a
     random draw, not the network's prediction."""
     with ctx.autocast(), eval_mode(ctx.target_unet):
-        return unet_forward(ctx.target_unet, x_prev, timesteps, **w_input, **cond)
+        return denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input, **cond)
 
 
 def lcd_loss(ctx, latents, cond, uncond):
     """One Latent Consistency Distillation loss (LCM paper, Algorithm 1) for latents z0. cond and uncond are the
-    UNet's conditioning inputs: {"encoder_hidden_states": c}, plus "added_cond_kwargs" for SDXL."""
+    denoiser's conditioning inputs (keywords of ctx.denoiser_call): {"encoder_hidden_states": c}, plus
+    "added_cond_kwargs" for SDXL."""
     args, schedules = ctx.args, (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
 
     # 1. n, x_{t_{n+k}}, omega (see sample_training_points).
@@ -444,7 +461,8 @@ def lcd_loss(ctx, latents, cond, uncond):
 
     # 3. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
-        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, **w_input, **cond)
+        student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
+                                          **w_input, **cond)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
@@ -473,7 +491,8 @@ def pcm_loss(ctx, latents, cond, uncond):
 
     # 2. Online student: DDIM jump from x_{t_{n+k}} to s with its own x0_hat and eps_hat.
     with ctx.autocast():
-        student_output = unet_forward(ctx.unet, noisy_latents, start_timesteps, **w_input, **cond)
+        student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
+                                          **w_input, **cond)
     model_pred = solver.ddim_step(
         get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules),
         get_predicted_noise(student_output, start_timesteps, noisy_latents, *schedules), edge)
@@ -530,9 +549,9 @@ def student_scheduler_for(args):
     common = {"subfolder": "scheduler", "revision": args.teacher_revision, "cache_dir": args.cache_dir,
               "original_inference_steps": args.num_ddim_timesteps}
     if args.num_phases:
-        return TCDScheduler.from_pretrained(args.pretrained_teacher_model, **common)
-    return LCMScheduler.from_pretrained(args.pretrained_teacher_model, timestep_scaling=args.timestep_scaling_factor,
-                                        **common)
+        return scheduler_from_pretrained(TCDScheduler, args.pretrained_teacher_model, **common)
+    return scheduler_from_pretrained(LCMScheduler, args.pretrained_teacher_model,
+                                     timestep_scaling=args.timestep_scaling_factor, **common)
 
 
 def validation_step_counts(args):
@@ -618,7 +637,7 @@ def load_teacher(args, vae_path=None, *, dtype, unet_dtype=None):
     """The teacher's noise scheduler, tokenizer, text encoder, VAE (the one at `vae_path` when given) and UNet,
     each loaded directly in `dtype` (the UNet in `unet_dtype` when given)."""
     teacher, common = args.pretrained_teacher_model, {"revision": args.teacher_revision, "cache_dir": args.cache_dir}
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher, subfolder="scheduler", **common)
+    noise_scheduler = scheduler_from_pretrained(DDPMScheduler, teacher, **common)
     tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer", **common)
     text_encoder = from_pretrained_in_dtype(CLIPTextModel, dtype, teacher, subfolder="text_encoder",
                                             variant=args.variant, **common)
@@ -774,7 +793,7 @@ class LatentConsistencyDistillation:
         unet.train()
         for model in (self.vae, self.text_encoder, teacher_unet, unet, self.target_unet):
             model.to(device)
-        set_unet_kernels(args, unet, teacher_unet, self.target_unet)
+        set_denoiser_kernels(args, unet, teacher_unet, self.target_unet)
         self.target_unet = shard_like_prepared(accelerator, self.target_unet)  # FSDP: each rank keeps a slice
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -853,6 +872,9 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
 ]
 VALIDATION_PROMPTS_FILE = "validation_prompts.txt"
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+OPTIMIZER_PACKAGES = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # the optional ones
+SCRIPT_LEARNING_RATE = "script_learning_rate"  # where add_engine_args leaves the script's default --learning_rate
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -886,9 +908,17 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
 def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, lr_warmup_steps=500,
                     adam_weight_decay=0.0, validation_steps=200, tracker_project_name="text2image-fine-tune"):
     """The flags every script shares: optimiser, precision, run control, output and Hub. The keyword arguments
-    are the defaults that differ between scripts."""
+    are the defaults that differ between scripts (`learning_rate` None: the script resolves it itself)."""
     group = parser.add_argument_group("optimiser")
-    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=learning_rate)
+    group.add_argument("--optimizer", type=str, default=None, choices=OPTIMIZERS,
+                       help="adamw (default; fused on CUDA), adamw8bit (bitsandbytes: 8-bit state), prodigy "
+                            "(prodigyopt: estimates its own step size; --learning_rate is a multiplier, default 1.0) "
+                            "or adafactor (transformers: factored second moments, no first moment by default; run "
+                            "with the given --learning_rate and schedule, relative_step off).")
+    group.add_argument("--learning_rate", type=bounded(float, 0, None, low_open=True), default=None,
+                       help=f"Peak learning rate (default: {learning_rate if learning_rate is not None else 'per mode'}"
+                            ", 1.0 with --optimizer prodigy).")
+    parser.set_defaults(**{SCRIPT_LEARNING_RATE: learning_rate})  # resolved by check_optimizer_args, then dropped
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation steps x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
@@ -900,11 +930,34 @@ def add_engine_args(parser, *, output_dir, learning_rate, train_batch_size=16, l
                        default=1, help="Restarts of cosine_with_restarts.")
     group.add_argument("--lr_power", type=bounded(float, 0, None, low_open=True),
                        default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9)
-    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999)
-    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay)
-    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes).")
+    group.add_argument("--adam_beta1", type=bounded(float, 0, 1, high_open=True), default=0.9,
+                       help="First-moment decay of adamw, adamw8bit and prodigy.")
+    group.add_argument("--adam_beta2", type=bounded(float, 0, 1, high_open=True), default=0.999,
+                       help="Second-moment decay of adamw, adamw8bit and prodigy.")
+    group.add_argument("--adam_weight_decay", type=bounded(float, 0, None), default=adam_weight_decay,
+                       help="Decoupled weight decay (every --optimizer).")
+    group.add_argument("--adam_epsilon", type=bounded(float, 0, None, low_open=True), default=1e-08,
+                       help="Denominator epsilon of adamw, adamw8bit and prodigy.")
+    group.add_argument("--use_8bit_adam", action="store_true", help="Alias of --optimizer adamw8bit.")
+    group.add_argument("--prodigy_beta3", type=bounded(float, 0, 1, low_open=True, high_open=True), default=None,
+                       help="Prodigy: decay of its step-size estimate (default: the square root of --adam_beta2).")
+    group.add_argument("--prodigy_d_coef", type=bounded(float, 0, None, low_open=True), default=None,
+                       help="Prodigy: multiplier of the estimated step size (default 1.0; below 1 is more careful).")
+    group.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=None,
+                       help="Prodigy: AdamW-style decoupled weight decay (default: on).")
+    group.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=None,
+                       help="Prodigy: Adam's bias correction (default: on, as diffusers recommends for diffusion).")
+    group.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=None,
+                       help="Prodigy: keep the step-size estimate from growing during learning-rate warm-up "
+                            "(default: on).")
+    group.add_argument("--adafactor_beta1", type=bounded(float, 0, 1, high_open=True), default=None,
+                       help="Adafactor: first-moment decay (default: none, no first moment: the memory saving).")
+    group.add_argument("--adafactor_decay_rate", type=bounded(float, -1, 0, high_open=True), default=None,
+                       help="Adafactor: exponent of its second-moment decay 1 - step^rate (default -0.8).")
+    group.add_argument("--adafactor_clip_threshold", type=bounded(float, 0, None, low_open=True), default=None,
+                       help="Adafactor: clip each update to this root-mean-square (default 1.0).")
+    group.add_argument("--adafactor_scale_parameter", action="store_true", default=None,
+                       help="Adafactor: scale the learning rate by each parameter's root-mean-square.")
     group.add_argument("--max_grad_norm", type=bounded(float, 0, None),
                        default=1.0, help="Gradient clipping norm (0 disables); under DeepSpeed it sets DeepSpeed's "
                                          "gradient_clipping.")
@@ -966,20 +1019,26 @@ def looks_like_local_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
 
 
-def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model"):
-    """Parse the command line, then run the checks every script shares: one line each, before any model loads."""
+def parse_and_check(parser, input_args, model_kind, model_flag="pretrained_teacher_model", resolution_multiple=8):
+    """Parse the command line, then run the checks every script shares: one line each, before any model loads.
+    `model_kind` and `resolution_multiple` are the METHOD's: see check_model_kinds and check_common_args."""
     args = parser.parse_args(input_args)
     check_model_kinds(parser, args, model_kind, model_flag)
-    check_common_args(parser, args, model_flag)
+    check_common_args(parser, args, model_flag, resolution_multiple)
     if args.validation_prompts is None:
         args.validation_prompts = teacher_validation_prompts(getattr(args, model_flag)) or DEFAULT_VALIDATION_PROMPTS
     return args
 
 
-def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
-    """Checks shared by every script: fail at start-up, in one line, before any model is loaded."""
-    if args.resolution % 8 != 0 or args.resolution <= 0:
-        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+def check_common_args(parser, args, model_flag="pretrained_teacher_model", resolution_multiple=8):
+    """Checks shared by every script: fail at start-up, in one line, before any model is loaded.
+    `resolution_multiple`: what the image side must divide by, 8 for a UNet under an 8x VAE, 8 x the patch size
+    for a transformer that cuts the latents into patches (PixArt: 16)."""
+    if args.resolution % resolution_multiple != 0 or args.resolution <= 0:
+        why = "the VAE downsamples by 8" + (f" and the denoiser takes patches of {resolution_multiple // 8} latent "
+                                            "pixels" if resolution_multiple != 8 else "")
+        parser.error(f"--resolution must be a positive multiple of {resolution_multiple} ({why}), got "
+                     f"{args.resolution}")
     model = getattr(args, model_flag)
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         parser.error(f"--{model_flag}: no such directory: {model}")
@@ -988,8 +1047,7 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
         parser.error(f"--pretrained_vae_model_name_or_path: no such directory: {vae_path}")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (CUDA only)")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    check_optimizer_args(parser, args)
     trackers = {"tensorboard", "wandb"} if args.report_to == "all" else set(args.report_to.split(","))
     if args.hub_token is not None and "wandb" in trackers:
         parser.error(
@@ -1008,6 +1066,29 @@ def check_common_args(parser, args, model_flag="pretrained_teacher_model"):
             parser.error(f"--resume_from_checkpoint: {path} is incomplete (no training_state.json)")
     check_push_to_hub(parser, args)
     check_output_dir(parser, args)
+
+
+def check_optimizer_args(parser, args):
+    """--optimizer (--use_8bit_adam is its alias), its package installed, no flag of another optimiser (it would
+    do nothing), and the learning rate: the script's default, or 1.0 for Prodigy, whose rate multiplies the step
+    size it estimates itself (1e-4 there would barely move the weights)."""
+    flag = f"--optimizer {args.optimizer}"
+    if args.use_8bit_adam:
+        if args.optimizer not in (None, "adamw8bit"):
+            parser.error(f"--use_8bit_adam is an alias of --optimizer adamw8bit; it contradicts {flag}")
+        args.optimizer, flag = "adamw8bit", "--use_8bit_adam"
+    args.optimizer = args.optimizer or "adamw"
+    args.use_8bit_adam = args.optimizer == "adamw8bit"
+    package = OPTIMIZER_PACKAGES.get(args.optimizer)
+    if package and importlib.util.find_spec(package) is None:
+        parser.error(f"{flag} needs {package}: pip install {package}")
+    for name, value in sorted(vars(args).items()):
+        kind = name.split("_")[0]
+        if kind in ("prodigy", "adafactor") and value is not None and kind != args.optimizer:
+            parser.error(f"--{name} applies to --optimizer {kind} only (this run uses {args.optimizer})")
+    script_default = vars(args).pop(SCRIPT_LEARNING_RATE, None)
+    if args.learning_rate is None:
+        args.learning_rate = 1.0 if args.optimizer == "prodigy" else script_default
 
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX")}  # where a tracker's module is not its own name
@@ -1170,10 +1251,12 @@ def vae_kind_problem(path):
 
 
 def native_resolution(path):
-    """The image size a local pipeline folder was made for: its UNet's sample_size (in latent pixels) times the
-    VAE's downsampling factor (2 ** (VAE blocks - 1)), from the config files; None where they are not local."""
+    """The image size a local pipeline folder was made for: its denoiser's sample_size (in latent pixels; unet/ or
+    transformer/) times the VAE's downsampling factor (2 ** (VAE blocks - 1)), from the config files; None where
+    they are not local."""
     try:
-        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+        denoiser = "unet" if os.path.isdir(os.path.join(path, "unet")) else "transformer"
+        with open(os.path.join(path, denoiser, "config.json"), encoding="utf-8") as f:
             sample_size = json.load(f)["sample_size"]
         with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
             vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
@@ -1192,8 +1275,8 @@ def resolution_warning(path, resolution, model_flag="pretrained_teacher_model"):
     cost = (resolution / native) ** 2
     effect = (f"each step costs about {cost:.0f}x the compute and memory of {native} px" if cost > 1
               else "the model works far below the size it learned")
-    return (f"--resolution {resolution} is far from the {native} px that --{model_flag} {path} was made for (UNet "
-            f"sample_size x VAE factor): {effect}; pass --resolution {native} unless that is intended")
+    return (f"--resolution {resolution} is far from the {native} px that --{model_flag} {path} was made for "
+            f"(denoiser sample_size x VAE factor): {effect}; pass --resolution {native} unless that is intended")
 
 
 def teacher_validation_prompts(path):
@@ -1210,10 +1293,11 @@ def teacher_validation_prompts(path):
 
 def check_model_kinds(parser, args, kind, model_flag="pretrained_teacher_model"):
     """Refuse, in one line, local model folders of the wrong kind. Hub ids are left to loading: nothing is
-    downloaded here."""
+    downloaded here. `kind` is 'sd' or 'sdxl' (pipeline_kind_problem), or the METHOD's own check for a teacher of
+    another kind: a function of the local folder's path that returns why it does not fit, or None."""
     path = os.path.expanduser(getattr(args, model_flag))
     if os.path.isdir(path):
-        problem = pipeline_kind_problem(path, kind)
+        problem = kind(path) if callable(kind) else pipeline_kind_problem(path, kind)
         if problem:
             parser.error(f"--{model_flag}: {problem}")
     vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
@@ -1232,17 +1316,17 @@ def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def set_unet_kernels(args, *unets):
+def set_denoiser_kernels(args, *denoisers):
     """xformers attention with --enable_xformers_memory_efficient_attention (else diffusers' default, PyTorch
     SDPA), and channels-last weights with --channels_last: a convolution given channels-last weights computes
     and returns channels-last, so the whole UNet runs in that layout. None entries (absent networks) skipped."""
-    for unet in unets:
-        if unet is None:
+    for denoiser in denoisers:
+        if denoiser is None:
             continue
         if args.enable_xformers_memory_efficient_attention:
-            unet.enable_xformers_memory_efficient_attention()
+            denoiser.enable_xformers_memory_efficient_attention()
         if args.channels_last:
-            unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
 
 
 def free_unused_vae_halves(vae, *, encodes, decodes):
@@ -1278,6 +1362,17 @@ def from_pretrained_in_dtype(model_class, dtype, location, **kwargs):
             stored = loaded
         tensor.data = stored.to(target, copy=True)
     return model
+
+
+def scheduler_from_pretrained(scheduler_class, location, subfolder="scheduler", revision=None, cache_dir=None,
+                              **overrides):
+    """`scheduler_class` on the noise schedule of the scheduler config at `location`, whichever class wrote it,
+    with `overrides`. Only the keys `scheduler_class` knows are read: from_pretrained keeps the others in its
+    config (an LCMScheduler made from a DPM-Solver teacher's config carries 16 of them), and a saved copy then
+    warns about each at every load."""
+    config = scheduler_class.load_config(location, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    known = inspect.signature(scheduler_class.__init__).parameters
+    return scheduler_class.from_config({key: value for key, value in config.items() if key in known}, **overrides)
 
 
 def safetensors_files_by_key(location, subfolder=None, variant=None, revision=None, cache_dir=None, **_):
@@ -1319,14 +1414,22 @@ def cast_floats(value, dtype):
     return value
 
 
-def unet_forward(unet, sample, timesteps, **conditioning):
-    """The UNet's output in fp32, its floating inputs cast to the dtype of the UNet's own weights.
+def unet_call(unet, sample, timesteps, **conditioning):
+    """diffusers' UNet2DConditionModel call: the default `call` of denoiser_forward. A METHOD whose denoiser is
+    called otherwise (a DiT: timestep by keyword, learned sigma in extra output channels) passes its own function
+    of the same signature that returns the prediction tensor."""
+    return unet(sample, timesteps, **conditioning).sample
+
+
+def denoiser_forward(denoiser, sample, timesteps, call=None, **conditioning):
+    """The denoiser's prediction in fp32, through `call` (default unet_call), its floating inputs cast to the
+    dtype of the denoiser's own weights.
 
     Explicit casts make the math the same with and without autocast: DeepSpeed and CPU runs in fp16/bf16 have
     no autocast, and a frozen fp16 network fed fp32 inputs (or an fp32 student fed fp16 text embeddings) fails.
     """
-    dtype = next(unet.parameters()).dtype
-    return unet(sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).sample.float()
+    dtype = next(denoiser.parameters()).dtype
+    return (call or unet_call)(denoiser, sample.to(dtype), timesteps, **cast_floats(conditioning, dtype)).float()
 
 
 @torch.no_grad()
@@ -1604,8 +1707,8 @@ def describe_setting(value):
 
 def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change=False):
     """Refuse, in one line and before any model loads, a checkpoint this run cannot continue: one written by
-    another script or method (its files, state dicts and optimiser groups do not fit), one whose weights have
-    other shapes or meaning (`settings`: a load_state size mismatch, or silently another model), one of another
+    another script or method (its files, state dicts and optimiser groups do not fit), or with another --optimizer
+    (its state would not fit either), one whose weights have other shapes or meaning (`settings`: a load_state size mismatch, or silently another model), one of another
     teacher (when `record` has it, see check_resume_teacher), or one trained on another data topology
     (resuming would silently repeat and skip samples) unless --allow_topology_change.
     Checkpoints from before these were recorded are taken as they are."""
@@ -1614,6 +1717,11 @@ def check_resume_compatible(state, record, checkpoint_dir, allow_topology_change
     if theirs[0] is not None and theirs != ours:
         raise SystemExit(f"error: {checkpoint_dir} is a checkpoint of {theirs[0]} ({theirs[1]}), not of "
                          f"{ours[0]} ({ours[1]}): resume it with that script and method, or start a new run")
+    theirs, ours = state.get("optimizer"), record.get("optimizer")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise SystemExit(f"error: cannot resume {checkpoint_dir}: it was trained with --optimizer {theirs}, this run "
+                         f"has --optimizer {ours} (the optimiser state does not carry over); resume with --optimizer "
+                         f"{theirs}, or start a new run")
     recorded = state.get("settings") or {}
     changed = [f"{key} {describe_setting(recorded[key])} -> {describe_setting(value)}"
                for key, value in (record.get("settings") or {}).items() if key in recorded and recorded[key] != value]
@@ -2048,13 +2156,39 @@ def data_count_logs(counts):
 # ----------------------------------------
 
 
-def make_optimizer(args, params, learning_rate):
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 75% less state memory). On CUDA,
-    AdamW is the fused kernel: one launch per step instead of one per tensor, and no step-sized temporaries."""
+def make_optimizer(args, params, learning_rate, sharded=False):
+    """The --optimizer over `params` (tensors or parameter groups), its hyper-parameters from the flags:
+
+    - adamw: torch's AdamW; on CUDA the fused kernel (one launch per step, no step-sized temporaries);
+    - adamw8bit: bitsandbytes' AdamW with 8-bit moments (about 75% less state memory);
+    - prodigy: Prodigy (Mishchenko & Defazio, 2023, arXiv:2306.06101), Adam that estimates its own step size
+      d; --learning_rate multiplies it. `sharded` (DeepSpeed, FSDP: each rank steps a slice of the weights) sums
+      the estimate's terms over ranks, so every rank finds the same d;
+    - adafactor: transformers' Adafactor (Shazeer & Stern, 2018) with the run's learning rate and schedule
+      (relative_step off): a row and a column second moment per matrix instead of one per weight.
+
+    Each keeps its whole state in `state_dict()` (Prodigy's d in its parameter groups), so a checkpoint resumes
+    it exactly."""
     params = list(params)
+    if args.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+                       eps=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+                       decouple=args.prodigy_decouple is not False, d_coef=args.prodigy_d_coef or 1.0,
+                       use_bias_correction=args.prodigy_use_bias_correction is not False,
+                       safeguard_warmup=args.prodigy_safeguard_warmup is not False, fsdp_in_use=sharded)
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=learning_rate, beta1=args.adafactor_beta1,
+                         decay_rate=-0.8 if args.adafactor_decay_rate is None else args.adafactor_decay_rate,
+                         clip_threshold=args.adafactor_clip_threshold or 1.0, weight_decay=args.adam_weight_decay,
+                         scale_parameter=bool(args.adafactor_scale_parameter), relative_step=False,
+                         warmup_init=False)
     hyper = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                  eps=args.adam_epsilon)
-    if args.use_8bit_adam:
+    if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **hyper)
@@ -2166,6 +2300,7 @@ def open_training_data(args, accelerator, record, make_dataloader, counts, sampl
     """The resume point and the batch stream, before any model loads: a data source that yields nothing, or a
     checkpoint of another run or missing a file (`checkpoint_files`: the method's, see find_resume_checkpoint),
     fails now rather than after minutes of loading."""
+    record["optimizer"] = args.optimizer  # its state is in the checkpoint: a resume must use the same one
     resume_dir, state = find_resume_checkpoint(args, accelerator, record, checkpoint_files, counts)
     global_step = 0
     if resume_dir is not None:
@@ -2193,7 +2328,7 @@ def train(args, accelerator, method: TrainingMethod, data: TrainingData, title):
     device = accelerator.device
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    optimizer = make_optimizer(args, method.optimizer_params(), learning_rate)
+    optimizer = make_optimizer(args, method.optimizer_params(), learning_rate, sharded=is_sharded(accelerator))
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(data.samples_per_epoch / total_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -3150,7 +3285,9 @@ def stream_dataloader(stream, args, accelerator):
 
 PRECOMPUTED_RECORD = "latents.json"  # the member that marks a precomputed sample and records how it was made
 PRECOMPUTED_FORMAT_VERSION = 1
-PRECOMPUTED_TEXT_ARRAYS = ("prompt_embeds", "pooled_prompt_embeds")
+# the text arrays a precomputed sample may hold, in the order of a text encoding's tuple: the embeddings, SDXL's
+# pooled ones, and the attention mask of an encoder whose padding the denoiser must not attend to (T5: PixArt)
+PRECOMPUTED_TEXT_ARRAYS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
 def weights_fingerprint(named_parameters, values_per_tensor=4096):
@@ -3285,8 +3422,10 @@ def latents_from_batch(vae, batch, encode_batch_size):
 
 
 def text_embeddings_from_batch(batch, encode, device):
-    """The captions' embeddings: `encode(captions)` (a tensor, or a tuple for SDXL), or the precomputed ones when
-    the shards hold them, with those of captions dropped to "" (--proportion_empty_prompts) encoded now."""
+    """The captions' embeddings: `encode(captions)` (a tensor, or a tuple: SDXL's embeddings and pooled embeddings,
+    or embeddings and their attention mask), or the precomputed ones when the shards hold them (the tuple in
+    PRECOMPUTED_TEXT_ARRAYS order, a mask as float 0/1), with those of captions dropped to ""
+    (--proportion_empty_prompts) encoded now."""
     if "prompt_embeds" not in batch:
         return encode(batch["captions"])
     embeds = [batch[key].to(device=device, dtype=torch.float32) for key in PRECOMPUTED_TEXT_ARRAYS if key in batch]

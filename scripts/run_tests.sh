@@ -7,5 +7,5 @@ bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 WANDB_MODE=offline
 # cache bytecode of what the suite imports (setup_env.sh installs without it): every test process re-imports torch
 unset PYTHONDONTWRITEBYTECODE
-.venv/bin/python tools/check_copies.py
+.venv/bin/python tools/check_copies.py tools  # the scripts, and the tools that repeat their code
 exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

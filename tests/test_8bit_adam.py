@@ -73,7 +73,7 @@ def assert_same_state(expected, got):
 
 
 def test_make_optimizer_builds_the_real_adamw8bit_with_the_flags():
-    args = SimpleNamespace(use_8bit_adam=True, adam_beta1=0.9, adam_beta2=0.99, adam_weight_decay=0.01,
+    args = SimpleNamespace(optimizer="adamw8bit", use_8bit_adam=True, adam_beta1=0.9, adam_beta2=0.99, adam_weight_decay=0.01,
                            adam_epsilon=1e-8)
     big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))
     optimizer = lcd.make_optimizer(args, [big, small], 3e-5)
@@ -87,7 +87,7 @@ def test_make_optimizer_builds_the_real_adamw8bit_with_the_flags():
     # bitsandbytes keeps 8-bit moments only for tensors of >= 4096 elements
     assert optimizer.state[big]["state1"].dtype == torch.uint8
     assert optimizer.state[small]["state1"].dtype == torch.float32
-    args.use_8bit_adam = False
+    args.optimizer, args.use_8bit_adam = "adamw", False
     assert type(lcd.make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 3e-5)) is torch.optim.AdamW
 
 

@@ -355,7 +355,7 @@ def test_fix_restores_copies_and_keeps_the_rest_byte_identical(root: Path):
     copy = root / "train_b.py"
     copy.write_text(head + bad_log + middle + bad_helper + tail, encoding="utf-8")
 
-    fixed = cc.check_copies(root, fix=True)
+    fixed = cc.check_copies(root, fix=True, overwrite_edited=True)
     assert [(m.reference, m.fixed) for m in fixed] == [
         ("train_a.log_validation", True),
         ("train_a.helper", True),
@@ -374,7 +374,7 @@ def test_fix_reindents_and_keeps_crlf(root: Path):
         b"\r\n"
         b"    other = 1\r\n"
     )
-    cc.check_copies(root, fix=True)
+    cc.check_copies(root, fix=True, overwrite_edited=True)
     assert copy.read_bytes() == (
         b"class Student:\r\n"
         b"    # Copied from train_a.helper\r\n"
@@ -392,7 +392,7 @@ def test_fix_settles_chains_of_copies(root: Path):
     write(root, "train_c.py", "# Copied from train_b.helper\ndef helper(x):\n    pass\n")
     # Only b differs at first; c differs once b is fixed.
     assert [m.path for m in cc.check_copies(root)] == [str(root / "train_b.py")]
-    fixed = cc.check_copies(root, fix=True)
+    fixed = cc.check_copies(root, fix=True, overwrite_edited=True)
     assert sorted(Path(m.path).name for m in fixed) == ["train_b.py", "train_c.py"]
     assert (root / "train_c.py").read_text() == "# Copied from train_b.helper\n" + _helper_text("x")
 
@@ -413,9 +413,67 @@ def test_fix_of_a_class_with_marked_methods(root: Path):
         """,
     )
     assert len(cc.check_copies(root)) == 2
-    cc.check_copies(root, fix=True)
+    cc.check_copies(root, fix=True, overwrite_edited=True)
     # The class rewrite drops the inner marker (the source has none); no problems remain.
     assert cc.check_copies(root) == []
+
+
+# ------------------------------------------------------------------------------ stale or edited (git history)
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def commit_all(root: Path, message: str) -> None:
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", message)
+
+
+def test_fix_updates_stale_copies_and_leaves_edited_ones_until_told(root: Path):
+    """The issue-24 trial: a copier changes a marked definition on purpose and keeps its marker; --fix must not
+    silently overwrite it. A copy whose SOURCE changed (committed or not) is stale, and --fix updates it."""
+    write(root, "train_b.py", "# Copied from train_a.helper\n" + _helper_text("x"))
+    write(root, "train_c.py", "# Copied from train_a.log_validation\n"
+          "def log_validation(unet, prompts):\n    # Teacher side\n    images = [unet(p) for p in prompts]\n"
+          "    return images\n")
+    git(root, "init", "-q")
+    commit_all(root, "copies in sync")
+    source = root / "train_a.py"
+    source.write_text(source.read_text().replace("y = x * scale", "y = scale * x"))  # the source moves on
+    commit_all(root, "the source changed")
+    copy_c = root / "train_c.py"
+    copy_c.write_text(copy_c.read_text().replace("return images", "return images[:2]"))  # the copy is edited
+    stale, edited = cc.check_copies(root)
+    assert (Path(stale.path).name, stale.edited) == ("train_b.py", False)
+    assert (Path(edited.path).name, edited.edited, edited.history) == ("train_c.py", True, True)
+    assert "copy of train_a.helper differs from its source" == stale.describe().split(": ", 1)[1]
+    assert ("warning: copy of train_a.log_validation was edited beyond the marker's renames (it matches no "
+            "version of its source in git): drop the '# Copied from' marker if the change is meant") in edited.describe()
+
+    result = run_cli("--root", str(root), "--fix", cwd=root)
+    assert result.returncode == 1  # the edited copy is still different
+    assert "fixed copy of train_a.helper" in result.stdout
+    assert "--fix leaves it alone, --fix --overwrite-edited replaces it with the source" in result.stdout
+    assert "y = scale * x" in (root / "train_b.py").read_text() and "images[:2]" in copy_c.read_text()
+    assert run_cli("--root", str(root), "--fix", "--overwrite-edited").returncode == 0
+    assert "images[:2]" not in copy_c.read_text() and cc.check_copies(root) == []
+
+
+def test_an_edited_region_copy_is_left_alone_and_a_stale_one_fixed(regions: Path):
+    git(regions, "init", "-q")
+    commit_all(regions, "in sync")
+    copy = regions / "train_b.py"
+    copy.write_text(copy.read_text().replace("LOSS_SCALE = 2", "LOSS_SCALE = 3"))
+    (edited,) = cc.check_copies(regions, fix=True)
+    assert edited.edited and not edited.fixed and "LOSS_SCALE = 3" in copy.read_text()
+    assert "make the change in the source region instead" in edited.describe()
+    git(regions, "checkout", "train_b.py")
+    source = regions / "train_a.py"
+    source.write_text(source.read_text().replace("LOSS_SCALE = 2", "LOSS_SCALE = 4"))  # not committed yet
+    (fixed,) = cc.check_copies(regions, fix=True)
+    assert fixed.fixed and not fixed.edited and "LOSS_SCALE = 4" in copy.read_text()
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -433,11 +491,16 @@ def test_cli_exit_codes_and_summary(root: Path):
     copy.write_text(copy.read_text().replace("* scale", "* scale * 2"))
     drift = run_cli("--root", str(root), cwd=root)
     assert drift.returncode == 1
-    assert "train_b.py:1: copy of train_a.helper differs from its source" in drift.stdout
+    assert "train_b.py:1: warning: copy of train_a.helper differs from its source" in drift.stdout
     assert "+    y = x * scale * 2" in drift.stdout
     assert SUMMARY.search(drift.stdout).groups() == ("1", "2", "1")
 
-    fixed = run_cli("--root", str(root), "--fix")
+    # no git history here: the checker cannot tell an edited copy from a stale one, and leaves it alone
+    left = run_cli("--root", str(root), "--fix")
+    assert left.returncode == 1 and "y = x * scale * 2" in copy.read_text()
+    assert "differs from its source, which has no git history to tell whether the copy was edited" in left.stdout
+    assert "1 of them edited or of unknown origin (--fix leaves those)" in left.stdout
+    fixed = run_cli("--root", str(root), "--fix", "--overwrite-edited")
     assert fixed.returncode == 0
     assert "fixed copy of train_a.helper" in fixed.stdout
     assert run_cli("--root", str(root)).returncode == 0
@@ -632,7 +695,7 @@ def test_fix_rewrites_region_copies_with_renames_and_crlf(regions: Path):
     head = "import torch\r\n\r\n\r\n# region ENGINE copied from train_a with unet->net\r\n"
     tail = "# endregion ENGINE\r\n\r\n\r\ndef main():\r\n    return 1\r\n"
     copy.write_bytes((head + "old = 1\r\n" + tail).encode())
-    (fixed,) = cc.check_copies(regions, fix=True)
+    (fixed,) = cc.check_copies(regions, fix=True, overwrite_edited=True)
     assert fixed.fixed and fixed.reference == "region train_a.ENGINE"
     body = "def step(net, batch):\n    loss = net(batch)\n    return loss\n\n\nLOSS_SCALE = 2\n"
     assert copy.read_bytes() == (head + body.replace("\n", "\r\n") + tail).encode()
@@ -642,7 +705,7 @@ def test_fix_rewrites_region_copies_with_renames_and_crlf(regions: Path):
 def test_fix_fills_an_empty_region_and_settles_chains(regions: Path):
     write(regions, "train_b.py", "# region ENGINE copied from train_a\n# endregion ENGINE\nX = 1\n")
     write(regions, "train_c.py", "# region ENGINE copied from train_b\nstale = 0\n# endregion ENGINE\n")
-    fixed = cc.check_copies(regions, fix=True)
+    fixed = cc.check_copies(regions, fix=True, overwrite_edited=True)
     assert sorted(Path(m.path).name for m in fixed) == ["train_b.py", "train_c.py"]
     assert all(m.fixed for m in fixed)
     body = "def step(unet, batch):\n    loss = unet(batch)\n    return loss\n\n\nLOSS_SCALE = 2\n"

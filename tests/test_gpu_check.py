@@ -18,7 +18,11 @@ spec.loader.exec_module(gpu_check)
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_run_parses_with_the_memory_saving_flags(assets, tmp_path, device):
     runs, common = gpu_check.configuration(device)
-    assert {run[1] for run in runs} == {p.name for p in REPO.glob("train_*.py")}  # all five scripts
+    scripts = {p.name for p in REPO.glob("train_*.py")}
+    assert {run[1] for run in runs} == scripts, (
+        f"benchmarks/gpu_check.py configuration() runs {sorted({run[1] for run in runs})} but the repository has "
+        f"{sorted(scripts)}: a script added or removed needs its row(s) there (name, script, preset, resolution, "
+        "batch, flags), and this test's per-row expectations updated")
     assert [run[0] for run in runs if "--use_lora" in run[5]] == ["lcm_lora_sdxl"]
     # the torch.compile rows repeat an eager row with only the launcher's --dynamo_backend changed
     compiled = {run[0]: run for run in runs if gpu_check.dynamo_backend(run[0]) == "inductor"}

@@ -172,7 +172,7 @@ class _TwoTimesUnet(torch.nn.Module):
         return type("Out", (), {"sample": sample * scale + timestep.view(-1, 1, 1, 1) * 1e-3})()
 
 
-def test_unet_forward_feeds_each_network_its_own_dtype_and_returns_fp32():
+def test_denoiser_forward_feeds_each_network_its_own_dtype_and_returns_fp32():
     """What makes fp16/bf16 work without autocast (DeepSpeed, CPU): inputs cast to the network, output fp32."""
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 500])
@@ -181,7 +181,7 @@ def test_unet_forward_feeds_each_network_its_own_dtype_and_returns_fp32():
     assert casted["encoder_hidden_states"].dtype == casted["added_cond_kwargs"]["time_ids"].dtype == torch.bfloat16
     assert lcd.cast_floats({"ids": t}, torch.bfloat16)["ids"].dtype == torch.int64
     for dtype in (torch.float32, torch.bfloat16):
-        out = lcd.unet_forward(_TwoTimesUnet(dtype), x, t, encoder_hidden_states=cond["encoder_hidden_states"])
+        out = lcd.denoiser_forward(_TwoTimesUnet(dtype), x, t, encoder_hidden_states=cond["encoder_hidden_states"])
         assert out.dtype == torch.float32
         reference = _TwoTimesUnet()(x.to(dtype).float(), t, cond["encoder_hidden_states"].to(dtype).float()).sample
         torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from conftest import build_pipeline, make_toy_dataset
+from conftest import REPO, build_pipeline, make_toy_dataset
 
 import train_bk_sdm_kd as bk  # noqa: E402
 import train_dreambooth_lora as db  # noqa: E402
@@ -177,14 +177,16 @@ def test_attention_is_pytorch_sdpa_by_default(assets, tmp_path):
 
 def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     unet = UNet2DConditionModel.from_pretrained(assets["tiny-sd"], subfolder="unet")
-    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    generator = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
     with torch.no_grad():
         expected = unet(sample, 10, text).sample
         args = argparse.Namespace(enable_xformers_memory_efficient_attention=False, channels_last=True)
-        lcd.set_unet_kernels(args, unet, None)
+        lcd.set_denoiser_kernels(args, unet, None)
         convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-        torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=1e-4, atol=1e-5)
+        # channels_last convolutions sum in another order (differences of ~1e-4 seen on AMD CPUs)
+        torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=1e-3, atol=5e-4)
 
     parsers = []  # every script's parser, caught as its parse_args builds it: one engine flag in all five
 
@@ -196,5 +198,8 @@ def test_channels_last_layout_gives_the_same_unet_output(assets, monkeypatch):
     for module in (lcd, lcm_lora, sdxl, bk, db):
         with pytest.raises(SystemExit):
             module.parse_args([])
-    assert len(parsers) == 5
+    scripts = sorted(p.name for p in REPO.glob("train_*.py"))
+    assert len(parsers) == len(scripts), (
+        f"this test checks {len(parsers)} scripts' parsers but the repository has {len(scripts)} ({scripts}): add the "
+        "new script's module to the tuple above")
     assert all(any("--channels_last" in a.option_strings for a in parser._actions) for parser in parsers)

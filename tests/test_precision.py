@@ -75,23 +75,23 @@ def flags_for(kind, teacher, assets, instance_dir, output_dir):
 
 
 class NetworkWatch:
-    """Wraps a script's `unet_forward` (and, for LCD, its teacher step) to record what the networks saw:
+    """Wraps a script's `denoiser_forward` (and, for LCD, its teacher step) to record what the networks saw:
     the teacher's weight dtype, and whether a no-grad pass of the trained network is deterministic (LoRA dropout
     must be off in the consistency target)."""
 
     def __init__(self, module, monkeypatch):
         self.no_grad_passes, self.random_no_grad_passes, self.teacher_dtypes, self.unconds = 0, 0, set(), []
-        original = module.unet_forward
+        original = module.denoiser_forward
 
-        def watched_unet_forward(unet, sample, timesteps, **conditioning):
-            output = original(unet, sample, timesteps, **conditioning)
+        def watched_denoiser_forward(unet, sample, timesteps, call=None, **conditioning):
+            output = original(unet, sample, timesteps, call, **conditioning)
             if not torch.is_grad_enabled():
                 self.no_grad_passes += 1
-                if not torch.equal(output, original(unet, sample, timesteps, **conditioning)):
+                if not torch.equal(output, original(unet, sample, timesteps, call, **conditioning)):
                     self.random_no_grad_passes += 1
             return output
 
-        monkeypatch.setattr(module, "unet_forward", watched_unet_forward)
+        monkeypatch.setattr(module, "denoiser_forward", watched_denoiser_forward)
         if hasattr(module, "teacher_guided_ddim_step"):
             original_step = module.teacher_guided_ddim_step
 

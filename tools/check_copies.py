@@ -53,6 +53,15 @@ marker without its start, nested regions, a region name used twice in one file, 
 looks like a region marker but does not follow the syntax (or is indented), and a copy naming
 a file or region that does not exist.
 
+Edited copies.  A copy that differs from its source is either stale (the source changed since the copy was
+made: ``--fix`` brings it up to date) or edited (someone changed the copy itself, on purpose or not).  The
+two look the same in a diff; the source's git history tells them apart: a copy that equals (after renames)
+the source as it was in one of its last ``MAX_HISTORY`` commits, or at HEAD, is stale; one that matches no
+version of it was edited.  An edited copy, or one whose source has no git history to compare with, is
+reported with a warning and ``--fix`` leaves it alone, since rewriting it would silently throw the edit away:
+drop the marker if the change is meant (the definition is then the script's own), or pass
+``--overwrite-edited`` to replace it with the source all the same.
+
 ``--stats`` prints, per scanned file, these line counts (and a total row):
 
 - ``lines``: all physical lines;
@@ -66,7 +75,8 @@ a file or region that does not exist.
 Usage (CI runs the first form from the repository root)::
 
     python tools/check_copies.py                 # check; exit 1 on drift or a broken marker
-    python tools/check_copies.py --fix           # rewrite drifted copies from their sources
+    python tools/check_copies.py --fix           # rewrite stale copies from their sources
+    python tools/check_copies.py --fix --overwrite-edited   # ... and edited ones too
     python tools/check_copies.py --stats         # check, then print line counts per script
     python tools/check_copies.py --root DIR [PATH ...]   # other root, extra files/dirs to scan
 
@@ -83,6 +93,7 @@ import functools
 import io
 import os
 import re
+import subprocess
 import sys
 import tokenize
 from dataclasses import dataclass, field
@@ -110,6 +121,8 @@ MAX_DIFF_LINES = 20
 MAX_FIX_PASSES = 10
 # The default root is the repository this file lives in, so the command works from any cwd.
 DEFAULT_ROOT = Path(__file__).resolve().parents[1]
+# How many of a source's last commits a drifted copy is compared with to tell a stale copy from an edited one.
+MAX_HISTORY = 20
 
 
 @dataclass
@@ -122,6 +135,8 @@ class Mismatch:
     module, object or region, malformed renames, not above a def/class, broken region
     markers, unparsable file); such
     entries have no diff and cannot be fixed.  ``fixed`` is set by ``--fix``.
+    ``edited`` is set for a copy that matches no version of its source in git (``history`` then says whether
+    the source had a history to compare with): ``--fix`` leaves those alone unless told to overwrite them.
     """
 
     path: str
@@ -130,6 +145,8 @@ class Mismatch:
     diff: str = ""
     error: str = ""
     fixed: bool = False
+    edited: bool = False
+    history: bool = True  # False: the source has no git history, so an edit could not be told from drift
 
     def describe(self) -> str:
         """The one-line message printed for this entry (path shown as stored)."""
@@ -167,6 +184,9 @@ class Report:
         fixed = sum(m.fixed for m in drift)
         if fixed:
             text += f", {fixed} fixed"
+        edited = sum(m.edited and not m.fixed for m in drift)
+        if edited:
+            text += f", {edited} of them edited or of unknown origin (--fix leaves those)"
         if errors:
             text += f", {len(errors)} broken markers"
         return text
@@ -231,6 +251,11 @@ def _parse_file(path: str) -> _ParsedFile:
     """Parse ``path``; raises ``OSError`` or ``SyntaxError`` for the caller to report."""
     with open(path, encoding="utf-8", newline="") as handle:
         text = handle.read()
+    return _parse_text(path, text)
+
+
+def _parse_text(path: str, text: str) -> _ParsedFile:
+    """Parse ``text``, the contents of ``path`` (now, or in a past commit); raises ``SyntaxError``."""
     tree = ast.parse(text, filename=path)
     lines = _read_lines(text)
 
@@ -342,6 +367,43 @@ def _unterminated(region: _Region) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The sources' git history (stale or edited?)
+# --------------------------------------------------------------------------------------------
+
+
+def _git(directory: str, *args: str) -> str | None:
+    """Output of ``git -C directory ARGS``, or None where git or the repository is missing or the command fails."""
+    try:
+        result = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _source_history(path: str) -> list[_ParsedFile]:
+    """The file at ``path`` as it was at HEAD and in its last ``MAX_HISTORY`` commits, newest first (versions
+    that do not parse are skipped); empty when it is not tracked by git."""
+    directory = os.path.dirname(os.path.realpath(path))
+    top = _git(directory, "rev-parse", "--show-toplevel")
+    if not top:
+        return []
+    top = top.strip()
+    relative = os.path.relpath(os.path.realpath(path), top).replace(os.sep, "/")
+    commits = (_git(top, "log", f"-n{MAX_HISTORY}", "--format=%H", "--", relative) or "").split()
+    versions, seen = [], set()
+    for commit in ["HEAD"] + commits:
+        text = _git(top, "show", f"{commit}:{relative}")
+        if text is None or text in seen:
+            continue
+        seen.add(text)
+        try:
+            versions.append(_parse_text(path, text))
+        except SyntaxError:
+            continue
+    return versions
+
+
+# --------------------------------------------------------------------------------------------
 # Comparing
 # --------------------------------------------------------------------------------------------
 
@@ -415,12 +477,42 @@ def _diff(expected: list[str], actual: list[str], source_label: str, copy_label:
     return "\n".join(lines)
 
 
+def _expected_definition(source_file: _ParsedFile, source: _Object, renames) -> list[tuple[bool, str]]:
+    """(had_indent, text) of each line of a source definition, renames applied."""
+    expected = []
+    for raw in source_file.lines[source.start - 1 : source.end]:
+        had_indent, text = _normalise(raw, source.indent)
+        for old, new in renames:  # renames never contain a newline, so per line == whole text
+            text = text.replace(old, new)
+        expected.append((had_indent, text))
+    return expected
+
+
+def _expected_region(source_file: _ParsedFile, source: _Region, renames) -> list[str]:
+    """The lines of a source region's content, renames applied."""
+    expected = []
+    for raw in source_file.lines[source.start : source.end - 1]:
+        text = raw.rstrip("\r\n")
+        for old, new in renames:
+            text = text.replace(old, new)
+        expected.append(text)
+    return expected
+
+
+def _classify(mismatch: Mismatch, versions: list[_ParsedFile], matches) -> Mismatch:
+    """Mark ``mismatch`` edited unless one of the source's past ``versions`` ``matches`` the copy (it is stale)."""
+    mismatch.history = bool(versions)
+    mismatch.edited = not any(matches(version) for version in versions)
+    return mismatch
+
+
 def _check_marker(
     root: str,
     copy_file: _ParsedFile,
     marker_line: int,
     comment: str,
     load,
+    history=lambda path: [],
 ) -> tuple[Mismatch | None, _Fix | None, _Coverage]:
     """Compare one marked copy with its source; raises ``_BadMarker`` if it cannot be checked."""
     reference, renames = _parse_marker(comment)
@@ -442,12 +534,7 @@ def _check_marker(
     if os.path.samefile(source_path, copy_file.path) and source.start == target.start:
         raise _BadMarker(f"marker {comment!r} refers to the object it marks")
 
-    expected = []  # (had_indent, text) of the source, renames applied
-    for raw in source_file.lines[source.start - 1 : source.end]:
-        had_indent, text = _normalise(raw, source.indent)
-        for old, new in renames:  # renames never contain a newline, so per line == whole text
-            text = text.replace(old, new)
-        expected.append((had_indent, text))
+    expected = _expected_definition(source_file, source, renames)
     copy_raw = copy_file.lines[target.start - 1 : target.end]
     actual = [_normalise(raw, target.indent)[1] for raw in copy_raw]
     coverage = _Coverage(
@@ -467,6 +554,12 @@ def _check_marker(
             f"{copy_file.path}:{marker_line} (copy)",
         ),
     )
+
+    def matches(version: _ParsedFile) -> bool:
+        old = version.by_qualname.get(qualname)
+        return old is not None and [text for _, text in _expected_definition(version, old, renames)] == actual
+
+    _classify(mismatch, history(source_path), matches)
     # The rewrite keeps the copy's indentation and line-ending style, and whatever the copy's
     # last line ended with (possibly nothing, at end of file).
     first = copy_raw[0]
@@ -478,7 +571,7 @@ def _check_marker(
 
 
 def _check_region(
-    root: str, copy_file: _ParsedFile, region: _Region, load
+    root: str, copy_file: _ParsedFile, region: _Region, load, history=lambda path: []
 ) -> tuple[Mismatch | None, _Fix | None, _Coverage]:
     """Compare one copied region with its source region; raises ``_BadMarker`` if it cannot."""
     label = f"region {region.module}.{region.name}"
@@ -513,12 +606,7 @@ def _check_region(
             source_file, source = next_file, found
         current = found
 
-    expected = []
-    for raw in source_file.lines[source.start : source.end - 1]:
-        text = raw.rstrip("\r\n")
-        for old, new in renames:
-            text = text.replace(old, new)
-        expected.append(text)
+    expected = _expected_region(source_file, source, renames)
     actual = [raw.rstrip("\r\n") for raw in copy_file.lines[region.start : region.end - 1]]
     coverage = _Coverage(region.content, os.path.realpath(source_file.path), source.content)
     if expected == actual:
@@ -534,6 +622,12 @@ def _check_region(
             f"{copy_file.path}:{region.start} (copy)",
         ),
     )
+
+    def matches(version: _ParsedFile) -> bool:
+        old = version.regions.get(region.name)
+        return old is not None and _expected_region(version, old, renames) == actual
+
+    _classify(mismatch, history(source_file.path), matches)
     first = copy_file.lines[region.start - 1]
     newline = first[len(first.rstrip("\r\n")) :] or "\n"
     # Content lines always end with a newline: the end marker follows them.
@@ -558,8 +652,9 @@ def _files_to_scan(root: str, paths: list[str] | None) -> list[str]:
     return unique
 
 
-def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatch, _Fix]]]:
-    """One pass over ``files``; reads every file afresh so earlier fixes are seen."""
+def _check_once(root: str, files: list[str], history) -> tuple[Report, list[tuple[Mismatch, _Fix]]]:
+    """One pass over ``files``; reads every file afresh so earlier fixes are seen (``history``, the sources' git
+    history, is cached across passes: it does not change)."""
     cache: dict[str, _ParsedFile] = {}
 
     def load(path: str) -> _ParsedFile:
@@ -583,7 +678,7 @@ def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatc
         copied_regions = [r for r in copy_file.regions.values() if r.module is not None]
         checks = []  # (line, reference, check); run in line order so messages come out sorted
         for region in copied_regions:
-            check = functools.partial(_check_region, root, copy_file, region, load)
+            check = functools.partial(_check_region, root, copy_file, region, load, history)
             checks.append((region.start, f"region {region.module}.{region.name}", check))
         for marker_line, comment in copy_file.markers:
             # Inside a copied region the region comparison already covers the definition, and
@@ -591,7 +686,7 @@ def _check_once(root: str, files: list[str]) -> tuple[Report, list[tuple[Mismatc
             if any(marker_line in r.content for r in copied_regions):
                 continue
             reference = comment[len(MARKER_PREFIX) :].strip().partition(" with ")[0]
-            check = functools.partial(_check_marker, root, copy_file, marker_line, comment, load)
+            check = functools.partial(_check_marker, root, copy_file, marker_line, comment, load, history)
             checks.append((marker_line, reference, check))
         checks.sort(key=lambda item: item[0])
         for line, reference, check in checks:
@@ -672,19 +767,30 @@ def _apply_fixes(fixes: list[_Fix]) -> None:
             handle.write("".join(lines))
 
 
-def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = None) -> Report:
-    """Check every marked copy under ``root`` (see module docstring); with ``fix``, repair drift.
+def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = None,
+        overwrite_edited: bool = False) -> Report:
+    """Check every marked copy under ``root`` (see module docstring); with ``fix``, repair stale copies, and
+    with ``overwrite_edited`` also the edited ones (and those whose source has no git history).
 
     With ``fix`` the returned report lists each repaired copy with ``fixed=True`` (at the
     line it had when it was found), plus anything still wrong afterwards: broken markers,
-    or drift that did not settle within ``MAX_FIX_PASSES``.
+    edited copies left alone, or drift that did not settle within ``MAX_FIX_PASSES``.
     """
     root = os.path.normpath(str(root))
     files = _files_to_scan(root, paths)
     result: Report | None = None
     repaired: list[Mismatch] = []
+    histories: dict[str, list[_ParsedFile]] = {}
+
+    def history(path: str) -> list[_ParsedFile]:
+        key = os.path.realpath(path)
+        if key not in histories:
+            histories[key] = _source_history(path)
+        return histories[key]
+
     for attempt in range(MAX_FIX_PASSES + 1):
-        report, fixes = _check_once(root, files)
+        report, fixes = _check_once(root, files, history)
+        fixes = [(m, f) for m, f in fixes if overwrite_edited or not m.edited]
         if result is None:
             result = Report(copies_checked=report.copies_checked, files_checked=report.files_checked)
         if not fix or not fixes or attempt == MAX_FIX_PASSES:
@@ -701,9 +807,9 @@ def run(root: str | os.PathLike, fix: bool = False, paths: list[str] | None = No
     raise AssertionError("unreachable")
 
 
-def check_copies(root: str | os.PathLike, fix: bool = False) -> list[Mismatch]:
+def check_copies(root: str | os.PathLike, fix: bool = False, overwrite_edited: bool = False) -> list[Mismatch]:
     """Return the drifted copies and broken markers under ``root`` (empty list: all good)."""
-    return run(root, fix=fix).mismatches
+    return run(root, fix=fix, overwrite_edited=overwrite_edited).mismatches
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,7 +832,17 @@ def _describe(mismatch: Mismatch, shown_path: str) -> str:
         return f"{where}: error: {mismatch.error}"
     if mismatch.fixed:
         return f"{where}: fixed copy of {mismatch.reference} (rewritten from its source)"
-    return f"{where}: copy of {mismatch.reference} differs from its source"
+    if not mismatch.edited:
+        return f"{where}: copy of {mismatch.reference} differs from its source"
+    region = mismatch.reference.startswith("region ")
+    what = (f"warning: copy of {mismatch.reference} was edited beyond the marker's renames (it matches no version "
+            "of its source in git)" if mismatch.history else
+            f"warning: copy of {mismatch.reference} differs from its source, which has no git history to tell "
+            "whether the copy was edited")
+    keep = ("make the change in the source region instead, or drop this copy's region markers to own it"
+            if region else "drop the '# Copied from' marker if the change is meant (the definition is then the "
+                           "script's own)")
+    return f"{where}: {what}: {keep}; --fix leaves it alone, --fix --overwrite-edited replaces it with the source"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -746,7 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         help="directory holding the scripts; 'module' in a marker is ROOT/module.py "
         "(default: the repository containing this tool)",
     )
-    parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their sources")
+    parser.add_argument("--fix", action="store_true",
+                        help="rewrite stale copies (their source changed since) from their sources")
+    parser.add_argument("--overwrite-edited", action="store_true",
+                        help="with --fix, also rewrite copies that were edited themselves (or whose source has no git "
+                             "history to tell), discarding the edit")
     parser.add_argument(
         "--stats",
         action="store_true",
@@ -756,7 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.root):
         parser.error(f"--root {args.root!r} is not a directory")
 
-    report = run(args.root, fix=args.fix, paths=args.paths)
+    if args.overwrite_edited and not args.fix:
+        parser.error("--overwrite-edited only applies with --fix")
+    report = run(args.root, fix=args.fix, paths=args.paths, overwrite_edited=args.overwrite_edited)
     for mismatch in report.mismatches:
         print(_describe(mismatch, _display(mismatch.path)))
         if mismatch.diff and not mismatch.fixed:

@@ -79,10 +79,14 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+# Copied from train_lcm_distill_sd_wds.decode_text
 def decode_text(raw):
-    """(text, True) of UTF-8 bytes with or without a byte-order mark (Excel's "CSV UTF-8") or of UTF-16 ones with
-    their byte-order mark (Notepad's "Unicode"), else (the bytes read as Windows-1252, False): Excel's plain "CSV"
-    and Notepad's "ANSI" captions on Windows."""
+    """(text, True) of UTF-8 bytes (a byte-order mark dropped) or of UTF-16 ones with their byte-order mark (Notepad's
+    "Unicode"), else (the bytes read as Windows-1252, False).
+
+    Captions and metadata saved on Windows are often cp1252 ("café" is b"caf\\xe9"): read as UTF-8 with
+    replacement they would train as "caf\\ufffd" without a word. cp1252 maps all but five bytes (those become
+    U+FFFD); the caller reports the fallback."""
     try:
         if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
             return raw.decode("utf-16"), True
