@@ -9,7 +9,8 @@ adapter turns the teacher, and other fine-tunes of the same base model, into a 1
 
 Differences from full LCD (train_lcm_distill_sd_wds.py), following the LCM-LoRA paper:
 - no guidance-scale (omega) embedding: the student is the teacher's UNet plus LoRA;
-- the consistency target is the online student itself, under no-grad (no EMA network);
+- the consistency target is the online student itself, under no-grad (no EMA network); `--ema_decay` makes it
+  an EMA of the adapter instead (a copy of the LoRA weights, not a second UNet);
 - ONE UNet in memory: the teacher is the same UNet with its adapters disabled. Base weights are frozen in the
   mixed-precision dtype; only the LoRA weights are trainable, in fp32.
 
@@ -138,6 +139,11 @@ def parse_args(input_args=None):
                             f"default: all of {', '.join(LORA_TARGET_KINDS)}.")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (fp16 halves them; checkpoints always keep fp32).")
+    group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=None,
+                       help="mu of an EMA of the adapter weights (theta- <- mu theta- + (1 - mu) theta after each "
+                            "step) that serves as the consistency target, as the full LCM's EMA UNet does; saved "
+                            "as ema_target/ beside the adapter. Default: none, the target is the online adapter "
+                            "(LCM-LoRA).")
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids (default: the lines of the model folder's "
@@ -420,12 +426,16 @@ class LCDContext:
     autocast: object = field(default=None)
     batched_teacher: bool = True
     denoiser_call: object = None  # how the networks are called (denoiser_forward's `call`); None: the UNet call
+    # LoRA with an EMA target: a context manager that puts the EMA adapter weights in place for the target's forward
+    target_weights: object = None
 
 
 def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
-                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None):
+                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None,
+                     target_weights=None):
     """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar).
-    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call."""
+    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call.
+    `target_weights`: see LCDContext (None: the target network runs with its own weights)."""
     problem = ddim_timesteps_problem(args, noise_scheduler.config.num_train_timesteps)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -438,7 +448,7 @@ def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, 
         alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
         prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
         teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
-        batched_teacher=batched_teacher, denoiser_call=denoiser_call,
+        batched_teacher=batched_teacher, denoiser_call=denoiser_call, target_weights=target_weights,
     )
 
 
@@ -476,8 +486,8 @@ def teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond):
 @torch.no_grad()
 def target_prediction(ctx, x_prev, timesteps, w_input, cond):
     """The target network's output at (x_{t_n}, t_n), in eval mode: with LoRA dropout active the target would be a
-    random draw, not the network's prediction."""
-    with ctx.autocast(), eval_mode(ctx.target_unet):
+    random draw, not the network's prediction. A LoRA student with an EMA target runs with the EMA adapter."""
+    with ctx.autocast(), eval_mode(ctx.target_unet), (ctx.target_weights or contextlib.nullcontext)():
         return denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input, **cond)
 
 
@@ -751,20 +761,25 @@ def load_lora_checkpoint(unet, checkpoint_dir):
     cast_training_params(unet)
 
 
-def checkpoint_hooks(accelerator):
+def checkpoint_hooks(accelerator, ema_adapter=None):
     """accelerate's save/load pre-hooks: checkpoints hold the adapter only (the base weights never change), as a
-    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it."""
+    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it; and the EMA adapter
+    (`ema_adapter`, --ema_decay) beside it."""
 
     def save_model_hook(models, weights, output_dir):
         full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers shards
         if accelerator.is_main_process:
             save_lora_files(unwrap(accelerator, models[0]), output_dir, kohya=False, full_state=full_state)
+            if ema_adapter is not None:
+                save_file(ema_adapter.state_dict(), os.path.join(output_dir, EMA_ADAPTER_NAME))
         if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
             weights.pop()
 
     def load_model_hook(models, input_dir):
         if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapter from their own files
             load_lora_checkpoint(unwrap(accelerator, models.pop()), input_dir)
+        if ema_adapter is not None:
+            ema_adapter.load_state_dict(load_file(os.path.join(input_dir, EMA_ADAPTER_NAME)))
 
     return save_model_hook, load_model_hook
 
@@ -853,7 +868,49 @@ AUTOMATIC1111 and ComfyUI.
 {training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
                        ("data", f"`{args.train_shards_path_or_url}`")],
                [("LoRA rank / alpha / dropout", f"{args.lora_rank} / {args.lora_alpha} / {args.lora_dropout}"),
-                ("LoRA targets", ", ".join(args.lora_target_modules)), *lcd_table_rows(args)])}"""
+                ("LoRA targets", ", ".join(args.lora_target_modules)), *lcd_table_rows(args),
+                ("consistency target", f"EMA of the adapter, decay {args.ema_decay} (`ema_target/`)"
+                 if args.ema_decay is not None else "the online adapter")])}"""
+
+
+EMA_ADAPTER_NAME = "ema_adapter.safetensors"  # the EMA adapter in checkpoints (--ema_decay)
+
+
+class EmaAdapter:
+    """An EMA of a UNet's trainable (LoRA) weights, used as the consistency target (--ema_decay). The one UNet in
+    memory runs the target with these weights put in place for the forward (`in_place`), so the EMA costs a copy
+    of the adapter, not a second UNet. The diffusers LCM-LoRA script has no EMA target (their issue #6505)."""
+
+    def __init__(self, unet):
+        self.named = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+        self.weights = [p.detach().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self, decay):
+        update_ema(self.weights, [p for _, p in self.named], decay)
+
+    @contextlib.contextmanager
+    def in_place(self):
+        """The block runs the UNet with the EMA adapter; the online weights are back afterwards (copied, so the
+        optimiser's and DDP's references to the parameters stay valid)."""
+        online = [p.detach().clone() for _, p in self.named]
+        torch._foreach_copy_([p.data for _, p in self.named], self.weights)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_([p.data for _, p in self.named], online)
+
+    def state_dict(self):
+        return {name: weight.detach().cpu().contiguous() for (name, _), weight in zip(self.named, self.weights)}
+
+    def load_state_dict(self, state):
+        missing = [name for name, _ in self.named if name not in state]
+        if missing or len(state) != len(self.named):
+            raise SystemExit(f"error: the checkpoint's EMA adapter does not match this run's LoRA config "
+                             f"(missing {missing[:2]}, {len(state)} tensors for {len(self.named)}); resume with the "
+                             "checkpoint's --lora_rank/--lora_target_modules")
+        for (name, _), weight in zip(self.named, self.weights):
+            weight.copy_(state[name])
 
 
 class LatentConsistencyLoraDistillation:
@@ -883,10 +940,17 @@ class LatentConsistencyLoraDistillation:
         self.modules = [unet]
         self.lora_params = [p for p in unet.parameters() if p.requires_grad]  # the optimiser steps only these
         logger.info(f"LCM-LoRA: {sum(p.numel() for p in self.lora_params):,} LoRA parameters")
+        self.ema_adapter = None
+        if args.ema_decay is not None:
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise SystemExit("error: --ema_decay runs on one process or under DDP: FSDP and DeepSpeed shard the "
+                                 "adapter the EMA copies; drop --ema_decay or the sharding")
+            self.ema_adapter = EmaAdapter(unet)
 
         self.ctx = make_lcd_context(args, noise_scheduler, unet, teacher_unet=unet, target_unet=unet, w_embedding_dim=0,
                                     device=device, autocast=accelerator.autocast,
-                                    teacher_is_student_without_adapters=True)
+                                    teacher_is_student_without_adapters=True,
+                                    target_weights=self.ema_adapter.in_place if self.ema_adapter else None)
         self.uncond_prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, [""])  # once, not per step
 
     def use_prepared(self, modules):
@@ -908,14 +972,15 @@ class LatentConsistencyLoraDistillation:
                                  {"encoder_hidden_states": uncond}), {}
 
     def after_update(self, step):
-        pass  # the target is the online student: no EMA
+        if self.ema_adapter is not None:  # else the target is the online student: nothing to update
+            self.ema_adapter.update(self.args.ema_decay)
 
     def checkpoint_hooks(self, accelerator):
-        return checkpoint_hooks(accelerator)
+        return checkpoint_hooks(accelerator, self.ema_adapter)
 
     @staticmethod
     def checkpoint_files(args):
-        return [LORA_WEIGHT_NAME]  # what checkpoint_hooks write
+        return [LORA_WEIGHT_NAME] + ([EMA_ADAPTER_NAME] if args.ema_decay is not None else [])  # what the hooks write
 
     @staticmethod
     def checkpoint_settings(args):
@@ -932,6 +997,11 @@ class LatentConsistencyLoraDistillation:
             save_lora_files(unwrap(self.accelerator, self.modules[0]), self.args.output_dir,
                             dtype=weight_dtype_for(self.args.save_precision), full_state=full_state)
             student_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
+            if self.ema_adapter is not None:  # the EMA target as an adapter folder of its own, loadable the same way
+                with self.ema_adapter.in_place():
+                    save_lora_files(unwrap(self.accelerator, self.modules[0]),
+                                    os.path.join(self.args.output_dir, "ema_target"),
+                                    dtype=weight_dtype_for(self.args.save_precision))
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):

@@ -456,12 +456,16 @@ class LCDContext:
     autocast: object = field(default=None)
     batched_teacher: bool = True
     denoiser_call: object = None  # how the networks are called (denoiser_forward's `call`); None: the UNet call
+    # LoRA with an EMA target: a context manager that puts the EMA adapter weights in place for the target's forward
+    target_weights: object = None
 
 
 def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
-                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None):
+                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None,
+                     target_weights=None):
     """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar).
-    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call."""
+    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call.
+    `target_weights`: see LCDContext (None: the target network runs with its own weights)."""
     problem = ddim_timesteps_problem(args, noise_scheduler.config.num_train_timesteps)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -474,7 +478,7 @@ def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, 
         alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
         prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
         teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
-        batched_teacher=batched_teacher, denoiser_call=denoiser_call,
+        batched_teacher=batched_teacher, denoiser_call=denoiser_call, target_weights=target_weights,
     )
 
 
@@ -512,8 +516,8 @@ def teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond):
 @torch.no_grad()
 def target_prediction(ctx, x_prev, timesteps, w_input, cond):
     """The target network's output at (x_{t_n}, t_n), in eval mode: with LoRA dropout active the target would be a
-    random draw, not the network's prediction."""
-    with ctx.autocast(), eval_mode(ctx.target_unet):
+    random draw, not the network's prediction. A LoRA student with an EMA target runs with the EMA adapter."""
+    with ctx.autocast(), eval_mode(ctx.target_unet), (ctx.target_weights or contextlib.nullcontext)():
         return denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input, **cond)
 
 
