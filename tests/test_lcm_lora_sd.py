@@ -285,6 +285,8 @@ def parse_error(capsys, argv):
         (["--lora_dropout", "1"], "--lora_dropout: must be < 1"),
         (["--w_min", "9", "--w_max", "3"], "--w_min (9.0) must not exceed --w_max (3.0)"),
         (["--ema_decay", "1"], "--ema_decay: must be < 1"),
+        (["--num_phases", "3"], "--num_phases 3 must divide --num_ddim_timesteps 50"),
+        (["--num_phases", "5", "--timestep_scaling_factor", "10"], "--timestep_scaling_factor applies only to LCD"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
     ],
 )
