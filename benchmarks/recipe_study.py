@@ -178,6 +178,42 @@ def report(work_dir, teacher):
     return "\n".join(lines)
 
 
+# paired comparisons on the same 192 prompts and noises: (label, model eval, baseline eval); "teacher" = its DDIM
+PAIRS = [
+    ("PCM full - teacher DDIM", "pcm_full/checkpoint-200", "teacher"),
+    ("PCM full - LCD full", "pcm_full/checkpoint-200", "lcd_full/checkpoint-200"),
+    ("LCD full - teacher DDIM", "lcd_full/checkpoint-200", "teacher"),
+    ("LoRA EMA adapter - plain LoRA", "lcd_lora_ema/ema_target", "lcd_lora/checkpoint-200"),
+    ("PCM LoRA - LCD LoRA", "pcm_lora/checkpoint-200", "lcd_lora/checkpoint-200"),
+    ("PCM LoRA - teacher DDIM", "pcm_lora/checkpoint-200", "teacher"),
+]
+
+
+def paired_report(work_dir, teacher):
+    """Mean differences (model - baseline) of accuracy and distance at each step count, with 95% intervals."""
+    import toy_metrics
+
+    def rows_of(name):
+        if name == "teacher":
+            return {row["steps"]: row for row in teacher}
+        path = Path(work_dir) / name / "eval.json"
+        return {row["steps"]: row for row in json.loads(path.read_text())} if path.exists() else None
+
+    lines = ["| model - baseline | " + " | ".join(f"{s} step acc diff" for s in STEP_COUNTS) + " | "
+             + " | ".join(f"{s} step dist diff" for s in STEP_COUNTS) + " |", "|---|" + "---|" * 6]
+    for label, model, baseline in PAIRS:
+        a, b = rows_of(model), rows_of(baseline)
+        if a is None or b is None:
+            continue
+        cells = []
+        for key, per_sample in (("accuracy", "correct"), ("distance", "distances")):
+            for count in STEP_COUNTS:
+                mean, (low, high) = toy_metrics.paired_difference(a[count][per_sample], b[count][per_sample])
+                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -194,6 +230,8 @@ def main(argv=None):
         evaluate_run(name, RUNS[name], args.work_dir, reference)
     if args.report or args.runs:
         print(report(args.work_dir, teacher))
+        print()
+        print(paired_report(args.work_dir, teacher))
     return 0
 
 
