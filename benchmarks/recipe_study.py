@@ -53,6 +53,8 @@ RUNS = {
     "lcd_lora": run("lora"),
     "lcd_lora_ema": run("lora", ema_decay=0.95),
     "pcm_lora": run("lora", num_ddim_timesteps=8, num_phases=4),
+    "lcd_full_n8": run("full", num_ddim_timesteps=8),  # LCD on PCM's grid: PCM vs LCD without the N difference
+    "pcm_lora_ema": run("lora", num_ddim_timesteps=8, num_phases=4, ema_decay=0.95),
 }
 
 
@@ -186,6 +188,8 @@ PAIRS = [
     ("LoRA EMA adapter - plain LoRA", "lcd_lora_ema/ema_target", "lcd_lora/checkpoint-200"),
     ("PCM LoRA - LCD LoRA", "pcm_lora/checkpoint-200", "lcd_lora/checkpoint-200"),
     ("PCM LoRA - teacher DDIM", "pcm_lora/checkpoint-200", "teacher"),
+    ("PCM full - LCD full, both N = 8", "pcm_full/checkpoint-200", "lcd_full_n8/checkpoint-200"),
+    ("PCM LoRA EMA adapter - PCM LoRA", "pcm_lora_ema/ema_target", "pcm_lora/checkpoint-200"),
 ]
 
 
