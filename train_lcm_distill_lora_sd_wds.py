@@ -9,7 +9,8 @@ adapter turns the teacher, and other fine-tunes of the same base model, into a 1
 
 Differences from full LCD (train_lcm_distill_sd_wds.py), following the LCM-LoRA paper:
 - no guidance-scale (omega) embedding: the student is the teacher's UNet plus LoRA;
-- the consistency target is the online student itself, under no-grad (no EMA network);
+- the consistency target is the online student itself, under no-grad (no EMA network); `--ema_decay` makes it
+  an EMA of the adapter instead (a copy of the LoRA weights, not a second UNet);
 - ONE UNet in memory: the teacher is the same UNet with its adapters disabled. Base weights are frozen in the
   mixed-precision dtype; only the LoRA weights are trainable, in fp32.
 
@@ -71,7 +72,8 @@ from accelerate.logging import get_logger
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import DistributedType, ProjectConfiguration, fsdp2_prepare_model, set_seed
 from braceexpand import braceexpand
-from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, TCDScheduler,
+                       UNet2DConditionModel)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import make_image_grid
@@ -137,6 +139,11 @@ def parse_args(input_args=None):
                             f"default: all of {', '.join(LORA_TARGET_KINDS)}.")
     group.add_argument("--save_precision", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
                        help="dtype of the final LoRA files (fp16 halves them; checkpoints always keep fp32).")
+    group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True), default=None,
+                       help="mu of an EMA of the adapter weights (theta- <- mu theta- + (1 - mu) theta after each "
+                            "step) that serves as the consistency target, as the full LCM's EMA UNet does; saved "
+                            "as ema_target/ beside the adapter. Default: none, the target is the online adapter "
+                            "(LCM-LoRA).")
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
                        help="Prompts for the validation grids (default: the lines of the model folder's "
@@ -171,7 +178,7 @@ def parse_lora_target_modules(spec):
 # region LCD copied from train_lcm_distill_sd_wds
 
 
-VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows (PCM: those on its phase edges)
 
 
 def add_lcd_args(parser, *, w_min=5.0):
@@ -186,8 +193,13 @@ def add_lcd_args(parser, *, w_min=5.0):
     group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
     group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
                        default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
-                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=None,
+                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary); 10. "
+                            "LCD only: PCM has no boundary scalings.")
+    group.add_argument("--num_phases", type=bounded(int, 1, 1000), default=None,
+                       help="M: Phased Consistency distillation (PCM, Wang et al. 2024) with M phases of the DDIM grid "
+                            "instead of LCD; the student then samples deterministically in M steps (TCDScheduler, "
+                            "eta 0). Must divide --num_ddim_timesteps. Default: LCD.")
     group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
                        help="Fraction of captions replaced by the empty prompt.")
     return group
@@ -196,6 +208,15 @@ def add_lcd_args(parser, *, w_min=5.0):
 def check_lcd_args(parser, args):
     if args.w_min > args.w_max:
         parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+    if args.num_phases is not None:
+        if args.timestep_scaling_factor is not None:
+            parser.error("--timestep_scaling_factor applies only to LCD: a PCM student jumps to its phase edge by DDIM, "
+                         "with no boundary scalings; drop it or --num_phases")
+        if args.num_ddim_timesteps % args.num_phases:
+            parser.error(f"--num_phases {args.num_phases} must divide --num_ddim_timesteps {args.num_ddim_timesteps}: "
+                         "phases of equal length are what TCDScheduler and DDIM (trailing) sample on")
+    elif args.timestep_scaling_factor is None:
+        args.timestep_scaling_factor = 10.0
     # a local teacher's schedule is one small file away; a Hub teacher's is checked once it loads (make_lcd_context)
     config_path = os.path.join(os.path.expanduser(args.pretrained_teacher_model), "scheduler", "scheduler_config.json")
     num_train_timesteps = None
@@ -304,9 +325,18 @@ class DDIMSolver:
         return self
 
     def ddim_step(self, pred_x0, pred_noise, timestep_index):
-        """One deterministic DDIM step from grid point `timestep_index` to the previous one."""
+        """One deterministic DDIM step from grid point `timestep_index` to the previous one. With the index of a
+        phase edge it is also the DDIM jump from anywhere in that phase to the phase's lower end (PCM)."""
         alpha_cumprod_prev = extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.shape)
         return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
+
+
+def phase_edge_index(timestep_index, num_ddim_timesteps, num_phases):
+    """PCM: the grid index e_j = floor(j N / M) where the phase of each grid index i starts (the largest e_j <= i).
+    Its lower end, where the phase's trajectory segment ends, is the grid point below e_j (t = 0 side for e_0 = 0):
+    `DDIMSolver.ddim_step(x0, eps, e_j)` lands there. Closed form of the largest j with j N / M < i + 1."""
+    phase = torch.div((timestep_index + 1) * num_phases - 1, num_ddim_timesteps, rounding_mode="floor")
+    return torch.div(phase * num_ddim_timesteps, num_phases, rounding_mode="floor")
 
 
 def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
@@ -396,12 +426,16 @@ class LCDContext:
     autocast: object = field(default=None)
     batched_teacher: bool = True
     denoiser_call: object = None  # how the networks are called (denoiser_forward's `call`); None: the UNet call
+    # LoRA with an EMA target: a context manager that puts the EMA adapter weights in place for the target's forward
+    target_weights: object = None
 
 
 def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
-                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None):
+                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None,
+                     target_weights=None):
     """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar).
-    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call."""
+    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call.
+    `target_weights`: see LCDContext (None: the target network runs with its own weights)."""
     problem = ddim_timesteps_problem(args, noise_scheduler.config.num_train_timesteps)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -414,21 +448,57 @@ def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, 
         alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
         prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
         teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
-        batched_teacher=batched_teacher, denoiser_call=denoiser_call,
+        batched_teacher=batched_teacher, denoiser_call=denoiser_call, target_weights=target_weights,
     )
+
+
+def distillation_loss(ctx, latents, cond, uncond):
+    """The training loss of the run: Phased Consistency distillation with --num_phases, else LCD."""
+    return (pcm_loss if ctx.args.num_phases else lcd_loss)(ctx, latents, cond, uncond)
+
+
+def sample_training_points(ctx, latents):
+    """Steps shared by LCD and PCM. n ~ U{0..N-1}: the start t_{n+k} on the DDIM grid, and t_n one solver step
+    (k) below it; x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule; omega ~ U[w_min, w_max], which a
+    full student also takes as an embedding (LoRA students do not)."""
+    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
+    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+    noise = torch.randn_like(latents)
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
+    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
+    w_input = {} if not ctx.w_embedding_dim else {
+        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
+    return index, start_timesteps, timesteps, noisy_latents, w, w_input
+
+
+def teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond):
+    """x_{t_n}: the teacher with CFG omega and one DDIM step (no grad, cond and uncond in one batched pass)."""
+    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
+               else contextlib.nullcontext(ctx.teacher_unet))
+    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
+        return teacher_guided_ddim_step(teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
+                                        ctx.solver, ctx.alpha_schedule, ctx.sigma_schedule, ctx.prediction_type,
+                                        batched=ctx.batched_teacher, denoiser_call=ctx.denoiser_call)
+
+
+@torch.no_grad()
+def target_prediction(ctx, x_prev, timesteps, w_input, cond):
+    """The target network's output at (x_{t_n}, t_n), in eval mode: with LoRA dropout active the target would be a
+    random draw, not the network's prediction. A LoRA student with an EMA target runs with the EMA adapter."""
+    with ctx.autocast(), eval_mode(ctx.target_unet), (ctx.target_weights or contextlib.nullcontext)():
+        return denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input, **cond)
 
 
 def lcd_loss(ctx, latents, cond, uncond):
     """One Latent Consistency Distillation loss (LCM paper, Algorithm 1) for latents z0. cond and uncond are the
     denoiser's conditioning inputs (keywords of ctx.denoiser_call): {"encoder_hidden_states": c}, plus
     "added_cond_kwargs" for SDXL."""
-    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
-    schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+    args, schedules = ctx.args, (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
 
-    # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
-    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
-    start_timesteps = solver.ddim_timesteps[index]
-    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+    # 1. n, x_{t_{n+k}}, omega (see sample_training_points).
+    index, start_timesteps, timesteps, noisy_latents, w, w_input = sample_training_points(ctx, latents)
 
     # 2. Boundary scalings, so that f(x, 0) = x exactly.
     c_skip_start, c_out_start = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
@@ -436,47 +506,69 @@ def lcd_loss(ctx, latents, cond, uncond):
     c_skip, c_out = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
         timesteps, timestep_scaling=args.timestep_scaling_factor))
 
-    # 3. x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule.
-    noise = torch.randn_like(latents)
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
-
-    # 4. omega ~ U[w_min, w_max]; a full student also takes it as an embedding (LCM-LoRA students do not).
-    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
-    w_input = {} if not ctx.w_embedding_dim else {
-        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
-
-    # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
+    # 3. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
         student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
                                           **w_input, **cond)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
-    # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
-    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
-               else contextlib.nullcontext(ctx.teacher_unet))
-    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
-        x_prev = teacher_guided_ddim_step(
-            teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
-            solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher, denoiser_call=ctx.denoiser_call,
-        )
+    # 4. Teacher with CFG omega + DDIM step: x_{t_n}.
+    x_prev = teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond)
 
-    # 7. Target f_theta-(x_{t_n}, omega, c, t_n), no grad, in eval mode: with LoRA dropout active the target would
-    #    be a random draw, not the network's prediction.
-    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.target_unet):
-        target_output = denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input,
-                                         **cond)
-    target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
+    # 5. Target f_theta-(x_{t_n}, omega, c, t_n), no grad.
+    target_x0 = get_predicted_original_sample(target_prediction(ctx, x_prev, timesteps, w_input, cond), timesteps,
+                                              x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
-    # 8. Consistency distance d(f_theta, f_theta-).
+    # 6. Consistency distance d(f_theta, f_theta-).
+    return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+def pcm_loss(ctx, latents, cond, uncond):
+    """One Phased Consistency distillation loss (Wang et al. 2024, "Phased Consistency Models"): the DDIM grid is
+    cut into M phases, and the student maps any point of a phase to the phase's lower end s, by a DDIM jump with its
+    own x0 and epsilon predictions (no boundary scalings: s is a real point of the trajectory). Sampling visits the
+    M phase ends deterministically."""
+    args, solver, schedules = ctx.args, ctx.solver, (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+
+    # 1. n, x_{t_{n+k}}, omega (see sample_training_points), and the phase edge e_j of grid index n+k.
+    index, start_timesteps, timesteps, noisy_latents, w, w_input = sample_training_points(ctx, latents)
+    edge = phase_edge_index(index, args.num_ddim_timesteps, args.num_phases)
+
+    # 2. Online student: DDIM jump from x_{t_{n+k}} to s with its own x0_hat and eps_hat.
+    with ctx.autocast():
+        student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
+                                          **w_input, **cond)
+    model_pred = solver.ddim_step(
+        get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules),
+        get_predicted_noise(student_output, start_timesteps, noisy_latents, *schedules), edge)
+
+    # 3. Teacher with CFG omega + DDIM step: x_{t_n}.
+    x_prev = teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond)
+
+    # 4. Target, no grad: x_{t_n} itself where t_n is the edge s (n+k = e_j), else the target network's DDIM jump
+    #    from x_{t_n} to s. With M = N every point is an edge, and the target network is never needed.
+    at_edge = append_dims(index == edge, latents.ndim)
+    if bool(at_edge.all()):
+        target = x_prev
+    else:
+        target_output = target_prediction(ctx, x_prev, timesteps, w_input, cond)
+        target_jump = solver.ddim_step(get_predicted_original_sample(target_output, timesteps, x_prev, *schedules),
+                                       get_predicted_noise(target_output, timesteps, x_prev, *schedules), edge)
+        target = torch.where(at_edge, x_prev, target_jump)
+
+    # 5. Consistency distance d(student jump, target jump).
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
 
 
 def lcd_table_rows(args):
     """The model card rows of the distillation's own settings."""
-    return [("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps),
-            ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
+    rows = [("method", f"PCM, {args.num_phases} phases" if args.num_phases else "LCD"),
+            ("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps)]
+    if not args.num_phases:
+        rows.append(("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor))
+    return rows
 
 
 def trained_guidance(args):
@@ -493,13 +585,43 @@ def example_guidance_scale(args):
     return min(max(args.validation_guidance_scale, args.w_min + 1), args.w_max + 1)
 
 
-def lcm_scheduler_for(args):
-    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
-    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
-    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
-    return scheduler_from_pretrained(LCMScheduler, args.pretrained_teacher_model, revision=args.teacher_revision,
-                                     cache_dir=args.cache_dir, original_inference_steps=args.num_ddim_timesteps,
-                                     timestep_scaling=args.timestep_scaling_factor)
+def student_scheduler_for(args):
+    """The scheduler the student is trained for, on the teacher's noise schedule and the distillation's DDIM grid
+    (N = --num_ddim_timesteps). Saved as the output's scheduler/ and used by validation, so inference samples on
+    the timesteps the student learned.
+
+    LCD: `LCMScheduler` with the boundary scalings (--timestep_scaling_factor). PCM: `TCDScheduler`, which with
+    eta (gamma) 0, the pipelines' default, is a deterministic DDIM jump between the timesteps it picks, and with
+    M = --num_phases steps it picks exactly the phase edges (evenly spaced indices of the same grid)."""
+    common = {"subfolder": "scheduler", "revision": args.teacher_revision, "cache_dir": args.cache_dir,
+              "original_inference_steps": args.num_ddim_timesteps}
+    if args.num_phases:
+        return scheduler_from_pretrained(TCDScheduler, args.pretrained_teacher_model, **common)
+    return scheduler_from_pretrained(LCMScheduler, args.pretrained_teacher_model,
+                                     timestep_scaling=args.timestep_scaling_factor, **common)
+
+
+def validation_step_counts(args):
+    """The sampling steps of a validation grid: 1, 2, 4, 8; for PCM those that land on phase edges (that divide
+    M), and M itself."""
+    if not args.num_phases:
+        return VALIDATION_STEP_COUNTS
+    return tuple(sorted({c for c in VALIDATION_STEP_COUNTS if args.num_phases % c == 0} | {args.num_phases}))
+
+
+def sampler_card(args):
+    """How a model card names the method, its paper, the scheduler to load and the steps to sample with."""
+    if args.num_phases:
+        return {"method": f"Phased Consistency distillation (PCM, Wang et al., 2024, arXiv:2405.18407) with "
+                          f"{args.num_phases} phases",
+                "scheduler": "TCDScheduler", "steps": args.num_phases, "eta": ", eta=0.0",
+                "sampling": f"It samples deterministically in {args.num_phases} steps, one per phase, with "
+                            "`TCDScheduler` and `eta=0.0` (or `DDIMScheduler` with `timestep_spacing=\"trailing\"` "
+                            "when N x (1000 // N) = 1000); step counts that divide the number of phases land on "
+                            "phase edges too."}
+    return {"method": "Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378)",
+            "scheduler": "LCMScheduler", "steps": 4, "eta": "",
+            "sampling": "It samples in 1-8 steps with `LCMScheduler`; 4 steps is the usual trade-off."}
 
 
 # endregion LCD
@@ -639,20 +761,25 @@ def load_lora_checkpoint(unet, checkpoint_dir):
     cast_training_params(unet)
 
 
-def checkpoint_hooks(accelerator):
+def checkpoint_hooks(accelerator, ema_adapter=None):
     """accelerate's save/load pre-hooks: checkpoints hold the adapter only (the base weights never change), as a
-    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it."""
+    loadable diffusers LoRA file, gathered from all ranks where DeepSpeed/FSDP shard it; and the EMA adapter
+    (`ema_adapter`, --ema_decay) beside it."""
 
     def save_model_hook(models, weights, output_dir):
         full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers shards
         if accelerator.is_main_process:
             save_lora_files(unwrap(accelerator, models[0]), output_dir, kohya=False, full_state=full_state)
+            if ema_adapter is not None:
+                save_file(ema_adapter.state_dict(), os.path.join(output_dir, EMA_ADAPTER_NAME))
         if weights:  # empty under DeepSpeed/FSDP, which save the model themselves
             weights.pop()
 
     def load_model_hook(models, input_dir):
         if models:  # under DeepSpeed/FSDP accelerate passes none: they restored the adapter from their own files
             load_lora_checkpoint(unwrap(accelerator, models.pop()), input_dir)
+        if ema_adapter is not None:
+            ema_adapter.load_state_dict(load_file(os.path.join(input_dir, EMA_ADAPTER_NAME)))
 
     return save_model_hook, load_model_hook
 
@@ -670,11 +797,12 @@ def teacher_record(flag, model, revision, denoiser):
 
 # Copied from train_lcm_distill_sd_wds.log_validation
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
-    """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
+    """A grid of validation prompts (rows) x step counts 1, 2, 4, 8 (columns; PCM: those on its phase edges),
+    sampled with the student's own scheduler, saved as PNG and logged."""
     prompts = args.validation_prompts  # parse_args resolves the default (see parse_and_check)
     if not prompts:
         return None
-    scheduler = lcm_scheduler_for(args)
+    scheduler = student_scheduler_for(args)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -684,9 +812,9 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
                                                                    enabled=weight_dtype != torch.float32):
         for prompt in prompts:
             row = []
-            for num_steps in VALIDATION_STEP_COUNTS:
+            for num_steps in validation_step_counts(args):
                 generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps,
+                row.append(pipeline(prompt, num_inference_steps=num_steps, eta=0.0,
                                     guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                     width=args.resolution, generator=generator).images[0])
             rows.append(row)
@@ -699,44 +827,91 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
 
 def model_card_text(args, repo_id, validation_image=None):
     """The README.md of the output directory (and of the Hub repo)."""
-    image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    sampler = sampler_card(args)
+    steps = ", ".join(map(str, validation_step_counts(args)))
+    image_line = f"\n![validation grid: prompts x {steps} steps]({validation_image})\n" if validation_image else ""
+    kind = "PCM-LoRA" if args.num_phases else "LCM-LoRA"
     front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
                                  license="creativeml-openrail-m", inference=True,
-                                 tags=["stable-diffusion", "text-to-image", "diffusers", "lora", "lcm", "lcm-lora",
-                                       "latent-consistency-distillation"]).to_yaml()
+                                 tags=["stable-diffusion", "text-to-image", "diffusers", "lora",
+                                       *(["pcm", "pcm-lora", "phased-consistency-distillation"] if args.num_phases
+                                         else ["lcm", "lcm-lora", "latent-consistency-distillation"])]).to_yaml()
     return f"""---
 {front_matter}
 ---
 
-# {repo_id}: LCM-LoRA distilled from {args.pretrained_teacher_model}
+# {repo_id}: {kind} distilled from {args.pretrained_teacher_model}
 
-A LoRA adapter trained with Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378 and
-arXiv:2311.05556) from `{args.pretrained_teacher_model}` by `train_lcm_distill_lora_sd_wds.py`. Loaded onto the
-teacher, or onto another fine-tune of the same base model, it samples in 1-8 steps with `LCMScheduler`.
+A LoRA adapter trained with {sampler["method"]} from `{args.pretrained_teacher_model}` by
+`train_lcm_distill_lora_sd_wds.py`. Loaded onto the teacher, or onto another fine-tune of the same base model,
+it makes a few-step sampler. {sampler["sampling"]}
 {image_line}
 ## Inference
 
 ```python
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import {sampler["scheduler"]}, StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
+pipe.scheduler = {sampler["scheduler"]}.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
 pipe.load_lora_weights("{repo_id}")
 pipe.to("cuda")
-image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale=1.0).images[0]
+image = pipe("a photo of a red fox in the snow", num_inference_steps={sampler["steps"]}, guidance_scale=1.0{sampler["eta"]}).images[0]
 ```
 
 Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance ({trained_guidance(args)[0]}) is distilled into
-the adapter. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for AUTOMATIC1111 and
-ComfyUI.
+the adapter; above 1.0 the pipeline runs ordinary classifier-free guidance with the adapter, and
+`negative_prompt` works as usual. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for
+AUTOMATIC1111 and ComfyUI.
 
 ## Training
 
 {training_table(args, [("teacher", f"`{args.pretrained_teacher_model}`"),
                        ("data", f"`{args.train_shards_path_or_url}`")],
                [("LoRA rank / alpha / dropout", f"{args.lora_rank} / {args.lora_alpha} / {args.lora_dropout}"),
-                ("LoRA targets", ", ".join(args.lora_target_modules)), *lcd_table_rows(args)])}"""
+                ("LoRA targets", ", ".join(args.lora_target_modules)), *lcd_table_rows(args),
+                ("consistency target", f"EMA of the adapter, decay {args.ema_decay} (`ema_target/`)"
+                 if args.ema_decay is not None else "the online adapter")])}"""
+
+
+EMA_ADAPTER_NAME = "ema_adapter.safetensors"  # the EMA adapter in checkpoints (--ema_decay)
+
+
+class EmaAdapter:
+    """An EMA of a UNet's trainable (LoRA) weights, used as the consistency target (--ema_decay). The one UNet in
+    memory runs the target with these weights put in place for the forward (`in_place`), so the EMA costs a copy
+    of the adapter, not a second UNet. The diffusers LCM-LoRA script has no EMA target (their issue #6505)."""
+
+    def __init__(self, unet):
+        self.named = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+        self.weights = [p.detach().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self, decay):
+        update_ema(self.weights, [p for _, p in self.named], decay)
+
+    @contextlib.contextmanager
+    def in_place(self):
+        """The block runs the UNet with the EMA adapter; the online weights are back afterwards (copied, so the
+        optimiser's and DDP's references to the parameters stay valid)."""
+        online = [p.detach().clone() for _, p in self.named]
+        torch._foreach_copy_([p.data for _, p in self.named], self.weights)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_([p.data for _, p in self.named], online)
+
+    def state_dict(self):
+        return {name: weight.detach().cpu().contiguous() for (name, _), weight in zip(self.named, self.weights)}
+
+    def load_state_dict(self, state):
+        missing = [name for name, _ in self.named if name not in state]
+        if missing or len(state) != len(self.named):
+            raise SystemExit(f"error: the checkpoint's EMA adapter does not match this run's LoRA config "
+                             f"(missing {missing[:2]}, {len(state)} tensors for {len(self.named)}); resume with the "
+                             "checkpoint's --lora_rank/--lora_target_modules")
+        for (name, _), weight in zip(self.named, self.weights):
+            weight.copy_(state[name])
 
 
 class LatentConsistencyLoraDistillation:
@@ -766,10 +941,17 @@ class LatentConsistencyLoraDistillation:
         self.modules = [unet]
         self.lora_params = [p for p in unet.parameters() if p.requires_grad]  # the optimiser steps only these
         logger.info(f"LCM-LoRA: {sum(p.numel() for p in self.lora_params):,} LoRA parameters")
+        self.ema_adapter = None
+        if args.ema_decay is not None:
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise SystemExit("error: --ema_decay runs on one process or under DDP: FSDP and DeepSpeed shard the "
+                                 "adapter the EMA copies; drop --ema_decay or the sharding")
+            self.ema_adapter = EmaAdapter(unet)
 
         self.ctx = make_lcd_context(args, noise_scheduler, unet, teacher_unet=unet, target_unet=unet, w_embedding_dim=0,
                                     device=device, autocast=accelerator.autocast,
-                                    teacher_is_student_without_adapters=True)
+                                    teacher_is_student_without_adapters=True,
+                                    target_weights=self.ema_adapter.in_place if self.ema_adapter else None)
         self.uncond_prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, [""])  # once, not per step
 
     def use_prepared(self, modules):
@@ -787,18 +969,19 @@ class LatentConsistencyLoraDistillation:
         prompt_embeds = text_embeddings_from_batch(
             batch, lambda captions: encode_prompts(self.text_encoder, self.tokenizer, captions), latents.device)
         uncond = self.uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
-        return lcd_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
-                        {"encoder_hidden_states": uncond}), {}
+        return distillation_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
+                                 {"encoder_hidden_states": uncond}), {}
 
     def after_update(self, step):
-        pass  # the target is the online student: no EMA
+        if self.ema_adapter is not None:  # else the target is the online student: nothing to update
+            self.ema_adapter.update(self.args.ema_decay)
 
     def checkpoint_hooks(self, accelerator):
-        return checkpoint_hooks(accelerator)
+        return checkpoint_hooks(accelerator, self.ema_adapter)
 
     @staticmethod
     def checkpoint_files(args):
-        return [LORA_WEIGHT_NAME]  # what checkpoint_hooks write
+        return [LORA_WEIGHT_NAME] + ([EMA_ADAPTER_NAME] if args.ema_decay is not None else [])  # what the hooks write
 
     @staticmethod
     def checkpoint_settings(args):
@@ -814,7 +997,12 @@ class LatentConsistencyLoraDistillation:
         if self.accelerator.is_main_process:
             save_lora_files(unwrap(self.accelerator, self.modules[0]), self.args.output_dir,
                             dtype=weight_dtype_for(self.args.save_precision), full_state=full_state)
-            lcm_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
+            student_scheduler_for(self.args).save_pretrained(os.path.join(self.args.output_dir, "scheduler"))
+            if self.ema_adapter is not None:  # the EMA target as an adapter folder of its own, loadable the same way
+                with self.ema_adapter.in_place():
+                    save_lora_files(unwrap(self.accelerator, self.modules[0]),
+                                    os.path.join(self.args.output_dir, "ema_target"),
+                                    dtype=weight_dtype_for(self.args.save_precision))
 
     # Copied from train_lcm_distill_sd_wds.LatentConsistencyDistillation.model_card
     def model_card(self, repo_id, validation_image):

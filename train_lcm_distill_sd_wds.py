@@ -68,7 +68,8 @@ from accelerate.logging import get_logger
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import DistributedType, ProjectConfiguration, fsdp2_prepare_model, set_seed
 from braceexpand import braceexpand
-from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDPMScheduler, LCMScheduler, StableDiffusionPipeline, TCDScheduler,
+                       UNet2DConditionModel)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from diffusers.utils import make_image_grid
@@ -134,7 +135,7 @@ def parse_args(input_args=None):
 # region LCD -- latent consistency distillation: flags, math and loss, shared by the three LCM scripts
 
 
-VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows
+VALIDATION_STEP_COUNTS = (1, 2, 4, 8)  # the sampling steps a validation grid shows (PCM: those on its phase edges)
 
 
 def add_lcd_args(parser, *, w_min=5.0):
@@ -149,8 +150,13 @@ def add_lcd_args(parser, *, w_min=5.0):
     group.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Consistency distance.")
     group.add_argument("--huber_c", type=bounded(float, 0, None, low_open=True),
                        default=0.001, help="c of the pseudo-Huber loss.")
-    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=10.0,
-                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary).")
+    group.add_argument("--timestep_scaling_factor", type=bounded(float, 0, None, low_open=True), default=None,
+                       help="s in the boundary scalings c_skip/c_out (larger = closer to the exact boundary); 10. "
+                            "LCD only: PCM has no boundary scalings.")
+    group.add_argument("--num_phases", type=bounded(int, 1, 1000), default=None,
+                       help="M: Phased Consistency distillation (PCM, Wang et al. 2024) with M phases of the DDIM grid "
+                            "instead of LCD; the student then samples deterministically in M steps (TCDScheduler, "
+                            "eta 0). Must divide --num_ddim_timesteps. Default: LCD.")
     group.add_argument("--proportion_empty_prompts", type=bounded(float, 0, 1), default=0.0,
                        help="Fraction of captions replaced by the empty prompt.")
     return group
@@ -159,6 +165,15 @@ def add_lcd_args(parser, *, w_min=5.0):
 def check_lcd_args(parser, args):
     if args.w_min > args.w_max:
         parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+    if args.num_phases is not None:
+        if args.timestep_scaling_factor is not None:
+            parser.error("--timestep_scaling_factor applies only to LCD: a PCM student jumps to its phase edge by DDIM, "
+                         "with no boundary scalings; drop it or --num_phases")
+        if args.num_ddim_timesteps % args.num_phases:
+            parser.error(f"--num_phases {args.num_phases} must divide --num_ddim_timesteps {args.num_ddim_timesteps}: "
+                         "phases of equal length are what TCDScheduler and DDIM (trailing) sample on")
+    elif args.timestep_scaling_factor is None:
+        args.timestep_scaling_factor = 10.0
     # a local teacher's schedule is one small file away; a Hub teacher's is checked once it loads (make_lcd_context)
     config_path = os.path.join(os.path.expanduser(args.pretrained_teacher_model), "scheduler", "scheduler_config.json")
     num_train_timesteps = None
@@ -267,9 +282,18 @@ class DDIMSolver:
         return self
 
     def ddim_step(self, pred_x0, pred_noise, timestep_index):
-        """One deterministic DDIM step from grid point `timestep_index` to the previous one."""
+        """One deterministic DDIM step from grid point `timestep_index` to the previous one. With the index of a
+        phase edge it is also the DDIM jump from anywhere in that phase to the phase's lower end (PCM)."""
         alpha_cumprod_prev = extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.shape)
         return alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
+
+
+def phase_edge_index(timestep_index, num_ddim_timesteps, num_phases):
+    """PCM: the grid index e_j = floor(j N / M) where the phase of each grid index i starts (the largest e_j <= i).
+    Its lower end, where the phase's trajectory segment ends, is the grid point below e_j (t = 0 side for e_0 = 0):
+    `DDIMSolver.ddim_step(x0, eps, e_j)` lands there. Closed form of the largest j with j N / M < i + 1."""
+    phase = torch.div((timestep_index + 1) * num_phases - 1, num_ddim_timesteps, rounding_mode="floor")
+    return torch.div(phase * num_ddim_timesteps, num_phases, rounding_mode="floor")
 
 
 def consistency_loss(model_pred, target, loss_type="l2", huber_c=0.001):
@@ -359,12 +383,16 @@ class LCDContext:
     autocast: object = field(default=None)
     batched_teacher: bool = True
     denoiser_call: object = None  # how the networks are called (denoiser_forward's `call`); None: the UNet call
+    # LoRA with an EMA target: a context manager that puts the EMA adapter weights in place for the target's forward
+    target_weights: object = None
 
 
 def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, w_embedding_dim, device, autocast,
-                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None):
+                     teacher_is_student_without_adapters=False, batched_teacher=True, denoiser_call=None,
+                     target_weights=None):
     """The LCDContext of a run: the DDIM solver on the teacher's schedule, its sqrt(abar), sqrt(1 - abar).
-    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call."""
+    `denoiser_call` is the METHOD's call of its networks (see denoiser_forward); None: the UNet call.
+    `target_weights`: see LCDContext (None: the target network runs with its own weights)."""
     problem = ddim_timesteps_problem(args, noise_scheduler.config.num_train_timesteps)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -377,21 +405,57 @@ def make_lcd_context(args, noise_scheduler, unet, teacher_unet, target_unet, *, 
         alpha_schedule=alphas_cumprod.sqrt().to(device), sigma_schedule=(1.0 - alphas_cumprod).sqrt().to(device),
         prediction_type=noise_scheduler.config.prediction_type, w_embedding_dim=w_embedding_dim,
         teacher_is_student_without_adapters=teacher_is_student_without_adapters, args=args, autocast=autocast,
-        batched_teacher=batched_teacher, denoiser_call=denoiser_call,
+        batched_teacher=batched_teacher, denoiser_call=denoiser_call, target_weights=target_weights,
     )
+
+
+def distillation_loss(ctx, latents, cond, uncond):
+    """The training loss of the run: Phased Consistency distillation with --num_phases, else LCD."""
+    return (pcm_loss if ctx.args.num_phases else lcd_loss)(ctx, latents, cond, uncond)
+
+
+def sample_training_points(ctx, latents):
+    """Steps shared by LCD and PCM. n ~ U{0..N-1}: the start t_{n+k} on the DDIM grid, and t_n one solver step
+    (k) below it; x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule; omega ~ U[w_min, w_max], which a
+    full student also takes as an embedding (LoRA students do not)."""
+    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
+    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+    noise = torch.randn_like(latents)
+    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
+    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
+    w_input = {} if not ctx.w_embedding_dim else {
+        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
+    return index, start_timesteps, timesteps, noisy_latents, w, w_input
+
+
+def teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond):
+    """x_{t_n}: the teacher with CFG omega and one DDIM step (no grad, cond and uncond in one batched pass)."""
+    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
+               else contextlib.nullcontext(ctx.teacher_unet))
+    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
+        return teacher_guided_ddim_step(teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
+                                        ctx.solver, ctx.alpha_schedule, ctx.sigma_schedule, ctx.prediction_type,
+                                        batched=ctx.batched_teacher, denoiser_call=ctx.denoiser_call)
+
+
+@torch.no_grad()
+def target_prediction(ctx, x_prev, timesteps, w_input, cond):
+    """The target network's output at (x_{t_n}, t_n), in eval mode: with LoRA dropout active the target would be a
+    random draw, not the network's prediction. A LoRA student with an EMA target runs with the EMA adapter."""
+    with ctx.autocast(), eval_mode(ctx.target_unet), (ctx.target_weights or contextlib.nullcontext)():
+        return denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input, **cond)
 
 
 def lcd_loss(ctx, latents, cond, uncond):
     """One Latent Consistency Distillation loss (LCM paper, Algorithm 1) for latents z0. cond and uncond are the
     denoiser's conditioning inputs (keywords of ctx.denoiser_call): {"encoder_hidden_states": c}, plus
     "added_cond_kwargs" for SDXL."""
-    args, solver, bsz = ctx.args, ctx.solver, latents.shape[0]
-    schedules = (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+    args, schedules = ctx.args, (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
 
-    # 1. n ~ U{0..N-1}: start at t_{n+k} on the DDIM grid; the solver steps back k to t_n.
-    index = torch.randint(0, args.num_ddim_timesteps, (bsz,), device=latents.device)
-    start_timesteps = solver.ddim_timesteps[index]
-    timesteps = (start_timesteps - solver.step_ratio).clamp(min=0)
+    # 1. n, x_{t_{n+k}}, omega (see sample_training_points).
+    index, start_timesteps, timesteps, noisy_latents, w, w_input = sample_training_points(ctx, latents)
 
     # 2. Boundary scalings, so that f(x, 0) = x exactly.
     c_skip_start, c_out_start = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
@@ -399,47 +463,69 @@ def lcd_loss(ctx, latents, cond, uncond):
     c_skip, c_out = (append_dims(c, latents.ndim) for c in scalings_for_boundary_conditions(
         timesteps, timestep_scaling=args.timestep_scaling_factor))
 
-    # 3. x_{t_{n+k}} ~ q(x_t | z0) with the teacher's DDPM schedule.
-    noise = torch.randn_like(latents)
-    noisy_latents = ctx.noise_scheduler.add_noise(latents, noise, start_timesteps)
-
-    # 4. omega ~ U[w_min, w_max]; a full student also takes it as an embedding (LCM-LoRA students do not).
-    w = (args.w_max - args.w_min) * torch.rand((bsz,), device=latents.device) + args.w_min
-    w_input = {} if not ctx.w_embedding_dim else {
-        "timestep_cond": guidance_scale_embedding(w, embedding_dim=ctx.w_embedding_dim).to(latents.device)}
-
-    # 5. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
+    # 3. Online student: f_theta(x_{t_{n+k}}, omega, c, t_{n+k}) = c_skip x + c_out x0_hat.
     with ctx.autocast():
         student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
                                           **w_input, **cond)
     pred_x0 = get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules)
     model_pred = c_skip_start * noisy_latents + c_out_start * pred_x0
 
-    # 6. Teacher with CFG omega + DDIM step: x_{t_n} (no grad, cond and uncond in one batched pass).
-    teacher = (adapters_disabled(ctx.teacher_unet) if ctx.teacher_is_student_without_adapters
-               else contextlib.nullcontext(ctx.teacher_unet))
-    with ctx.autocast(), eval_mode(ctx.teacher_unet), teacher as teacher_unet:
-        x_prev = teacher_guided_ddim_step(
-            teacher_unet, noisy_latents, start_timesteps, index, w, cond, uncond,
-            solver, *schedules[1:], ctx.prediction_type, batched=ctx.batched_teacher, denoiser_call=ctx.denoiser_call,
-        )
+    # 4. Teacher with CFG omega + DDIM step: x_{t_n}.
+    x_prev = teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond)
 
-    # 7. Target f_theta-(x_{t_n}, omega, c, t_n), no grad, in eval mode: with LoRA dropout active the target would
-    #    be a random draw, not the network's prediction.
-    with torch.no_grad(), ctx.autocast(), eval_mode(ctx.target_unet):
-        target_output = denoiser_forward(ctx.target_unet, x_prev, timesteps, call=ctx.denoiser_call, **w_input,
-                                         **cond)
-    target_x0 = get_predicted_original_sample(target_output, timesteps, x_prev, *schedules)
+    # 5. Target f_theta-(x_{t_n}, omega, c, t_n), no grad.
+    target_x0 = get_predicted_original_sample(target_prediction(ctx, x_prev, timesteps, w_input, cond), timesteps,
+                                              x_prev, *schedules)
     target = c_skip * x_prev + c_out * target_x0
 
-    # 8. Consistency distance d(f_theta, f_theta-).
+    # 6. Consistency distance d(f_theta, f_theta-).
+    return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
+
+
+def pcm_loss(ctx, latents, cond, uncond):
+    """One Phased Consistency distillation loss (Wang et al. 2024, "Phased Consistency Models"): the DDIM grid is
+    cut into M phases, and the student maps any point of a phase to the phase's lower end s, by a DDIM jump with its
+    own x0 and epsilon predictions (no boundary scalings: s is a real point of the trajectory). Sampling visits the
+    M phase ends deterministically."""
+    args, solver, schedules = ctx.args, ctx.solver, (ctx.prediction_type, ctx.alpha_schedule, ctx.sigma_schedule)
+
+    # 1. n, x_{t_{n+k}}, omega (see sample_training_points), and the phase edge e_j of grid index n+k.
+    index, start_timesteps, timesteps, noisy_latents, w, w_input = sample_training_points(ctx, latents)
+    edge = phase_edge_index(index, args.num_ddim_timesteps, args.num_phases)
+
+    # 2. Online student: DDIM jump from x_{t_{n+k}} to s with its own x0_hat and eps_hat.
+    with ctx.autocast():
+        student_output = denoiser_forward(ctx.unet, noisy_latents, start_timesteps, call=ctx.denoiser_call,
+                                          **w_input, **cond)
+    model_pred = solver.ddim_step(
+        get_predicted_original_sample(student_output, start_timesteps, noisy_latents, *schedules),
+        get_predicted_noise(student_output, start_timesteps, noisy_latents, *schedules), edge)
+
+    # 3. Teacher with CFG omega + DDIM step: x_{t_n}.
+    x_prev = teacher_step(ctx, noisy_latents, start_timesteps, index, w, cond, uncond)
+
+    # 4. Target, no grad: x_{t_n} itself where t_n is the edge s (n+k = e_j), else the target network's DDIM jump
+    #    from x_{t_n} to s. With M = N every point is an edge, and the target network is never needed.
+    at_edge = append_dims(index == edge, latents.ndim)
+    if bool(at_edge.all()):
+        target = x_prev
+    else:
+        target_output = target_prediction(ctx, x_prev, timesteps, w_input, cond)
+        target_jump = solver.ddim_step(get_predicted_original_sample(target_output, timesteps, x_prev, *schedules),
+                                       get_predicted_noise(target_output, timesteps, x_prev, *schedules), edge)
+        target = torch.where(at_edge, x_prev, target_jump)
+
+    # 5. Consistency distance d(student jump, target jump).
     return consistency_loss(model_pred, target, args.loss_type, args.huber_c)
 
 
 def lcd_table_rows(args):
     """The model card rows of the distillation's own settings."""
-    return [("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps),
-            ("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor)]
+    rows = [("method", f"PCM, {args.num_phases} phases" if args.num_phases else "LCD"),
+            ("loss", f"{args.loss_type} (huber c = {args.huber_c})"), ("DDIM steps N", args.num_ddim_timesteps)]
+    if not args.num_phases:
+        rows.append(("timestep scaling (c_skip, c_out)", args.timestep_scaling_factor))
+    return rows
 
 
 def trained_guidance(args):
@@ -456,13 +542,43 @@ def example_guidance_scale(args):
     return min(max(args.validation_guidance_scale, args.w_min + 1), args.w_max + 1)
 
 
-def lcm_scheduler_for(args):
-    """The LCMScheduler the student is trained for: the teacher's noise schedule, the distillation's DDIM grid
-    (N = --num_ddim_timesteps) and boundary scalings (--timestep_scaling_factor). Saved as the output's
-    scheduler/ and used by validation, so inference samples on the timesteps the student learned."""
-    return scheduler_from_pretrained(LCMScheduler, args.pretrained_teacher_model, revision=args.teacher_revision,
-                                     cache_dir=args.cache_dir, original_inference_steps=args.num_ddim_timesteps,
-                                     timestep_scaling=args.timestep_scaling_factor)
+def student_scheduler_for(args):
+    """The scheduler the student is trained for, on the teacher's noise schedule and the distillation's DDIM grid
+    (N = --num_ddim_timesteps). Saved as the output's scheduler/ and used by validation, so inference samples on
+    the timesteps the student learned.
+
+    LCD: `LCMScheduler` with the boundary scalings (--timestep_scaling_factor). PCM: `TCDScheduler`, which with
+    eta (gamma) 0, the pipelines' default, is a deterministic DDIM jump between the timesteps it picks, and with
+    M = --num_phases steps it picks exactly the phase edges (evenly spaced indices of the same grid)."""
+    common = {"subfolder": "scheduler", "revision": args.teacher_revision, "cache_dir": args.cache_dir,
+              "original_inference_steps": args.num_ddim_timesteps}
+    if args.num_phases:
+        return scheduler_from_pretrained(TCDScheduler, args.pretrained_teacher_model, **common)
+    return scheduler_from_pretrained(LCMScheduler, args.pretrained_teacher_model,
+                                     timestep_scaling=args.timestep_scaling_factor, **common)
+
+
+def validation_step_counts(args):
+    """The sampling steps of a validation grid: 1, 2, 4, 8; for PCM those that land on phase edges (that divide
+    M), and M itself."""
+    if not args.num_phases:
+        return VALIDATION_STEP_COUNTS
+    return tuple(sorted({c for c in VALIDATION_STEP_COUNTS if args.num_phases % c == 0} | {args.num_phases}))
+
+
+def sampler_card(args):
+    """How a model card names the method, its paper, the scheduler to load and the steps to sample with."""
+    if args.num_phases:
+        return {"method": f"Phased Consistency distillation (PCM, Wang et al., 2024, arXiv:2405.18407) with "
+                          f"{args.num_phases} phases",
+                "scheduler": "TCDScheduler", "steps": args.num_phases, "eta": ", eta=0.0",
+                "sampling": f"It samples deterministically in {args.num_phases} steps, one per phase, with "
+                            "`TCDScheduler` and `eta=0.0` (or `DDIMScheduler` with `timestep_spacing=\"trailing\"` "
+                            "when N x (1000 // N) = 1000); step counts that divide the number of phases land on "
+                            "phase edges too."}
+    return {"method": "Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378)",
+            "scheduler": "LCMScheduler", "steps": 4, "eta": "",
+            "sampling": "It samples in 1-8 steps with `LCMScheduler`; 4 steps is the usual trade-off."}
 
 
 # endregion LCD
@@ -590,11 +706,12 @@ def checkpoint_hooks(accelerator, ema_unet, ema_folder):
 
 
 def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, step, weight_dtype):
-    """A grid of validation prompts (rows) x LCM step counts 1, 2, 4, 8 (columns), saved as PNG and logged."""
+    """A grid of validation prompts (rows) x step counts 1, 2, 4, 8 (columns; PCM: those on its phase edges),
+    sampled with the student's own scheduler, saved as PNG and logged."""
     prompts = args.validation_prompts  # parse_args resolves the default (see parse_and_check)
     if not prompts:
         return None
-    scheduler = lcm_scheduler_for(args)
+    scheduler = student_scheduler_for(args)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        unet=unwrap(accelerator, unet), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -604,9 +721,9 @@ def log_validation(args, accelerator, vae, text_encoder, tokenizer, unet, name, 
                                                                    enabled=weight_dtype != torch.float32):
         for prompt in prompts:
             row = []
-            for num_steps in VALIDATION_STEP_COUNTS:
+            for num_steps in validation_step_counts(args):
                 generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-                row.append(pipeline(prompt, num_inference_steps=num_steps,
+                row.append(pipeline(prompt, num_inference_steps=num_steps, eta=0.0,
                                     guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                     width=args.resolution, generator=generator).images[0])
             rows.append(row)
@@ -621,33 +738,36 @@ def model_card_text(args, repo_id, validation_image=None):
     """The README.md of the output directory (and of the Hub repo)."""
     omega, guidance_scale = trained_guidance(args)
     guidance = example_guidance_scale(args)
-    image_line = f"\n![validation grid: prompts x 1, 2, 4, 8 steps]({validation_image})\n" if validation_image else ""
+    sampler = sampler_card(args)
+    steps = ", ".join(map(str, validation_step_counts(args)))
+    image_line = f"\n![validation grid: prompts x {steps} steps]({validation_image})\n" if validation_image else ""
+    kind = "Phased Consistency Model" if args.num_phases else "Latent Consistency Model"
     front_matter = ModelCardData(base_model=args.pretrained_teacher_model, library_name="diffusers",
                                  license="creativeml-openrail-m", inference=True,
-                                 tags=["stable-diffusion", "text-to-image", "diffusers", "lcm",
-                                       "latent-consistency-distillation"]).to_yaml()
+                                 tags=["stable-diffusion", "text-to-image", "diffusers",
+                                       *(["pcm", "phased-consistency-distillation"] if args.num_phases else
+                                         ["lcm", "latent-consistency-distillation"])]).to_yaml()
     return f"""---
 {front_matter}
 ---
 
-# {repo_id}: a Latent Consistency Model distilled from {args.pretrained_teacher_model}
+# {repo_id}: a {kind} distilled from {args.pretrained_teacher_model}
 
-This UNet was trained with Latent Consistency Distillation (Luo et al., 2023, arXiv:2310.04378) from the
-teacher `{args.pretrained_teacher_model}` by `train_lcm_distill_sd_wds.py`. It samples in 1-8 steps with
-`LCMScheduler`; 4 steps is the usual trade-off. The guidance scale is an input of the model (omega embedding),
-so no second, unconditional pass is run at inference.
+This UNet was trained with {sampler["method"]} from the teacher `{args.pretrained_teacher_model}` by
+`train_lcm_distill_sd_wds.py`. {sampler["sampling"]} The guidance scale is an input of the model (omega
+embedding), so no second, unconditional pass is run at inference.
 {image_line}
 ## Inference
 
 ```python
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import {sampler["scheduler"]}, StableDiffusionPipeline, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet_target", torch_dtype=torch.float16)
 pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}", unet=unet, torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
+pipe.scheduler = {sampler["scheduler"]}.from_pretrained("{repo_id}", subfolder="scheduler")  # the timesteps it was trained on
 pipe.to("cuda")
-image = pipe("a photo of a red fox in the snow", num_inference_steps=4, guidance_scale={guidance}).images[0]
+image = pipe("a photo of a red fox in the snow", num_inference_steps={sampler["steps"]}, guidance_scale={guidance}{sampler["eta"]}).images[0]
 ```
 
 `unet_target` holds the EMA target network (usually the better one), `unet` the online student. The model
@@ -701,8 +821,8 @@ class LatentConsistencyDistillation:
         prompt_embeds = text_embeddings_from_batch(
             batch, lambda captions: encode_prompts(self.text_encoder, self.tokenizer, captions), latents.device)
         uncond = self.uncond_prompt_embeds.expand(latents.shape[0], -1, -1)
-        return lcd_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
-                        {"encoder_hidden_states": uncond}), {}
+        return distillation_loss(self.ctx, latents, {"encoder_hidden_states": prompt_embeds},
+                                 {"encoder_hidden_states": uncond}), {}
 
     def after_update(self, step):
         student = unwrap(self.accelerator, self.modules[0])
@@ -730,7 +850,7 @@ class LatentConsistencyDistillation:
         save_model_folder(self.accelerator, self.modules[0], os.path.join(output_dir, "unet"))  # gathers shards
         save_target_folder(self.accelerator, self.target_unet, os.path.join(output_dir, "unet_target"))  # too
         if self.accelerator.is_main_process:
-            lcm_scheduler_for(self.args).save_pretrained(os.path.join(output_dir, "scheduler"))
+            student_scheduler_for(self.args).save_pretrained(os.path.join(output_dir, "scheduler"))
 
     def model_card(self, repo_id, validation_image):
         return model_card_text(self.args, repo_id, validation_image)

@@ -5,8 +5,9 @@ Runs every training script through `accelerate launch` on the toy world (tools/t
 the result with tools/toy_metrics.py:
 
 * LCD full and LCM-LoRA (and SDXL LCD when a toy SDXL teacher exists): prompt accuracy and distance to the
-  teacher's 50-step sample of the student at 1, 2, 4 LCM steps against the teacher at 1, 2, 4, 50 DDIM steps;
-  and a curve of both against training steps (every checkpoint evaluated), plotted to ``quality_curve.png``;
+  teacher's 50-step sample of the student at 1, 2, 4 LCM steps against the teacher at 1, 2, 4, 50 DDIM steps,
+  each with its 95% interval (192 samples); and curves of both against training steps (every checkpoint
+  evaluated) with the teacher's DDIM figures as reference lines, plotted to ``quality_curve.png``;
 * BK-SDM: each student (bk_base, bk_small, bk_tiny) trained with and without the KD terms, sampled with the
   teacher's settings; UNet latency of one guided call;
 * DreamBooth LoRA: share of instance-prompt samples showing the subject, and the class prompt's drift from
@@ -88,11 +89,13 @@ def lcd_flags(teacher, shards, output_dir, steps, every):
 
 
 def strip_images(rows):
-    return [{k: v for k, v in row.items() if k != "images"} for row in rows]
+    """Rows without their pictures and per-sample lists (what results.json and the tables keep)."""
+    return [{k: v for k, v in row.items() if k not in ("images", "correct", "distances")} for row in rows]
 
 
 def run_lcm(args, method, shards):
-    """Final table rows and the (step, accuracy at 2/4 steps, distance at 1/2 steps) curve of an LCM method."""
+    """Final table rows (teacher DDIM at 1/2/4/50 steps, the student at 1/2/4) and the curve (every checkpoint's
+    student rows) of an LCM method."""
     teacher_dir = args.sdxl_teacher if method == "sdxl" else args.teacher
     output_dir = Path(args.work_dir) / method
     flags = lcd_flags(teacher_dir, shards, output_dir, args.lcd_steps, args.curve_every)
@@ -103,7 +106,7 @@ def run_lcm(args, method, shards):
         flags += ["--lora_rank", "16"]
     seconds = launch(script, flags)
     teacher = toy_metrics.load_pipeline(teacher_dir)
-    reference = toy_metrics.teacher_reference(teacher)
+    reference, teacher_rows = toy_metrics.measure_teacher(teacher)
 
     def student_at(path):
         if method == "lora":
@@ -116,15 +119,11 @@ def run_lcm(args, method, shards):
         if not path.exists():
             continue
         student, guidance = student_at(path)
-        point = {"step": step}
-        for steps in (1, 2, 4):
-            result = toy_metrics.evaluate(student, "lcm", steps, guidance, reference,
-                                          num_ddim_timesteps=NUM_DDIM_TIMESTEPS)
-            point[f"accuracy_{steps}"], point[f"distance_{steps}"] = result["accuracy"], result["distance"]
-        curve.append(point)
+        rows = toy_metrics.measure_student(student, guidance, reference, num_ddim_timesteps=NUM_DDIM_TIMESTEPS)
+        curve.append({"step": step, "rows": strip_images(rows)})
     student, guidance = student_at(output_dir)
-    rows = toy_metrics.measure_lcm(teacher, student, guidance, num_ddim_timesteps=NUM_DDIM_TIMESTEPS)
-    return {"rows": strip_images(rows), "curve": curve, "train_seconds": round(seconds, 1)}
+    rows = toy_metrics.measure_student(student, guidance, reference, num_ddim_timesteps=NUM_DDIM_TIMESTEPS)
+    return {"rows": strip_images(teacher_rows + rows), "curve": curve, "train_seconds": round(seconds, 1)}
 
 
 def run_bk(args, shards):
@@ -148,7 +147,7 @@ def run_bk(args, shards):
             result = toy_metrics.measure_bk_student(teacher, str(output_dir / "unet"), reference)
             unet = UNet2DConditionModel.from_pretrained(output_dir / "unet")
             rows.append({"student": student, "kd": "yes" if kd != "0" else "no (task loss only)",
-                         "accuracy": result["accuracy"], "distance": result["distance"],
+                         **{k: result[k] for k in ("accuracy", "accuracy_interval", "distance", "distance_interval")},
                          "unet_params": sum(p.numel() for p in unet.parameters()),
                          "latency_ms": unet_latency_ms(unet)})
     return {"rows": rows}
@@ -190,38 +189,26 @@ def run_dreambooth(args):
     return {"rows": rows}
 
 
-def plot_curves(curves, path, width=640, height=360):
-    """Accuracy (2 and 4 LCM steps) and distance (1 and 2 steps) against training steps, one panel each."""
-    from PIL import Image, ImageDraw
-
-    canvas = Image.new("RGB", (width * 2, height), "white")
-    painter = ImageDraw.Draw(canvas)
-    colors = {"lcd": (200, 40, 40), "lora": (40, 80, 200), "sdxl": (40, 160, 60)}
-    panels = (("prompt accuracy (higher is better)", ("accuracy_2", "accuracy_4"), 0.0, 1.0),
-              ("distance to teacher 50-step (lower is better)", ("distance_1", "distance_2"), 0.0, None))
-    for p, (title, keys, low, high) in enumerate(panels):
-        left, top, right, bottom = p * width + 60, 30, p * width + width - 20, height - 40
-        values = [point[k] for curve in curves.values() for point in curve for k in keys]
-        high = high if high is not None else max(values + [1e-6]) * 1.1
-        painter.text((left, 8), title, fill="black")
-        painter.rectangle((left, top, right, bottom), outline="black")
-        steps = [point["step"] for curve in curves.values() for point in curve] or [1]
-        max_step = max(steps)
-        for fraction in (0, 0.5, 1):
-            y = bottom - fraction * (bottom - top)
-            painter.text((left - 45, y - 6), f"{low + fraction * (high - low):.2f}", fill="black")
-        painter.text((right - 60, bottom + 6), f"step {max_step}", fill="black")
-        for method, curve in curves.items():
-            for k, key in enumerate(keys):
-                points = [(left + (pt["step"] / max_step) * (right - left),
-                           bottom - (pt[key] - low) / (high - low) * (bottom - top)) for pt in curve]
-                if len(points) > 1:
-                    painter.line(points, fill=colors[method], width=2 if k else 1)
-                for x, y in points:
-                    painter.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colors[method])
-        legend = ", ".join(f"{m}: {'/'.join(k.split('_')[1] for k in keys)} steps (thin/thick)" for m in curves)
-        painter.text((left, bottom + 20), legend, fill="black")
-    canvas.save(path)
+def curve_panels(curves, teacher_rows, step_counts=(1, 2, 4)):
+    """The panels of ``toy_metrics.line_chart``: accuracy and distance at each step count against training steps,
+    one curve per method, with the teacher's DDIM at the same step count (and at 50 steps) as dashed lines."""
+    teacher = {row["steps"]: row for row in teacher_rows}
+    panels = []
+    for metric, better in (("accuracy", "higher"), ("distance", "lower")):
+        for count in step_counts:
+            series = [{"label": label, "points": [
+                (point["step"], row[metric], row.get(f"{metric}_interval"))
+                for point in curve for row in point["rows"] if row["steps"] == count]}
+                for label, curve in curves.items()]
+            references = [{"label": f"DDIM {count}", "y": teacher[count][metric]}]
+            if metric == "accuracy":
+                references.append({"label": f"DDIM {toy_metrics.TEACHER_STEPS}",
+                                   "y": teacher[toy_metrics.TEACHER_STEPS][metric]})
+            panels.append({"title": f"{'prompt accuracy' if metric == 'accuracy' else 'distance to teacher 50-step'}, "
+                                    f"{count} step{'s' if count > 1 else ''} ({better} is better)",
+                           "xlabel": "training steps", "series": series, "references": references,
+                           **({"ylim": (0.0, 1.0)} if metric == "accuracy" else {})})
+    return panels
 
 
 def main(argv=None):
@@ -247,7 +234,8 @@ def main(argv=None):
              f"accuracy: share of samples showing the prompt's colour and shape "
              f"({len(toy_metrics.eval_prompts())} samples: 12 prompts x {toy_metrics.SEEDS_PER_PROMPT} noises); "
              "distance: RMS pixel distance to the teacher's 50-step guided DDIM sample from the same noise "
-             "(lower is closer). Teacher guidance 4; LCD students trained at omega 3 (= guidance 4).", ""]
+             "(lower is closer). Brackets: 95% intervals (Wilson for accuracy, normal for the mean distance). "
+             "Teacher guidance 4; LCD students trained at omega 3 (= guidance 4).", ""]
     for method in ("lcd", "lora", "sdxl"):
         if method in results:
             name = {"lcd": "LCD full", "lora": "LCM-LoRA", "sdxl": "LCD SDXL"}[method]
@@ -262,9 +250,13 @@ def main(argv=None):
                   toy_metrics.table(results["dreambooth"]["rows"], columns=(
                       "prior_preservation", "subject", "subject_base", "class_accuracy", "class_accuracy_base",
                       "class_drift", "class_subject_share")), ""]
-    curves = {m: results[m]["curve"] for m in ("lcd", "lora", "sdxl") if m in results}
-    if curves:
-        plot_curves(curves, args.plot)
+    names = {"lcd": "LCD full", "lora": "LCM-LoRA", "sdxl": "LCD SDXL"}
+    curves = {names[m]: results[m]["curve"] for m in ("lcd", "lora") if m in results}
+    if curves:  # toy-sd methods: one teacher, so one set of reference lines
+        teacher_rows = [row for row in results[next(m for m in ("lcd", "lora") if m in results)]["rows"]
+                        if row["model"] == "teacher"]
+        toy_metrics.line_chart(curve_panels(curves, teacher_rows), args.plot,
+                               title="toy-sd students against training steps (95% intervals; 192 samples a point)")
         lines += ["## Against training steps", "", f"![curve]({Path(args.plot).name})", ""]
     Path(args.output).write_text("\n".join(lines))
     print("\n".join(lines))

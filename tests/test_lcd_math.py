@@ -255,3 +255,172 @@ def test_data_errors_exit_with_one_line_also_from_a_worker_traceback():
         assert exit_.value.code == line
     with pytest.raises(KeyError):
         lcd.exit_on_data_error(KeyError("unrelated"))
+
+
+# ----------------------------------------
+# Phased Consistency distillation (PCM), against formulas written out from the PCM paper (Wang et al. 2024)
+# ----------------------------------------
+
+
+def written_out_edges(num_ddim_timesteps, num_phases):
+    """For each grid index i: the start e_j = floor(j N / M) of its phase, by search (no closed form)."""
+    starts = [j * num_ddim_timesteps // num_phases for j in range(num_phases)]
+    return [max(e for e in starts if e <= i) for i in range(num_ddim_timesteps)]
+
+
+@pytest.mark.parametrize("n,m", [(10, 1), (10, 2), (10, 5), (10, 10), (8, 4), (50, 5), (50, 4), (12, 3), (10, 4)])
+def test_phase_edges_against_a_search(n, m):
+    index = torch.arange(n)
+    edges = lcd.phase_edge_index(index, n, m).tolist()
+    assert edges == written_out_edges(n, m)
+    assert len(set(edges)) == m  # M phases, each non-empty
+    if m == 1:
+        assert edges == [0] * n  # one phase: every point belongs to the trajectory's start (consistency models)
+    if m == n:
+        assert edges == list(range(n))  # N phases: every grid point is its own edge
+
+
+class _StandInUnet(torch.nn.Module):
+    """A smooth function of (x, t, text) with its own weights: student, teacher and target differ."""
+
+    def __init__(self, gain, calls=None):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(float(gain)))
+        self.calls = calls
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        if self.calls is not None:
+            self.calls.append(timestep.clone())
+        text = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        out = torch.tanh(self.gain * sample + timestep.view(-1, 1, 1, 1) / 1000.0 + text)
+        return type("Out", (), {"sample": out})()
+
+
+def pcm_context(num_ddim_timesteps, num_phases, student, teacher, target, w=(2.0, 2.0)):
+    import argparse
+    import contextlib
+
+    from diffusers import DDPMScheduler
+
+    args = argparse.Namespace(num_ddim_timesteps=num_ddim_timesteps, num_phases=num_phases, w_min=w[0], w_max=w[1],
+                              loss_type="l2", huber_c=0.001, timestep_scaling_factor=None)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return lcd.make_lcd_context(args, scheduler, student, teacher, target, w_embedding_dim=0, device="cpu",
+                                autocast=contextlib.nullcontext)
+
+
+def written_out_pcm_loss(n, m, student, teacher, target, latents, cond, uncond, seed, w=2.0):
+    """The PCM loss from the paper's definitions in float64 numpy, with the same random draws as the script."""
+    abar = sd_alphas_cumprod()
+    k = 1000 // n
+    grid = [(i + 1) * k - 1 for i in range(n)]
+    torch.manual_seed(seed)
+    index = torch.randint(0, n, (latents.shape[0],)).tolist()
+    noise = torch.randn_like(latents).double().numpy()
+    z0 = latents.double().numpy()
+    edges = written_out_edges(n, m)
+
+    def alpha_below(i):  # abar at the grid point below grid index i; abar[0] below the first one
+        return abar[0] if i == 0 else abar[grid[i - 1]]
+
+    def x0_eps(net, x, t, text):
+        out = net(torch.tensor(x[None], dtype=torch.float32), torch.tensor([t]), text[None]).sample[0].detach().double().numpy()
+        return (x - np.sqrt(1 - abar[t]) * out) / np.sqrt(abar[t]), out
+
+    def jump(x0, eps, alpha):
+        return np.sqrt(alpha) * x0 + np.sqrt(1 - alpha) * eps
+
+    total = 0.0
+    for b, i in enumerate(index):
+        t = grid[i]
+        x_t = np.sqrt(abar[t]) * z0[b] + np.sqrt(1 - abar[t]) * noise[b]
+        s = alpha_below(edges[i])  # abar at the phase's lower end
+        prediction = jump(*x0_eps(student, x_t, t, cond[b]), s)
+        x0_c, eps_c = x0_eps(teacher, x_t, t, cond[b])
+        x0_u, eps_u = x0_eps(teacher, x_t, t, uncond[b])
+        x_prev = jump(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), alpha_below(i))
+        if i == edges[i]:
+            goal = x_prev
+        else:
+            goal = jump(*x0_eps(target, x_prev, max(t - k, 0), cond[b]), s)
+        total += ((prediction - goal) ** 2).mean()
+    return total / len(index), index
+
+
+@pytest.mark.parametrize("n,m", [(10, 2), (8, 4), (10, 1), (10, 10)])
+def test_pcm_loss_against_written_out_formula(n, m):
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(6, 4, 4, 4, generator=generator)
+    cond = torch.randn(6, 3, 8, generator=generator)
+    uncond = torch.randn(6, 3, 8, generator=generator) * 0.1
+    target_calls = []
+    student, teacher, target = _StandInUnet(0.5), _StandInUnet(-0.3), _StandInUnet(0.8, calls=target_calls)
+    ctx = pcm_context(n, m, student, teacher, target)
+    torch.manual_seed(11)
+    loss = lcd.distillation_loss(ctx, latents, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond})
+    expected, index = written_out_pcm_loss(n, m, student, teacher, target, latents, cond, uncond, seed=11)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert loss.requires_grad and not any(p.grad is not None for p in target.parameters())
+    if m == n:  # every point is an edge: the target is the teacher's DDIM step, the target network never runs
+        assert target_calls == []
+    if m == 1:  # one phase: the student maps every point to the trajectory's start (a consistency model)
+        assert all(lcd.phase_edge_index(torch.tensor(index), n, m) == 0)
+
+
+def test_pcm_at_m_equals_n_is_the_teachers_guided_ddim_step_and_lcd_is_unchanged():
+    """M = N: the loss is the distance of the student's one DDIM step to the teacher's guided one (the paper's
+    limit where PCM needs no consistency target). And --num_phases unset still gives LCD's loss."""
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(4, 4, 4, 4, generator=generator)
+    cond = {"encoder_hidden_states": torch.randn(4, 3, 8, generator=generator)}
+    uncond = {"encoder_hidden_states": torch.zeros(4, 3, 8)}
+    student, teacher = _StandInUnet(0.5), _StandInUnet(-0.3)
+    ctx = pcm_context(10, 10, student, teacher, _StandInUnet(0.8))
+    torch.manual_seed(3)
+    loss = lcd.pcm_loss(ctx, latents, cond, uncond)
+    torch.manual_seed(3)
+    index, start, _, noisy, w, _ = lcd.sample_training_points(ctx, latents)
+    schedules = (ctx.alpha_schedule, ctx.sigma_schedule)
+    out = student(noisy, start, **cond).sample
+    student_step = ctx.solver.ddim_step(lcd.get_predicted_original_sample(out, start, noisy, "epsilon", *schedules),
+                                        lcd.get_predicted_noise(out, start, noisy, "epsilon", *schedules), index)
+    teacher_step = lcd.teacher_guided_ddim_step(teacher, noisy, start, index, w, cond, uncond, ctx.solver, *schedules,
+                                                "epsilon")
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(student_step, teacher_step))
+    # LCD (no --num_phases) goes through lcd_loss, boundary scalings and all
+    ctx.args.num_phases, ctx.args.timestep_scaling_factor = None, 10.0
+    torch.manual_seed(3)
+    lcd_value = lcd.distillation_loss(ctx, latents, cond, uncond)
+    torch.manual_seed(3)
+    torch.testing.assert_close(lcd_value, lcd.lcd_loss(ctx, latents, cond, uncond))
+    assert lcd_value.item() != pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("n,m", [(8, 4), (10, 5), (50, 5), (20, 4), (10, 1)])
+def test_tcd_scheduler_with_m_steps_samples_the_phase_edges(n, m):
+    """The saved sampler (TCDScheduler, eta 0) visits exactly the phase edges and steps by the same DDIM jump as
+    training; DDIM with trailing spacing does the same when the grid reaches t = T - 1."""
+    from diffusers import DDIMScheduler, TCDScheduler
+
+    abar = sd_alphas_cumprod()
+    solver = lcd.DDIMSolver(abar, 1000, n)
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False}
+    tcd = TCDScheduler(**config, original_inference_steps=n)
+    tcd.set_timesteps(m)
+    grid = solver.ddim_timesteps.tolist()
+    edges = sorted(set(written_out_edges(n, m)))  # e_0 = 0 < e_1 < ... < e_{M-1}
+    assert tcd.timesteps.tolist() == [grid[-1]] + [grid[e - 1] for e in reversed(edges[1:])]
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 4, 4, generator=generator)
+    for timestep in tcd.timesteps:
+        model_output = torch.randn(1, 4, 4, 4, generator=generator)
+        i = grid.index(int(timestep))
+        a = torch.tensor(abar[int(timestep)], dtype=torch.float32)
+        x0 = (x - (1 - a).sqrt() * model_output) / a.sqrt()
+        expected = solver.ddim_step(x0, model_output, lcd.phase_edge_index(torch.tensor([i]), n, m))
+        x = tcd.step(model_output, timestep, x, eta=0.0).prev_sample
+        torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
+    if n * (1000 // n) == 1000:
+        ddim = DDIMScheduler(**config, timestep_spacing="trailing")
+        ddim.set_timesteps(m)
+        assert ddim.timesteps.tolist() == tcd.timesteps.tolist()

@@ -284,7 +284,9 @@ def parse_error(capsys, argv):
         (["--lora_alpha", "-1"], "--lora_alpha: must be > 0"),
         (["--lora_dropout", "1"], "--lora_dropout: must be < 1"),
         (["--w_min", "9", "--w_max", "3"], "--w_min (9.0) must not exceed --w_max (3.0)"),
-        (["--ema_decay", "0.9"], "unrecognized arguments: --ema_decay"),
+        (["--ema_decay", "1"], "--ema_decay: must be < 1"),
+        (["--num_phases", "3"], "--num_phases 3 must divide --num_ddim_timesteps 50"),
+        (["--num_phases", "5", "--timestep_scaling_factor", "10"], "--timestep_scaling_factor applies only to LCD"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
     ],
 )
@@ -301,3 +303,62 @@ def test_defaults_and_target_kinds(script_args, assets, tmp_path):
     assert args.lora_target_modules == list(lcm_lora.LORA_TARGET_KINDS)
     with pytest.raises(lcm_lora.LoraTargetError, match="'conv_shortcut' matches no layer"):
         lcm_lora.check_lora_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["conv_shortcut"])
+
+
+# ---- --ema_decay: an EMA of the adapter as the consistency target -----------------------------------------
+
+
+def test_ema_adapter_is_the_target_and_the_online_adapter_comes_back(script_args):
+    _, _, _, _, unet = lcm_lora.load_models(script_args, torch.float32)
+    set_lora_b(unet, 0.01)
+    ema = lcm_lora.EmaAdapter(unet)
+    set_lora_b(unet, 0.05)  # the online adapter moves on
+    ema.update(0.5)  # theta- <- 0.5 theta- + 0.5 theta: lora_B = 0.03
+    sample, timesteps, context = unet_inputs(unet)
+    with torch.no_grad():
+        online = unet(sample, timesteps, encoder_hidden_states=context).sample
+        set_lora_b(unet, 0.03)
+        expected = unet(sample, timesteps, encoder_hidden_states=context).sample
+        set_lora_b(unet, 0.05)
+    scheduler = lcm_lora.DDPMScheduler.from_pretrained(script_args.pretrained_teacher_model, subfolder="scheduler")
+    ctx = lcm_lora.make_lcd_context(script_args, scheduler, unet, teacher_unet=unet, target_unet=unet,
+                                    w_embedding_dim=0, device=torch.device("cpu"),
+                                    autocast=lambda: torch.autocast("cpu", enabled=False),
+                                    teacher_is_student_without_adapters=True, target_weights=ema.in_place)
+    target = lcm_lora.target_prediction(ctx, sample, timesteps, {}, {"encoder_hidden_states": context})
+    torch.testing.assert_close(target, expected, rtol=1e-3, atol=1e-5)  # lerp to 0.03 rounds unlike fill(0.03)
+    assert (target - online).abs().max() > 1e-4
+    assert all(torch.all(p == 0.05) for n, p in unet.named_parameters() if "lora_B" in n), "online adapter not back"
+    # the checkpoint form round-trips; a different LoRA config is refused in one line
+    state = ema.state_dict()
+    ema.update(0.0)
+    ema.load_state_dict(state)
+    assert all(torch.equal(w, state[name]) for (name, _), w in zip(ema.named, ema.weights))
+    with pytest.raises(SystemExit, match="error: the checkpoint's EMA adapter does not match"):
+        ema.load_state_dict({k: v for k, v in list(state.items())[1:]})
+
+
+def test_ema_target_run_saves_checkpoints_and_output_and_resumes_exactly(assets, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = tmp_path / "ema"
+    flags = lora_flags(assets["tiny-sd"], assets["shards"], output_dir) + [
+        "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_steps", "0", "--ema_decay", "0.5",
+        "--validation_prompts"]
+    run_in_process(SCRIPT, flags)
+    assert (output_dir / "checkpoint-2" / lcm_lora.EMA_ADAPTER_NAME).is_file()
+    assert "EMA of the adapter, decay 0.5" in (output_dir / "README.md").read_text()
+    online, ema = load_file(output_dir / lcm_lora.LORA_WEIGHT_NAME), load_file(output_dir / "ema_target" /
+                                                                                  lcm_lora.LORA_WEIGHT_NAME)
+    assert online.keys() == ema.keys() and any(not torch.equal(online[k], ema[k]) for k in online)
+    pipe = StableDiffusionPipeline.from_pretrained(assets["tiny-sd"], safety_checker=None)
+    pipe.load_lora_weights(output_dir / "ema_target")  # a loadable adapter folder
+    # resume from step 2 gives the same online and EMA adapters as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output_dir / "checkpoint-2", resumed / "checkpoint-2")
+    result = run_in_process(SCRIPT, [str(resumed) if f == str(output_dir) else f for f in flags]
+                            + ["--resume_from_checkpoint", "latest"])
+    assert "checkpoint-2" in result.stdout
+    for name in (lcm_lora.LORA_WEIGHT_NAME, f"ema_target/{lcm_lora.LORA_WEIGHT_NAME}"):
+        expected, got = load_file(output_dir / name), load_file(resumed / name)
+        assert all(torch.equal(expected[k], got[k]) for k in expected), f"{name} differs after resume"

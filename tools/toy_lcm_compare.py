@@ -6,8 +6,8 @@
 
 Picture: a row per prompt; columns the teacher at 1, 2, 4 and 50 guided DDIM steps, then the student at
 1, 2, 4 LCM steps, every cell from the same initial noise. Table (printed, and written as JSON with
-``--metrics_json``): prompt accuracy of each column over the 12 prompts x 4 noises, and its distance to the
-teacher's 50-step sample (see ``tools/toy_metrics.py``). ``--unet`` is a full LCD student (its omega input
+``--metrics_json``): prompt accuracy of each column over the 12 prompts x 16 noises, and its distance to the
+teacher's 50-step sample (see ``tools/toy_metrics.py``), each with its 95% interval. ``--unet`` is a full LCD student (its omega input
 takes guidance - 1); ``--lora`` an LCM-LoRA file or folder (sampled with guidance 1, no CFG).
 """
 
@@ -50,7 +50,8 @@ def comparison_picture(rows, prompts, scale=3, gap=4):
 
 
 def metric_rows(rows):
-    return [{k: row[k] for k in ("model", "sampler", "steps", "guidance", "accuracy", "distance")} for row in rows]
+    keys = ("model", "sampler", "steps", "guidance", "accuracy", "accuracy_interval", "distance", "distance_interval")
+    return [{k: row[k] for k in keys} for row in rows]
 
 
 def parse_args(argv=None):
@@ -81,7 +82,8 @@ def main(argv=None):
     table = toy_metrics.table(metric_rows(rows), columns=("model", "sampler", "steps", "accuracy", "distance"))
     print(table)
     print(f"accuracy: share of {len(toy_metrics.eval_prompts())} samples showing the prompt's colour and shape; "
-          f"distance: RMS pixel distance to the teacher's {toy_metrics.TEACHER_STEPS}-step sample (lower is closer)")
+          f"distance: RMS pixel distance to the teacher's {toy_metrics.TEACHER_STEPS}-step sample (lower is closer); "
+          "[95% interval]")
     print(f"wrote {args.output}")
     if args.metrics_json:
         with open(args.metrics_json, "w") as f:
