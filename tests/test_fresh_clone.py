@@ -6,6 +6,7 @@ All cheap: flag parsing and `start_run` in this process, pure functions, and one
 at its flags."""
 
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -164,12 +165,87 @@ def test_lcm_generate_defaults_fit_the_demo_student():
     import lcm_generate
 
     demo = (REPO / "scripts" / "demo.sh").read_text()
-    w_min, w_max = (float(re.search(rf"--{flag} (\S+)", demo).group(1)) for flag in ("w_min", "w_max"))
+    w_min, w_max = (set(map(float, re.findall(rf"--{flag} (\S+)", demo))) for flag in ("w_min", "w_max"))
     args = lcm_generate.parse_args(["--teacher", TOY_SD, "--unet", "unet_target"])
-    assert w_min == w_max and args.guidance_scale == w_min + 1  # the omega the demo trains
+    assert w_min == w_max == {args.guidance_scale - 1}  # the one omega the demo trains both students at
     assert args.prompt in toy_world.full_prompts()
     # one thread per process, and the launcher's own traceback off, as the README advises
     assert "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" in demo and "accelerate.commands.launch --quiet" in demo
+
+
+def test_demo_trains_lcd_and_pcm_students_side_by_side_and_compares_both():
+    """The demo's plan, read from demo.sh: two trainings in the background (LCD on N = 10, PCM on N = 8 in 4 phases,
+    so that 1, 2 and 4 steps land on phase edges), both waited for and a failure named, then one comparison of
+    both students with the sampler each was trained for."""
+    demo = (REPO / "scripts" / "demo.sh").read_text()
+    assert re.search(r"^distil lcd \S+ --num_ddim_timesteps 10$", demo, re.M)
+    assert re.search(r"^distil pcm \S+ --num_ddim_timesteps 8 --num_phases 4$", demo, re.M)
+    assert '--validation_prompts "a red circle" "a blue square" --seed 0 "$@" >"$OUT/$name.log" 2>&1 &' in demo
+    assert "wait -n" in demo and 'echo "error: the $name student\'s training failed' in demo
+    assert '--student "LCD student=$OUT/lcd:lcm" --student "PCM student=$OUT/pcm:tcd"' in demo
+    for override in ("DEMO_STEPS", "DEMO_LCD_STEPS", "DEMO_PCM_STEPS", "DEMO_SEEDS_PER_PROMPT"):
+        assert "${" + override + ":-" in demo
+    assert "HF_HUB_OFFLINE=1" in demo
+
+
+def test_comparison_tool_draws_teacher_lcd_and_pcm_rows_with_intervals(tmp_path, capsys):
+    """toy_lcm_compare.py with two students, on 12 samples: the picture has a row per model and step count (the
+    teacher's 50-step reference, then teacher / LCD / PCM at 1, 2 and 4 steps), and the metrics JSON every row with
+    its 95% intervals plus each student's paired difference against the teacher's DDIM. The students are the toy
+    teacher's own UNet laid out as training outputs, each with the scheduler its training saves (which picks the
+    sampler and the DDIM grid)."""
+    import toy_lcm_compare
+    from diffusers import LCMScheduler, TCDScheduler
+    from PIL import Image
+
+    for name, scheduler in (("lcd", LCMScheduler.from_pretrained(TOY_SD, subfolder="scheduler",
+                                                                 original_inference_steps=10)),
+                            ("pcm", TCDScheduler.from_pretrained(TOY_SD, subfolder="scheduler",
+                                                                 original_inference_steps=8))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "unet_target").symlink_to(TOY_TEACHERS / "toy-sd" / "unet")
+        scheduler.save_pretrained(tmp_path / name / "scheduler")
+    picture, metrics = tmp_path / "comparison.png", tmp_path / "metrics.json"
+    assert toy_lcm_compare.main(["--teacher", TOY_SD, "--student", f"LCD student={tmp_path / 'lcd'}",
+                                 "--student", f"PCM student={tmp_path / 'pcm'}", "--seeds_per_prompt", "1",
+                                 "--output", str(picture), "--metrics_json", str(metrics)]) == 0
+    prompts = toy_lcm_compare.PICTURE_PROMPTS
+    assert Image.open(picture).size == toy_lcm_compare.picture_size(10, 4, len(prompts))
+    result = json.loads(metrics.read_text())
+    assert result["samples"] == 12
+    assert [(r["model"], r["sampler"], r["steps"]) for r in result["rows"]] == [
+        ("teacher", "ddim", 1), ("teacher", "ddim", 2), ("teacher", "ddim", 4), ("teacher", "ddim", 50),
+        ("LCD student", "lcm", 1), ("LCD student", "lcm", 2), ("LCD student", "lcm", 4),
+        ("PCM student", "tcd", 1), ("PCM student", "tcd", 2), ("PCM student", "tcd", 4)]
+    for row in result["rows"]:
+        for key in ("accuracy", "distance"):
+            low, high = row[f"{key}_interval"]
+            assert low <= row[key] <= high, row
+    assert result["rows"][3]["distance"] == 0  # the 50-step reference itself
+    assert [(p["model"], p["steps"]) for p in result["paired_differences"]] == [
+        (name, steps) for name in ("LCD student", "PCM student") for steps in (1, 2, 4)]
+    by_row = {(r["model"], r["steps"]): r for r in result["rows"]}
+    for paired in result["paired_differences"]:
+        student, teacher = by_row[paired["model"], paired["steps"]], by_row["teacher", paired["steps"]]
+        assert paired["accuracy_difference"] == pytest.approx(student["accuracy"] - teacher["accuracy"])
+        assert paired["distance_difference"] == pytest.approx(student["distance"] - teacher["distance"])
+        for key in ("accuracy_difference", "distance_difference"):
+            low, high = paired[f"{key}_interval"]
+            assert low <= paired[key] <= high
+    # the TCD sampler with eta 0 is deterministic DDIM on the phase edges: with the teacher's own UNet as the "PCM
+    # student" it reproduces the teacher's trailing DDIM samples at 1, 2 and 4 steps
+    pcm = [p for p in result["paired_differences"] if p["model"] == "PCM student"]
+    assert all(abs(p["distance_difference"]) < 1e-4 and p["accuracy_difference"] == 0 for p in pcm), pcm
+    printed = capsys.readouterr().out
+    assert "| PCM student | tcd | 4 |" in printed and "| model - teacher DDIM | steps |" in printed
+    # one-line refusals before any model loads
+    for argv, message in ((["--student", "x"], "expected NAME=PATH"),
+                          (["--student", f"teacher={tmp_path / 'lcd'}"], "not 'teacher'"),
+                          (["--lora", str(tmp_path / "lcd" / "unet_target")], "pass it as --unet"),
+                          (["--student", f"a={tmp_path}"], "is not a student")):
+        with pytest.raises(SystemExit):
+            toy_lcm_compare.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_start_up_error_through_accelerate_launch_is_one_line(tmp_path):
