@@ -5,7 +5,7 @@
 # Distillation, N = 10) and a PCM student (Phased Consistency, N = 8 in 4 phases). Then the teacher (1/2/4/50 DDIM
 # steps), the LCD student (1/2/4 LCM steps) and the PCM student (1/2/4 deterministic TCD steps) sample the same
 # prompts and noises. Writes demo_output/comparison.png and prints the metric tables (192 samples, 95% intervals).
-# About 6 minutes on 2 idle cores; nothing is downloaded except the Python packages.
+# About 5 minutes on 2 idle cores (6.5 on 2 busy ones); nothing is downloaded except the Python packages.
 # Shorter runs: DEMO_STEPS (both students, default 200), DEMO_LCD_STEPS / DEMO_PCM_STEPS (one each),
 # DEMO_SEEDS_PER_PROMPT (noises per prompt in the tables, default 16).
 set -euo pipefail
