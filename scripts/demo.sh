@@ -52,9 +52,10 @@ distil() {
         --validation_prompts "a red circle" "a blue square" --seed 0 "$@" >"$OUT/$name.log" 2>&1 &
     PIDS[$!]=$name
 }
-stop_trainings() {
+stop_trainings() {  # SIGTERM asks a training for a graceful stop (it saves a checkpoint): wait until it is gone
     local pid
     for pid in "${!PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for pid in "${!PIDS[@]}"; do while kill -0 -- "-$pid" 2>/dev/null; do sleep 0.2; done; done
 }
 trap stop_trainings EXIT
 
