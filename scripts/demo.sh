@@ -83,5 +83,5 @@ $PY tools/toy_lcm_compare.py --teacher "$TEACHER" --output "$OUT/comparison.png"
     --seeds_per_prompt "${DEMO_SEEDS_PER_PROMPT:-16}"
 echo "demo done in $((SECONDS - start)) s: $OUT/comparison.png (students: $OUT/lcd/unet_target and" \
      "$OUT/pcm/unet_target, model cards: $OUT/lcd/README.md, $OUT/pcm/README.md)"
-echo "sample the LCD student: $PY tools/lcm_generate.py --teacher $TEACHER --unet $OUT/lcd/unet_target" \
-     "--prompt 'a green triangle'"
+echo "sample a student: $PY tools/lcm_generate.py --teacher $TEACHER --unet $OUT/pcm/unet_target" \
+     "--steps 2 --prompt 'a green triangle'   (or --unet $OUT/lcd/unet_target)"

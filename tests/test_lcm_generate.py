@@ -80,3 +80,26 @@ def test_lcm_generate_loads_an_lcm_lora(assets, lcm_lora_output, tmp_path, capsy
                                 "--output", str(tmp_path / "base.png")])
     lora, base = (np.asarray(Image.open(tmp_path / name)) for name in ("lora.png", "base.png"))
     assert lora.shape == (64, 64, 3) and not np.array_equal(lora, base)  # the adapter changed the image
+
+
+def test_lcm_generate_samples_a_pcm_student_with_its_tcd_scheduler(assets, tmp_path, capsys):
+    """A PCM training saves a TCDScheduler; before, lcm_generate loaded it as an LCMScheduler and sampled a
+    deterministic student with LCM's re-noising without a word. Now the saved class is used, with eta 0: the image
+    equals the diffusers pipeline's own TCD sampling of the same UNet and noise."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    teacher = assets["tiny-sd"]
+    run = tmp_path / "pcm"
+    run.mkdir()
+    (run / "unet_target").symlink_to(Path(teacher) / "unet", target_is_directory=True)
+    tcd = TCDScheduler.from_pretrained(teacher, subfolder="scheduler", original_inference_steps=8)
+    tcd.save_pretrained(run / "scheduler")
+    lcm_generate.main(["--teacher", teacher, "--unet", str(run / "unet_target"), "--steps", "2", "--resolution", "64",
+                       "--device", "cpu", "--seed", "3", "--output", str(tmp_path / "pcm.png")])
+    assert "2 TCD (eta 0, deterministic) steps" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = TCDScheduler.from_pretrained(run / "scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, height=64, width=64, eta=0.0,
+                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pcm.png")), np.asarray(expected))

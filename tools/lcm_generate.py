@@ -42,12 +42,14 @@ def parse_args(argv=None):
                         help="An LCM-LoRA output directory (or its pytorch_lora_weights.safetensors), loaded onto the "
                              "teacher.")
     parser.add_argument("--scheduler", default=None,
-                        help="LCMScheduler folder; default: the training output's scheduler/ (next to --unet, or in "
-                             "the --lora directory: the DDIM grid and timestep scaling the student was trained for), "
-                             "else the teacher's.")
+                        help="LCMScheduler or TCDScheduler folder; default: the training output's scheduler/ (next to "
+                             "--unet, or in the --lora directory: the DDIM grid and timestep scaling the student was "
+                             "trained for; a PCM student's is a TCDScheduler, sampled deterministically), else the "
+                             "teacher's schedule with LCMScheduler.")
     parser.add_argument("--prompt", default="a red circle", help="Default: a prompt of the demo's toy world.")
     parser.add_argument("--steps", type=positive_int, default=4,
-                        help="LCM sampling steps (1-8 is what LCMs are for; at most the training DDIM grid's size).")
+                        help="Sampling steps (1-8 is what LCMs are for; at most the training DDIM grid's size; a PCM "
+                             "student samples best on its phase edges: a divisor of its --num_phases).")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="Pipeline guidance scale; a full student sees omega = guidance_scale - 1. Default: 4.0 "
                              "with --unet (the demo trains at omega = 3; see the model card for another student's "
@@ -110,12 +112,8 @@ def check_args(parser, args):
         parser.error(f"--scheduler: no scheduler_config.json in {args.scheduler}")
     if args.guidance_scale is None:
         args.guidance_scale = 1.0 if args.lora else 4.0
-    grid = DEFAULT_ORIGINAL_INFERENCE_STEPS
-    try:
-        with open(os.path.join(scheduler_dir(args), "scheduler_config.json"), encoding="utf-8") as f:
-            grid = json.load(f).get("original_inference_steps", grid)
-    except (OSError, ValueError, AttributeError):
-        pass  # no saved scheduler: LCMScheduler's default grid
+    saved = saved_scheduler_config(args) or {}  # no saved scheduler: LCMScheduler's default grid
+    grid = saved.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)
     if args.steps > grid:
         parser.error(f"--steps {args.steps} exceeds the {grid}-point DDIM grid the student was distilled on "
                      f"(original_inference_steps of its scheduler); use 1-{grid} (LCMs are made for 1-8)")
@@ -129,6 +127,16 @@ def scheduler_dir(args):
         return os.path.join(os.path.dirname(os.path.normpath(os.path.expanduser(args.unet))), "scheduler")
     lora = os.path.expanduser(args.lora)
     return os.path.join(os.path.dirname(lora) if lora.endswith(".safetensors") else lora, "scheduler")
+
+
+def saved_scheduler_config(args):
+    """The scheduler config the training saved (or --scheduler's), None when there is none."""
+    try:
+        with open(os.path.join(scheduler_dir(args), "scheduler_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _cuda():
@@ -145,7 +153,7 @@ def main(argv=None):
 
     # the image-processor fallback notice transformers prints without torchvision: nothing here uses them
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import LCMScheduler, StableDiffusionPipeline, TCDScheduler, UNet2DConditionModel
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     extra = {}
@@ -159,17 +167,22 @@ def main(argv=None):
             pipe.load_lora_weights(os.path.dirname(lora) or ".", weight_name=os.path.basename(lora))
         else:
             pipe.load_lora_weights(lora)
-    if os.path.isfile(os.path.join(scheduler_dir(args), "scheduler_config.json")):
-        pipe.scheduler = LCMScheduler.from_pretrained(scheduler_dir(args))
+    saved = saved_scheduler_config(args)
+    if saved is not None:  # what the training saved: LCMScheduler (LCD), TCDScheduler (PCM)
+        scheduler_class = TCDScheduler if saved.get("_class_name") == "TCDScheduler" else LCMScheduler
+        pipe.scheduler = scheduler_class.from_pretrained(scheduler_dir(args))
     else:  # an output of an older run: the teacher's schedule with LCMScheduler's defaults
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    sampler = "TCD (eta 0, deterministic)" if isinstance(pipe.scheduler, TCDScheduler) else "LCM"
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # eta reaches TCDScheduler.step (its gamma; 0 = the deterministic sampler PCM students are made for); the
+    # pipeline drops it for LCMScheduler, whose step has none
     image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=size,
-                 width=size, generator=torch.Generator(args.device).manual_seed(args.seed)).images[0]
+                 width=size, eta=0.0, generator=torch.Generator(args.device).manual_seed(args.seed)).images[0]
     image.save(args.output)
-    print(f"wrote {args.output} ({image.width}x{image.height}, {args.steps} LCM steps)")
+    print(f"wrote {args.output} ({image.width}x{image.height}, {args.steps} {sampler} steps)")
 
 
 if __name__ == "__main__":
