@@ -55,6 +55,21 @@ RUNS = {
     "pcm_lora": run("lora", num_ddim_timesteps=8, num_phases=4),
     "lcd_full_n8": run("full", num_ddim_timesteps=8),  # LCD on PCM's grid: PCM vs LCD without the N difference
     "pcm_lora_ema": run("lora", num_ddim_timesteps=8, num_phases=4, ema_decay=0.95),
+    # the sweep around the PCM full recipe (N = 8, M = 4, 200 steps): one setting changed per run
+    "pcm_full_800": run("full", steps=800, num_ddim_timesteps=8, num_phases=4),  # training length
+    "lcd_full_800": run("full", steps=800),
+    "pcm_full_lr2.5e-4": run("full", learning_rate=2.5e-4, num_ddim_timesteps=8, num_phases=4),
+    "pcm_full_lr1e-3": run("full", learning_rate=1e-3, num_ddim_timesteps=8, num_phases=4),
+    "pcm_full_n16": run("full", num_ddim_timesteps=16, num_phases=4),
+    "pcm_full_m1": run("full", num_ddim_timesteps=8, num_phases=1),
+    "pcm_full_m2": run("full", num_ddim_timesteps=8, num_phases=2),
+    "pcm_full_m8": run("full", num_ddim_timesteps=8, num_phases=8),
+    "pcm_full_l2": run("full", num_ddim_timesteps=8, num_phases=4, loss_type="l2"),
+    "pcm_full_huber0.01": run("full", num_ddim_timesteps=8, num_phases=4, huber_c=0.01),
+    "pcm_full_omega2-8": run("full", num_ddim_timesteps=8, num_phases=4, w_min=2, w_max=8),
+    "pcm_full_bs16": run("full", num_ddim_timesteps=8, num_phases=4, train_batch_size=16),
+    "pcm_full_bs64": run("full", num_ddim_timesteps=8, num_phases=4, train_batch_size=64),
+    "lcd_lora_ema0.99": run("lora", ema_decay=0.99),
 }
 
 

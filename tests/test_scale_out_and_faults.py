@@ -219,10 +219,11 @@ def test_sigint_finishes_the_step_saves_and_exits(assets, tmp_path, monkeypatch)
     monkeypatch.setattr(lcm_lora, "lcd_loss", loss_then_ctrl_c)
     out = tmp_path / "interrupted"
     flags = lora_flags(assets, out) + ["--max_train_steps", "5", "--checkpointing_steps", "100"]
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
     result = run_in_process(LORA, flags, check=False)
     assert result.returncode == 128 + signal.SIGINT
     assert f"stopped by SIGINT after step 2; checkpoint saved: {out / 'checkpoint-2'}" in result.stdout
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     monkeypatch.setattr(lcm_lora, "lcd_loss", original)
     resumed = run_in_process(LORA, flags + ["--resume_from_checkpoint", "latest"])
     assert "at step 2" in resumed.stdout and (out / lcm_lora.LORA_WEIGHT_NAME).is_file()
