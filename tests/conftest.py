@@ -213,6 +213,25 @@ def rejection_line(module, argv, capsys):
     return lines[0]
 
 
+# Worker seconds of each test file in a run of the whole suite (2 workers, `--durations=0`, 2026-12-07), heaviest
+# first. run_tests.sh passes --no-loadscope-reorder, so xdist hands whole files to the workers in this order and
+# the short files fill in at the end: with xdist's own order (most tests first) the few-test, long outcome files
+# came last and ran alone on one worker for five minutes. A file not listed counts as FILE_COST_DEFAULT.
+FILE_COST = {
+    "test_outcome_lcd.py": 650, "test_compile.py": 500, "test_precision.py": 470, "test_outcome_kd_dreambooth.py": 390,
+    "test_resume_safety.py": 270, "test_scale_out_and_faults.py": 260, "test_precompute_latents.py": 160,
+    "test_lcm_sdxl.py": 150, "test_fsdp.py": 140, "test_bk_sdm_sdxl.py": 80, "test_dreambooth_lora.py": 80,
+    "test_dreambooth_sdxl.py": 75, "test_bk_sdm.py": 70, "test_lcm_lora_sd.py": 60, "test_stream.py": 57,
+    "test_toy_world.py": 51, "test_fresh_clone.py": 60, "test_lcm_sd_e2e.py": 46, "test_lean_loading.py": 40,
+}
+FILE_COST_DEFAULT = 30
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Heaviest files first (a stable sort: each file's own order is kept); every worker sorts alike."""
+    items.sort(key=lambda item: -FILE_COST.get(Path(str(item.fspath)).name, FILE_COST_DEFAULT))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def single_threaded_torch():
     """One intra-op thread, as the launched runs get from OMP_NUM_THREADS=1: two pytest workers share two
