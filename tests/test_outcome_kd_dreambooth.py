@@ -1,4 +1,5 @@
-"""Outcome tests of BK-SDM and DreamBooth LoRA on the trained toy teacher, run through `accelerate launch`:
+"""Outcome tests of BK-SDM and DreamBooth LoRA on the trained toy teacher, each script run in process with the flags a
+user passes (the launches are in the scripts' end-to-end tests):
 
 * a block-removed student trained with the KD terms ends closer to its teacher, and draws its prompts better,
   than the same student trained as long on the task loss alone;
@@ -10,7 +11,7 @@ import pytest
 
 import toy_metrics
 import toy_world
-from conftest import run_script
+from conftest import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def bk_flags(toy, output_dir, lambda_kd):
 
 def test_bk_sdm_student_with_kd_beats_the_same_student_without(toy, tmp_path):
     for label, lambda_kd in (("kd", "1.0"), ("no_kd", "0")):
-        run_script("train_bk_sdm_kd.py", bk_flags(toy, tmp_path / label, lambda_kd))
+        run_in_process("train_bk_sdm_kd.py", bk_flags(toy, tmp_path / label, lambda_kd))
     teacher = toy_metrics.load_pipeline(toy["sd"])
     reference = toy_metrics.evaluate(teacher, "ddim", BK_SAMPLER_STEPS, toy_metrics.TEACHER_GUIDANCE,
                                      seeds_per_prompt=SEEDS_PER_PROMPT)
@@ -49,7 +50,7 @@ def test_bk_sdm_student_with_kd_beats_the_same_student_without(toy, tmp_path):
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_dreambooth_lora_draws_the_subject_and_keeps_the_class(kind, toy, tmp_path):
     output_dir = tmp_path / "dreambooth"
-    run_script("train_dreambooth_lora.py", [
+    run_in_process("train_dreambooth_lora.py", [
         "--pretrained_model_name_or_path", toy[kind], "--instance_data_dir", toy["subject"],
         "--instance_prompt", toy_world.SUBJECT_PROMPT, "--output_dir", output_dir,
         "--with_prior_preservation", "--class_prompt", toy_world.CLASS_PROMPT,

@@ -115,15 +115,8 @@ def test_lcd_two_processes_then_resume(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_two_processes(assets, tmp_path):
-    out = tmp_path / "lora2"
-    log = run_script(LORA, lora_flags(assets, out) + ["--max_train_steps", "2"], num_processes=2).stdout
-    assert_two_processes(log)
-    assert (out / lcm_lora.LORA_WEIGHT_NAME).is_file() and (out / "README.md").is_file()
-
-
-@pytest.mark.slow
 def test_sdxl_two_processes(assets, tmp_path):
+    """The SDXL script in LoRA mode: also the LCM-LoRA code path (the LCD region's adapter switching) under DDP."""
     from make_random_pipeline import build_pipeline
 
     teacher = build_pipeline("tiny-sdxl", str(tmp_path / "tiny-sdxl"), seed=0)
