@@ -28,8 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tools"), str(REPO / "benchmarks")]
 
-SCRIPTS = {"full": "train_lcm_distill_sd_wds.py", "lora": "train_lcm_distill_lora_sd_wds.py"}
-TEACHER = REPO / "tools" / "toy_teachers" / "toy-sd"
+SCRIPTS = {"full": "train_lcm_distill_sd_wds.py", "lora": "train_lcm_distill_lora_sd_wds.py",
+           "sdxl": "train_lcm_distill_sdxl_wds.py", "sdxl_lora": "train_lcm_distill_sdxl_wds.py"}
+TEACHERS = {"sd": REPO / "tools" / "toy_teachers" / "toy-sd", "sdxl": REPO / "tools" / "toy_teachers" / "toy-sdxl"}
 STEP_COUNTS = (1, 2, 4)
 
 
@@ -40,10 +41,20 @@ def run(kind, steps=200, **flags):
     base = {"resolution": 32, "train_batch_size": 32, "learning_rate": 5e-4, "lr_warmup_steps": 10,
             "loss_type": "huber", "huber_c": 0.001, "w_min": 3, "w_max": 3, "num_ddim_timesteps": 10,
             "dataloader_num_workers": 1, "validation_steps": 0, "seed": 0}
-    if kind == "lora":
+    if kind in ("lora", "sdxl_lora"):
         base.update(learning_rate=2e-3, lora_rank=16)
+    if kind == "sdxl_lora":
+        base.update(use_lora=None)
     base.update(flags)
     return {"kind": kind, "steps": steps, "flags": base}
+
+
+def teacher_of(spec):
+    return "sdxl" if spec["kind"].startswith("sdxl") else "sd"
+
+
+def is_lora(spec):
+    return spec["kind"] in ("lora", "sdxl_lora")
 
 
 # name -> run; PCM runs use N = 8 and M = 4 phases, so that 1, 2 and 4 sampling steps all land on phase edges
@@ -70,6 +81,11 @@ RUNS = {
     "pcm_full_bs16": run("full", num_ddim_timesteps=8, num_phases=4, train_batch_size=16),
     "pcm_full_bs64": run("full", num_ddim_timesteps=8, num_phases=4, train_batch_size=64),
     "lcd_lora_ema0.99": run("lora", ema_decay=0.99),
+    # the SDXL script on the toy SDXL teacher (two text encoders, micro-conditioning), full and LoRA
+    "lcd_sdxl": run("sdxl"),
+    "pcm_sdxl": run("sdxl", num_ddim_timesteps=8, num_phases=4),
+    "lcd_sdxl_lora": run("sdxl_lora"),
+    "pcm_sdxl_lora": run("sdxl_lora", num_ddim_timesteps=8, num_phases=4),
 }
 
 
@@ -86,7 +102,7 @@ def train(name, spec, work_dir, shards, every):
     done = output_dir / "train.json"
     if done.exists():
         return json.loads(done.read_text())["seconds"]
-    flags = ["--pretrained_teacher_model", str(TEACHER), "--train_shards_path_or_url", shards,
+    flags = ["--pretrained_teacher_model", str(TEACHERS[teacher_of(spec)]), "--train_shards_path_or_url", shards,
              "--output_dir", str(output_dir), "--max_train_steps", str(spec["steps"]), "--checkpointing_steps",
              str(every), "--validation_prompts", "--overwrite_output_dir", *flag_list(spec["flags"])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -103,14 +119,14 @@ def train(name, spec, work_dir, shards, every):
     return seconds
 
 
-def teacher_rows(work_dir):
+def teacher_rows(work_dir, teacher="sd"):
     """The teacher's reference pictures and its DDIM rows at 1/2/4/50 steps, cached."""
     import toy_metrics
 
-    cache = Path(work_dir) / "teacher.pkl"
+    cache = Path(work_dir) / ("teacher.pkl" if teacher == "sd" else f"teacher-{teacher}.pkl")
     if cache.exists():
         return pickle.loads(cache.read_bytes())
-    reference, rows = toy_metrics.measure_teacher(toy_metrics.load_pipeline(str(TEACHER)))
+    reference, rows = toy_metrics.measure_teacher(toy_metrics.load_pipeline(str(TEACHERS[teacher])))
     result = (reference, [without_images(row) for row in rows])
     cache.write_bytes(pickle.dumps(result))
     return result
@@ -128,10 +144,11 @@ def evaluate_student(path, spec, reference):
     if cache.exists():
         return json.loads(cache.read_text())
     flags = spec["flags"]
-    if spec["kind"] == "lora":
-        student, guidance = toy_metrics.load_student(str(TEACHER), lora=str(path))
+    teacher = str(TEACHERS[teacher_of(spec)])
+    if is_lora(spec):
+        student, guidance = toy_metrics.load_student(teacher, lora=str(path))
     else:
-        student, guidance = toy_metrics.load_student(str(TEACHER), unet=str(Path(path) / "unet_target"))
+        student, guidance = toy_metrics.load_student(teacher, unet=str(Path(path) / "unet_target"))
     sampler = "tcd" if flags.get("num_phases") else "lcm"
     rows = [without_images(row) for row in toy_metrics.measure_student(
         student, guidance, reference, sampler=sampler, steps=STEP_COUNTS, num_ddim_timesteps=flags["num_ddim_timesteps"])]
@@ -172,7 +189,7 @@ def cell(row, key):
     return f"{row[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def report(work_dir, teacher):
+def report(work_dir, teacher, teacher_kind="sd"):
     lines = ["| model | steps trained | " + " | ".join(f"{s} step acc" for s in STEP_COUNTS) + " | "
              + " | ".join(f"{s} step dist" for s in STEP_COUNTS) + " |",
              "|---|---|" + "---|" * (2 * len(STEP_COUNTS))]
@@ -180,6 +197,8 @@ def report(work_dir, teacher):
     lines.append("| teacher DDIM | - | " + " | ".join(cell(by_steps[s], "accuracy") for s in STEP_COUNTS) + " | "
                  + " | ".join(cell(by_steps[s], "distance") for s in STEP_COUNTS) + " |")
     for name, spec in RUNS.items():
+        if teacher_of(spec) != teacher_kind:
+            continue
         output_dir = Path(work_dir) / name
         paths = sorted(output_dir.glob("checkpoint-*/eval.json"), key=lambda p: int(p.parent.name.split("-")[1]))
         labels = [p.parent.name.split("-")[1] for p in paths]
@@ -205,16 +224,39 @@ PAIRS = [
     ("PCM LoRA - teacher DDIM", "pcm_lora/checkpoint-200", "teacher"),
     ("PCM full - LCD full, both N = 8", "pcm_full/checkpoint-200", "lcd_full_n8/checkpoint-200"),
     ("PCM LoRA EMA adapter - PCM LoRA", "pcm_lora_ema/ema_target", "pcm_lora/checkpoint-200"),
+    ("PCM full 800 steps - 200 steps", "pcm_full_800/checkpoint-800", "pcm_full_800/checkpoint-200"),
+    ("LCD full 800 steps - 200 steps", "lcd_full_800/checkpoint-800", "lcd_full_800/checkpoint-200"),
+    ("PCM full 800 steps - teacher DDIM", "pcm_full_800/checkpoint-800", "teacher"),
+    ("PCM full lr 1e-3 - lr 5e-4", "pcm_full_lr1e-3/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full lr 2.5e-4 - lr 5e-4", "pcm_full_lr2.5e-4/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full N 16 - N 8", "pcm_full_n16/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full 1 phase - 4 phases", "pcm_full_m1/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full 2 phases - 4 phases", "pcm_full_m2/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full 8 phases - 4 phases", "pcm_full_m8/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full L2 - Huber c 0.001", "pcm_full_l2/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full Huber c 0.01 - c 0.001", "pcm_full_huber0.01/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full omega 2-8 - fixed 3", "pcm_full_omega2-8/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full batch 16 - batch 32", "pcm_full_bs16/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("PCM full batch 64 - batch 32", "pcm_full_bs64/checkpoint-200", "pcm_full/checkpoint-200"),
+    ("LoRA EMA 0.99 adapter - EMA 0.95 adapter", "lcd_lora_ema0.99/ema_target", "lcd_lora_ema/ema_target"),
+    ("PCM SDXL - teacher DDIM (SDXL)", "pcm_sdxl/checkpoint-200", "teacher-sdxl"),
+    ("LCD SDXL - teacher DDIM (SDXL)", "lcd_sdxl/checkpoint-200", "teacher-sdxl"),
+    ("PCM SDXL LoRA - teacher DDIM (SDXL)", "pcm_sdxl_lora/checkpoint-200", "teacher-sdxl"),
+    ("LCD SDXL LoRA - teacher DDIM (SDXL)", "lcd_sdxl_lora/checkpoint-200", "teacher-sdxl"),
+    ("PCM SDXL - LCD SDXL", "pcm_sdxl/checkpoint-200", "lcd_sdxl/checkpoint-200"),
+    ("PCM SDXL LoRA - LCD SDXL LoRA", "pcm_sdxl_lora/checkpoint-200", "lcd_sdxl_lora/checkpoint-200"),
 ]
 
 
-def paired_report(work_dir, teacher):
+def paired_report(work_dir, teacher, teacher_sdxl=None):
     """Mean differences (model - baseline) of accuracy and distance at each step count, with 95% intervals."""
     import toy_metrics
 
     def rows_of(name):
         if name == "teacher":
             return {row["steps"]: row for row in teacher}
+        if name == "teacher-sdxl":
+            return {row["steps"]: row for row in teacher_sdxl} if teacher_sdxl else None
         path = Path(work_dir) / name / "eval.json"
         return {row["steps"]: row for row in json.loads(path.read_text())} if path.exists() else None
 
@@ -244,13 +286,21 @@ def main(argv=None):
             seconds = list(pool.map(lambda n: train(n, RUNS[n], args.work_dir, shards, args.every), args.runs))
         for name, s in zip(args.runs, seconds):
             print(f"{name}: trained in {s} s", flush=True)
-    reference, teacher = teacher_rows(args.work_dir)
+    references, teachers = {}, {}
     for name in args.runs:
-        evaluate_run(name, RUNS[name], args.work_dir, reference)
+        kind = teacher_of(RUNS[name])
+        if kind not in references:
+            references[kind], teachers[kind] = teacher_rows(args.work_dir, kind)
+        evaluate_run(name, RUNS[name], args.work_dir, references[kind])
     if args.report or args.runs:
-        print(report(args.work_dir, teacher))
-        print()
-        print(paired_report(args.work_dir, teacher))
+        teachers.setdefault("sd", teacher_rows(args.work_dir, "sd")[1])
+        if (Path(args.work_dir) / "teacher-sdxl.pkl").exists():
+            teachers.setdefault("sdxl", teacher_rows(args.work_dir, "sdxl")[1])
+        for kind, rows in teachers.items():
+            print(f"{kind} teacher:")
+            print(report(args.work_dir, rows, kind))
+            print()
+        print(paired_report(args.work_dir, teachers["sd"], teachers.get("sdxl")))
     return 0
 
 
