@@ -8,6 +8,7 @@ busy 2-core CI machine. Each script therefore has its main run through `accelera
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import io
 import logging
@@ -40,6 +41,10 @@ def launch_env():
         ACCELERATE_CONFIG_FILE=str(REPO / "tests" / "no_such_accelerate_config.yaml"),  # ignore ~/.cache config
     )
     env.pop("ACCELERATE_USE_CPU", None)
+    # DeepSpeed JIT-compiles a C++ op on CPU machines (about a minute of CI), keyed by its build flags, which hold
+    # the venv's path: checkouts that share ~/.cache/torch_extensions rebuilt it for each other. One per checkout.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / (
+        "suite-" + hashlib.sha1(str(REPO).encode()).hexdigest()[:12])))
     return env
 
 
