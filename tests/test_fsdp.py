@@ -68,7 +68,8 @@ def free_port():
 def fsdp_runs(assets, tmp_path_factory):
     """One 2-process launch of 5 runs of 2 steps (each costs seconds, so each shared path runs once):
 
-    * full LCD under FSDP, step 1 with a checkpoint, then step 2 resumed from that checkpoint, and under DDP;
+    * full LCD under FSDP, step 1 with a checkpoint, then step 2 resumed from that checkpoint; and under DDP,
+      with checkpoints at steps 1 and 2 and the end-of-run validation, then step 3 resumed from checkpoint-2;
     * BK-SDM --use_ema under FSDP with checkpoints at steps 1 and 2 and the end-of-run validation (teacher,
       student and EMA columns), and under DDP.
     The checkpoint hooks are one copied function in both scripts; validating on every rank is the engine's."""
@@ -83,7 +84,12 @@ def fsdp_runs(assets, tmp_path_factory):
          "copy": [str(root / "lcd_fsdp" / "checkpoint-1"), str(root / "lcd_fsdp_resumed" / "checkpoint-1")],
          "args": common_flags(assets, root / "lcd_fsdp_resumed", *lcd_flags, "--resume_from_checkpoint", "latest")},
         {"name": "lcd_ddp", "script": "train_lcm_distill_sd_wds.py", "fsdp": False,
-         "args": common_flags(assets, root / "lcd_ddp", *lcd_flags)},
+         "args": common_flags(assets, root / "lcd_ddp", *lcd_flags, "--checkpointing_steps", "1",
+                              "--validation_prompts", "a red circle")},
+        {"name": "lcd_ddp_resumed", "script": "train_lcm_distill_sd_wds.py", "fsdp": False,
+         "copy": [str(root / "lcd_ddp" / "checkpoint-2"), str(root / "lcd_ddp_resumed" / "checkpoint-2")],
+         "args": common_flags(assets, root / "lcd_ddp_resumed", *lcd_flags, "--max_train_steps", "3",
+                              "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")},
         {"name": "bk_fsdp", "script": "train_bk_sdm_kd.py", "fsdp": True,
          "args": common_flags(assets, root / "bk_fsdp", *bk_flags, "--checkpointing_steps", "1",
                               "--validation_prompts", "a red circle", "--num_validation_inference_steps", "2")},
@@ -150,6 +156,26 @@ def test_lcd_full_under_fsdp_equals_ddp_across_a_resume(fsdp_runs):
         # the checkpoint hooks gathered the shards: the checkpoint holds what the final save of step 1 wrote
         assert max_difference(weights(checkpoint / folder), weights(root / "lcd_fsdp" / folder)) == 0, folder
         check_equals_ddp(root / "lcd_fsdp_resumed", root / "lcd_ddp", checkpoint, folder)
+
+
+@pytest.mark.slow
+def test_lcd_ddp_two_processes_checkpoint_validate_and_resume(fsdp_runs):
+    """2-process DDP (MULTI_CPU): each rank saves its RNG state into the one checkpoint, validation is written
+    once (student and target columns), and a resume from the latest checkpoint continues the step count."""
+    root = fsdp_runs["root"]
+    for rank_records in fsdp_runs["records"]:
+        for run in ("lcd_ddp", "lcd_ddp_resumed"):
+            assert rank_records[run]["distributed_type"] == str(DistributedType.MULTI_CPU)
+            assert rank_records[run]["num_processes"] == 2
+    run = root / "lcd_ddp"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert {p.name for p in (run / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    assert len(list((run / "validation").iterdir())) == 2  # unet and unet_target, written once
+    resumed = root / "lcd_ddp_resumed"
+    assert "resuming from" in fsdp_runs["log"] and str(resumed / "checkpoint-2") in fsdp_runs["log"]
+    assert json.loads((resumed / "checkpoint-3" / "training_state.json").read_text())["global_step"] == 3
+    assert (resumed / "unet_target" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -70,11 +70,13 @@ def launch_deepspeed(flags):
     DeepSpeed when `cpu`) or starts DeepSpeed's 2-rank gloo group while telling each process it is process 0
     of 1 (state.py: no backend -> num_processes = 1), which DeepSpeed's batch-size assertion rejects.
     bf16: DeepSpeed casts the student to bf16 and runs without autocast, the regime the dtype-explicit network
-    calls exist for (before them, fp32 inputs met bf16 weights and the first step crashed)."""
+    calls exist for (before them, fp32 inputs met bf16 weights and the first step crashed). Through
+    tests/deepspeed_on_cpu.py: without the shared-memory all-reduce op that DeepSpeed would compile for minutes."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
                "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
                "--gradient_clipping", "1.0", "--offload_optimizer_device", "none", "--offload_param_device", "none",
-               "--zero3_init_flag", "false", str(REPO / lcd.__name__) + ".py", *map(str, flags)]
+               "--zero3_init_flag", "false", str(REPO / "tests" / "deepspeed_on_cpu.py"), str(REPO / lcd.__name__) + ".py",
+               *map(str, flags)]
     result = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

@@ -97,24 +97,6 @@ def assert_two_processes(log):
 
 
 @pytest.mark.slow
-def test_lcd_two_processes_then_resume(assets, tmp_path):
-    out = tmp_path / "lcd2"
-    flags = lcd_flags(assets, out) + ["--max_train_steps", "2", "--checkpointing_steps", "1",
-                                      "--validation_prompts", "a red circle", "--validation_steps", "0"]
-    first = run_script(LCD, flags, num_processes=2).stdout
-    assert_two_processes(first)
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    assert len(list((out / "validation").iterdir())) == 2  # unet and unet_target, written once
-    for rank in (0, 1):  # every process saved its RNG state into the same checkpoint
-        assert (out / "checkpoint-2" / f"random_states_{rank}.pkl").is_file()
-    flags[flags.index("--max_train_steps") + 1] = "3"
-    second = run_script(LCD, flags + ["--resume_from_checkpoint", "latest"], num_processes=2).stdout
-    assert_two_processes(second)
-    assert "resuming from" in second and "checkpoint-2" in second
-    assert json.loads((out / "checkpoint-3" / "training_state.json").read_text())["global_step"] == 3
-
-
-@pytest.mark.slow
 def test_sdxl_two_processes(assets, tmp_path):
     """The SDXL script in LoRA mode: also the LCM-LoRA code path (the LCD region's adapter switching) under DDP."""
     from make_random_pipeline import build_pipeline
