@@ -176,6 +176,7 @@ def parse_args(argv=None):
     parser.add_argument("--every", type=int, default=100, help="checkpoint (and evaluate) every N steps")
     parser.add_argument("--work_dir", default=str(REPO / "benchmarks" / "work" / "study"))
     parser.add_argument("--report", action="store_true", help="print the tables of every evaluated run")
+    parser.add_argument("--plot", default="", help="also draw the training-length curves (CURVES) to this PNG")
     args = parser.parse_args(argv)
     args.runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in args.runs if r not in RUNS]
@@ -227,6 +228,8 @@ PAIRS = [
     ("PCM full 800 steps - 200 steps", "pcm_full_800/checkpoint-800", "pcm_full_800/checkpoint-200"),
     ("LCD full 800 steps - 200 steps", "lcd_full_800/checkpoint-800", "lcd_full_800/checkpoint-200"),
     ("PCM full 800 steps - teacher DDIM", "pcm_full_800/checkpoint-800", "teacher"),
+    ("PCM LoRA EMA adapter - teacher DDIM", "pcm_lora_ema/ema_target", "teacher"),
+    ("PCM full batch 64 - teacher DDIM", "pcm_full_bs64/checkpoint-200", "teacher"),
     ("PCM full lr 1e-3 - lr 5e-4", "pcm_full_lr1e-3/checkpoint-200", "pcm_full/checkpoint-200"),
     ("PCM full lr 2.5e-4 - lr 5e-4", "pcm_full_lr2.5e-4/checkpoint-200", "pcm_full/checkpoint-200"),
     ("PCM full N 16 - N 8", "pcm_full_n16/checkpoint-200", "pcm_full/checkpoint-200"),
@@ -275,6 +278,28 @@ def paired_report(work_dir, teacher, teacher_sdxl=None):
     return "\n".join(lines)
 
 
+CURVES = {"LCD full": "lcd_full_800", "PCM full (4 phases)": "pcm_full_800"}  # the runs trained past 400 steps
+
+
+def plot_curves(work_dir, teacher, path):
+    """Accuracy and distance at 1/2/4 steps against training steps for CURVES, with the teacher's DDIM (and its
+    50-step accuracy) as reference lines: benchmark_quality's panels."""
+    import toy_metrics
+    from benchmark_quality import curve_panels
+
+    curves = {}
+    for label, name in CURVES.items():
+        paths = sorted((Path(work_dir) / name).glob("checkpoint-*/eval.json"),
+                       key=lambda p: int(p.parent.name.split("-")[1]))
+        if len(paths) > 1:
+            curves[label] = [{"step": int(p.parent.name.split("-")[1]), "rows": json.loads(p.read_text())}
+                             for p in paths]
+    if curves:
+        toy_metrics.line_chart(curve_panels(curves, teacher), str(path),
+                               title="toy-sd students against training steps (95% intervals; 192 samples a point)")
+        print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -301,6 +326,8 @@ def main(argv=None):
             print(report(args.work_dir, rows, kind))
             print()
         print(paired_report(args.work_dir, teachers["sd"], teachers.get("sdxl")))
+    if args.plot:
+        plot_curves(args.work_dir, teacher_rows(args.work_dir, "sd")[1], args.plot)
     return 0
 
 
