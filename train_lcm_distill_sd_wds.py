@@ -367,7 +367,8 @@ class LCDContext:
 
     A full student has its own frozen teacher and an EMA target, and takes omega as an input. An LCM-LoRA
     student is the teacher's UNet plus adapters: the teacher is that UNet with the adapters off, the target is
-    the student itself (no EMA), and it has no omega input (w_embedding_dim 0)."""
+    the student itself (with `target_weights`, an EMA of its adapters put in place), and it has no omega input
+    (w_embedding_dim 0)."""
 
     unet: torch.nn.Module  # online student theta (possibly DDP-wrapped)
     teacher_unet: torch.nn.Module  # frozen teacher; LoRA: the unwrapped student, run with its adapters off

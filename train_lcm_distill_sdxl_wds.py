@@ -5,7 +5,8 @@
 Papers: Luo et al., "Latent Consistency Models" (arXiv:2310.04378), Algorithm 1; Luo et al., "LCM-LoRA"
 (arXiv:2311.05556). Full mode: the student is the teacher's UNet plus a guidance-scale (omega) embedding and an
 EMA target, as train_lcm_distill_sd_wds.py. LoRA mode: one UNet, the teacher is that UNet with its adapters
-disabled and the target is the online student, as train_lcm_distill_lora_sd_wds.py.
+disabled and the target is an EMA of the adapter (--ema_decay none: the online student), as
+train_lcm_distill_lora_sd_wds.py.
 
 SDXL specifics: two text encoders (prompt embeds = both penultimate hidden states concatenated, pooled = the
 second encoder's projection); micro-conditioning time_ids = [orig_h, orig_w, crop_top, crop_left, target_h,
@@ -99,7 +100,7 @@ LORA_TARGET_KINDS = (
 )
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-FULL_ONLY_FLAGS = ("unet_time_cond_proj_dim", "ema_decay", "teacher_unet_fp32")
+FULL_ONLY_FLAGS = ("unet_time_cond_proj_dim", "teacher_unet_fp32")
 LORA_ONLY_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "save_precision")
 
 
@@ -131,8 +132,10 @@ def parse_args(input_args=None):
     group = add_lcd_args(parser, w_min=3.0)
     group.add_argument("--unet_time_cond_proj_dim", type=bounded(int, 1, None), default=None,
                        help="Full mode: size of the omega embedding when the teacher UNet has none (default 256).")
-    group.add_argument("--ema_decay", type=bounded(float, 0, 1, high_open=True),
-                       default=None, help="Full mode: mu, EMA decay of the target (0.95).")
+    group.add_argument("--ema_decay", type=ema_decay_or_none, default=None,
+                       help=f"mu, EMA decay of the consistency target: full mode, of the student ({DEFAULT_EMA_DECAY}); "
+                            f"--use_lora, of the adapter weights ({DEFAULT_EMA_DECAY}, or none under FSDP/DeepSpeed, "
+                            f"which shard the adapter; 'none': the online adapter is the target, as in LCM-LoRA).")
     group.add_argument("--teacher_unet_fp32", action="store_true",
                        help="Full mode: keep the frozen teacher UNet in fp32 (default: the mixed-precision dtype; "
                             "autocast would run it in that dtype anyway, so fp32 weights only cost memory unless "
@@ -189,7 +192,9 @@ def check_mode_args(parser, args):
             parser.error(f"--lora_target_modules: {error}")
         args.save_precision = args.save_precision or "fp16"
     else:
-        args.ema_decay = 0.95 if args.ema_decay is None else args.ema_decay
+        if args.ema_decay == "none":
+            parser.error("--ema_decay none applies only with --use_lora: the full student's target is its EMA")
+        args.ema_decay = DEFAULT_EMA_DECAY if args.ema_decay is None else args.ema_decay
         args.unet_time_cond_proj_dim = args.unet_time_cond_proj_dim or 256
 
 
@@ -440,7 +445,8 @@ class LCDContext:
 
     A full student has its own frozen teacher and an EMA target, and takes omega as an input. An LCM-LoRA
     student is the teacher's UNet plus adapters: the teacher is that UNet with the adapters off, the target is
-    the student itself (no EMA), and it has no omega input (w_embedding_dim 0)."""
+    the student itself (with `target_weights`, an EMA of its adapters put in place), and it has no omega input
+    (w_embedding_dim 0)."""
 
     unet: torch.nn.Module  # online student theta (possibly DDP-wrapped)
     teacher_unet: torch.nn.Module  # frozen teacher; LoRA: the unwrapped student, run with its adapters off
@@ -893,17 +899,87 @@ def load_unet_weights(checkpoint_dir, subfolder):
     return UNet2DConditionModel.from_pretrained(checkpoint_dir, subfolder=subfolder).state_dict()
 
 
-def checkpoint_hooks(accelerator, target_unet, use_lora):
+EMA_ADAPTER_NAME = "ema_adapter.safetensors"  # the EMA adapter in checkpoints (--ema_decay)
+# The recipe study (benchmarks/QUALITY.md) measured the EMA adapter target against the online one: accuracy +0.06 to
+# +0.15 and distance to the teacher -0.010 to -0.014 at 1, 2 and 4 steps, every paired interval excluding 0.
+DEFAULT_EMA_DECAY = 0.95
+
+
+# Copied from train_lcm_distill_lora_sd_wds.ema_decay_or_none
+def ema_decay_or_none(text):
+    """--ema_decay: a decay in [0, 1), or 'none' (the online adapter is the target), kept as the string until
+    resolve_ema_decay knows the distributed setup."""
+    if text.strip().lower() == "none":
+        return "none"
+    return bounded(float, 0, 1, high_open=True)(text)
+
+
+# Copied from train_lcm_distill_lora_sd_wds.resolve_ema_decay
+def resolve_ema_decay(args, accelerator):
+    """--ema_decay as the run uses it: a float, or None for the online target. The default is DEFAULT_EMA_DECAY
+    where the EMA copy can live (one process, DDP) and none under FSDP/DeepSpeed, which shard the adapter it
+    copies; an explicit decay there is refused when the method starts."""
+    if args.ema_decay == "none":
+        args.ema_decay = None
+    elif args.ema_decay is None:
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        args.ema_decay = None if sharded else DEFAULT_EMA_DECAY
+        if sharded:
+            logger.info("the consistency target is the online adapter: FSDP/DeepSpeed shard the adapter that the "
+                        "default EMA target (--ema_decay) would copy")
+
+
+# Copied from train_lcm_distill_lora_sd_wds.EmaAdapter
+class EmaAdapter:
+    """An EMA of a UNet's trainable (LoRA) weights, used as the consistency target (--ema_decay). The one UNet in
+    memory runs the target with these weights put in place for the forward (`in_place`), so the EMA costs a copy
+    of the adapter, not a second UNet. The diffusers LCM-LoRA script has no EMA target (their issue #6505)."""
+
+    def __init__(self, unet):
+        self.named = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+        self.weights = [p.detach().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self, decay):
+        update_ema(self.weights, [p for _, p in self.named], decay)
+
+    @contextlib.contextmanager
+    def in_place(self):
+        """The block runs the UNet with the EMA adapter; the online weights are back afterwards (copied, so the
+        optimiser's and DDP's references to the parameters stay valid)."""
+        online = [p.detach().clone() for _, p in self.named]
+        torch._foreach_copy_([p.data for _, p in self.named], self.weights)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_([p.data for _, p in self.named], online)
+
+    def state_dict(self):
+        return {name: weight.detach().cpu().contiguous() for (name, _), weight in zip(self.named, self.weights)}
+
+    def load_state_dict(self, state):
+        missing = [name for name, _ in self.named if name not in state]
+        if missing or len(state) != len(self.named):
+            raise SystemExit(f"error: the checkpoint's EMA adapter does not match this run's LoRA config "
+                             f"(missing {missing[:2]}, {len(state)} tensors for {len(self.named)}); resume with the "
+                             "checkpoint's --lora_rank/--lora_target_modules")
+        for (name, _), weight in zip(self.named, self.weights):
+            weight.copy_(state[name])
+
+
+def checkpoint_hooks(accelerator, target_unet, use_lora, ema_adapter=None):
     """accelerate's save/load pre-hooks. Checkpoints hold loadable diffusers folders, unet/ (the student, full
     weights even when DeepSpeed/FSDP shard it) and unet_target/ (the EMA target, which accelerate does not know
     about, so it is restored from there in every regime; gathered and re-sliced under FSDP, which shards it like
-    the student); or, with LoRA, the adapter file."""
+    the student); or, with LoRA, the adapter file and the EMA adapter (`ema_adapter`, --ema_decay) beside it."""
 
     def save_model_hook(models, weights, output_dir):
         if use_lora:
             full_state = full_state_dict(accelerator, models[0])  # every rank: under DeepSpeed/FSDP it gathers
             if accelerator.is_main_process:
                 save_lora_files(unwrap(accelerator, models[0]), output_dir, kohya=False, full_state=full_state)
+                if ema_adapter is not None:
+                    save_file(ema_adapter.state_dict(), os.path.join(output_dir, EMA_ADAPTER_NAME))
         else:
             save_model_folder(accelerator, models[0], os.path.join(output_dir, "unet"))
             save_target_folder(accelerator, target_unet, os.path.join(output_dir, "unet_target"))
@@ -918,6 +994,8 @@ def checkpoint_hooks(accelerator, target_unet, use_lora):
             models.pop().load_state_dict(load_unet_weights(input_dir, "unet"))
         if not use_lora:
             load_whole_weights(target_unet, load_unet_weights(input_dir, "unet_target"))
+        elif ema_adapter is not None:
+            ema_adapter.load_state_dict(load_file(os.path.join(input_dir, EMA_ADAPTER_NAME)))
 
     return save_model_hook, load_model_hook
 
@@ -997,7 +1075,9 @@ def model_card_text(args, repo_id, validation_image=None):
         imports = f"AutoencoderKL, {sampler['scheduler']}, StableDiffusionXLPipeline"
         guidance, tags = 1.0, ["lora", f"{short.lower()}-lora"]
         details = [("LoRA rank / alpha / dropout", f"{args.lora_rank} / {args.lora_alpha} / {args.lora_dropout}"),
-                   ("LoRA targets", ", ".join(args.lora_target_modules))]
+                   ("LoRA targets", ", ".join(args.lora_target_modules)),
+                   ("consistency target", f"EMA of the adapter, decay {args.ema_decay} (`ema_target/`)"
+                    if args.ema_decay is not None else "the online adapter")]
         advice = ("Use `guidance_scale` between 1.0 and 2.0: the teacher's guidance is distilled into the adapter; "
                   "above 1.0 the pipeline runs ordinary classifier-free guidance with the adapter, and "
                   f"`negative_prompt` works as usual. `{KOHYA_WEIGHT_NAME}` holds the same weights in kohya format for "
@@ -1058,8 +1138,9 @@ class LatentConsistencyDistillationXL:
     Full: the frozen teacher (mixed-precision dtype unless --teacher_unet_fp32), an fp32 student (the teacher's UNet
     plus an omega embedding) and its fp32 EMA target. LoRA (--use_lora, LCM-LoRA): one UNet whose base is frozen in
     the mixed-precision dtype with fp32 adapters; the teacher is that UNet with its adapters off, the target is the
-    student itself. The text encoders run in the mixed-precision dtype; the SDXL VAE overflows in fp16, so it stays
-    fp32 unless --pretrained_vae_model_name_or_path names another (fp16-safe) VAE."""
+    same UNet with the EMA adapter in place (--ema_decay none: the online student). The text encoders run in the
+    mixed-precision dtype; the SDXL VAE overflows in fp16, so it stays fp32 unless
+    --pretrained_vae_model_name_or_path names another (fp16-safe) VAE."""
 
     def __init__(self, args, accelerator):
         self.args, self.accelerator = args, accelerator
@@ -1090,12 +1171,19 @@ class LatentConsistencyDistillationXL:
         self.modules = [unet]
         mode = "LoRA" if args.use_lora else "full UNet"
         self.title = f"LCD for SDXL ({mode}, {sum(p.numel() for p in self.optimizer_params()):,} trainable parameters)"
+        self.ema_adapter = None
+        if args.use_lora and args.ema_decay is not None:
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise SystemExit("error: --ema_decay with --use_lora runs on one process or under DDP: FSDP and "
+                                 "DeepSpeed shard the adapter the EMA copies; drop --ema_decay or the sharding")
+            self.ema_adapter = EmaAdapter(unet)
 
         self.ctx = make_lcd_context(
             args, noise_scheduler, unet, teacher_unet=unet if args.use_lora else teacher_unet,
             target_unet=unet if args.use_lora else self.target_unet,
             w_embedding_dim=0 if args.use_lora else unet.config.time_cond_proj_dim, device=device,
-            autocast=accelerator.autocast, teacher_is_student_without_adapters=args.use_lora)
+            autocast=accelerator.autocast, teacher_is_student_without_adapters=args.use_lora,
+            target_weights=self.ema_adapter.in_place if self.ema_adapter else None)
         # SDXL base zeroes the unconditional text inputs; a teacher whose pipeline does not is guided against ""
         self.empty_prompt = (None if teacher_zeroes_empty_prompt(args)
                              else encode_prompts_sdxl(self.text_encoders, self.tokenizers, [""]))
@@ -1120,22 +1208,27 @@ class LatentConsistencyDistillationXL:
         return distillation_loss(self.ctx, latents, cond, unconditional_conditioning(cond, self.empty_prompt)), {}
 
     def after_update(self, step):
-        if not self.args.use_lora:  # LoRA mode has no EMA: its target is the online student
+        if self.ema_adapter is not None:  # LoRA mode: the EMA of the adapter
+            self.ema_adapter.update(self.args.ema_decay)
+        elif not self.args.use_lora:
             student = unwrap(self.accelerator, self.modules[0])
             update_ema(self.target_unet.parameters(), student.parameters(), self.args.ema_decay)
 
     def checkpoint_hooks(self, accelerator):
-        return checkpoint_hooks(accelerator, self.target_unet, self.args.use_lora)
+        return checkpoint_hooks(accelerator, self.target_unet, self.args.use_lora, self.ema_adapter)
 
     @staticmethod
     def checkpoint_files(args):
-        return [LORA_WEIGHT_NAME] if args.use_lora else ["unet/", "unet_target/"]  # what checkpoint_hooks write
+        if args.use_lora:  # what checkpoint_hooks write
+            return [LORA_WEIGHT_NAME] + ([EMA_ADAPTER_NAME] if args.ema_decay is not None else [])
+        return ["unet/", "unet_target/"]
 
     @staticmethod
     def checkpoint_settings(args):
         if args.use_lora:
             return {"--lora_rank": args.lora_rank, "--lora_alpha": args.lora_alpha,
-                    "--lora_target_modules": list(args.lora_target_modules)}
+                    "--lora_target_modules": list(args.lora_target_modules),
+                    "--ema_decay": "none" if args.ema_decay is None else "a decay"}  # the EMA adapter: kept or not
         return {"--unet_time_cond_proj_dim": args.unet_time_cond_proj_dim}  # the omega embedding's size
 
     def validate(self, step):
@@ -1152,6 +1245,10 @@ class LatentConsistencyDistillationXL:
             if accelerator.is_main_process:
                 save_lora_files(unwrap(accelerator, unet), args.output_dir,
                                 dtype=weight_dtype_for(args.save_precision), full_state=full_state)
+                if self.ema_adapter is not None:  # the EMA target as an adapter folder of its own
+                    with self.ema_adapter.in_place():
+                        save_lora_files(unwrap(accelerator, unet), os.path.join(args.output_dir, "ema_target"),
+                                        dtype=weight_dtype_for(args.save_precision))
         else:
             save_model_folder(accelerator, unet, os.path.join(args.output_dir, "unet"))  # gathers shards
             save_target_folder(accelerator, self.target_unet, os.path.join(args.output_dir, "unet_target"))  # too
@@ -3759,6 +3856,7 @@ def text_embeddings_from_batch(batch, encode, device):
 
 def main(args):
     accelerator = start_run(args)
+    resolve_ema_decay(args, accelerator)  # LoRA mode: the EMA adapter target, where it can live
     record = run_record("lcd-sdxl-lora" if args.use_lora else "lcd-sdxl-full",
                         stream_topology(args, accelerator.num_processes),
                         LatentConsistencyDistillationXL.checkpoint_settings(args))

@@ -36,13 +36,15 @@ STEP_COUNTS = (1, 2, 4)
 
 def run(kind, steps=200, **flags):
     """A run: the outcome tests' recipe (batch 32, omega 3 = the teacher's guidance 4, N = 10, pseudo-Huber
-    c = 0.001; full lr 5e-4, LoRA rank 16 at lr 2e-3), with `flags` (name -> value, None for a bare flag)
+    c = 0.001; full lr 5e-4, LoRA rank 16 at lr 2e-3 with the online target), with `flags` (name -> value, None for a bare flag)
     changed."""
     base = {"resolution": 32, "train_batch_size": 32, "learning_rate": 5e-4, "lr_warmup_steps": 10,
             "loss_type": "huber", "huber_c": 0.001, "w_min": 3, "w_max": 3, "num_ddim_timesteps": 10,
             "dataloader_num_workers": 1, "validation_steps": 0, "seed": 0}
     if kind in ("lora", "sdxl_lora"):
         base.update(learning_rate=2e-3, lora_rank=16)
+    if kind in ("lora", "sdxl_lora"):
+        base.update(ema_decay="none")  # the online target, the default when the study ran; the EMA runs set it
     if kind == "sdxl_lora":
         base.update(use_lora=None)
     base.update(flags)
@@ -229,6 +231,10 @@ PAIRS = [
     ("LCD full 800 steps - 200 steps", "lcd_full_800/checkpoint-800", "lcd_full_800/checkpoint-200"),
     ("PCM full 800 steps - teacher DDIM", "pcm_full_800/checkpoint-800", "teacher"),
     ("PCM LoRA EMA adapter - teacher DDIM", "pcm_lora_ema/ema_target", "teacher"),
+    ("LoRA EMA adapter - the same run's online adapter", "lcd_lora_ema/ema_target", "lcd_lora_ema/checkpoint-200"),
+    ("PCM LoRA EMA adapter - the same run's online adapter", "pcm_lora_ema/ema_target",
+     "pcm_lora_ema/checkpoint-200"),
+    ("LoRA online adapter of the EMA run - plain LoRA", "lcd_lora_ema/checkpoint-200", "lcd_lora/checkpoint-200"),
     ("PCM full batch 64 - teacher DDIM", "pcm_full_bs64/checkpoint-200", "teacher"),
     ("PCM full lr 1e-3 - lr 5e-4", "pcm_full_lr1e-3/checkpoint-200", "pcm_full/checkpoint-200"),
     ("PCM full lr 2.5e-4 - lr 5e-4", "pcm_full_lr2.5e-4/checkpoint-200", "pcm_full/checkpoint-200"),

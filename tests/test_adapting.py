@@ -173,6 +173,8 @@ def test_the_adapted_script_trains_resumes_exactly_and_its_output_loads(adapted,
     checkpoint = out / "checkpoint-1"
     assert json.loads((checkpoint / "training_state.json").read_text())["script"] == adapted.SCRIPT_NAME
     assert (checkpoint / adapted.LORA_WEIGHT_NAME).is_file()
+    assert (checkpoint / adapted.EMA_ADAPTER_NAME).is_file()  # the default EMA adapter target, kept and saved
+    assert (out / "ema_target" / adapted.LORA_WEIGHT_NAME).is_file()
     final = load_file(str(out / adapted.LORA_WEIGHT_NAME))
     assert final and all(key.startswith("base_model.model.") for key in final)
     assert any("lora_B" in key and t.abs().max() > 0 for key, t in final.items())  # B starts at zero: it trained

@@ -5,6 +5,7 @@ pipeline and local shards), then the LoRA files loaded into the real diffusers p
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -301,6 +302,24 @@ def test_defaults_and_target_kinds(script_args, assets, tmp_path):
     assert args.lora_rank == 64 and args.lora_alpha == 64.0 and args.learning_rate == 1e-4
     assert args.validation_guidance_scale == 1.0 and args.save_precision == "fp16"
     assert args.lora_target_modules == list(lcm_lora.LORA_TARGET_KINDS)
+    # --ema_decay: 0.95 where the EMA copy can live, the online target under FSDP/DeepSpeed or with 'none'
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState()  # the script logs through accelerate's logger, which needs a state
+    for given, distributed_type, resolved in [
+            (None, DistributedType.NO, 0.95), (None, DistributedType.MULTI_GPU, 0.95),
+            (None, DistributedType.DEEPSPEED, None), (None, DistributedType.FSDP, None),
+            ("none", DistributedType.NO, None), (0.5, DistributedType.NO, 0.5),
+            (0.5, DistributedType.DEEPSPEED, 0.5)]:  # an explicit decay is refused there when the method starts
+        args.ema_decay = given
+        lcm_lora.resolve_ema_decay(args, SimpleNamespace(distributed_type=distributed_type))
+        assert args.ema_decay == resolved, (given, distributed_type)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert lcm_lora.parse_args(["--pretrained_teacher_model", assets["tiny-sd"], "--train_shards_path_or_url",
+                                assets["shards"], "--max_train_steps", "1", "--output_dir", str(tmp_path),
+                                "--ema_decay", "None"]
+                               ).ema_decay == "none"
     with pytest.raises(lcm_lora.LoraTargetError, match="'conv_shortcut' matches no layer"):
         lcm_lora.check_lora_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["conv_shortcut"])
 
@@ -362,3 +381,10 @@ def test_ema_target_run_saves_checkpoints_and_output_and_resumes_exactly(assets,
     for name in (lcm_lora.LORA_WEIGHT_NAME, f"ema_target/{lcm_lora.LORA_WEIGHT_NAME}"):
         expected, got = load_file(output_dir / name), load_file(resumed / name)
         assert all(torch.equal(expected[k], got[k]) for k in expected), f"{name} differs after resume"
+    # a resume that would drop (or add) the EMA adapter is refused in one line, before any model loads
+    other = tmp_path / "without_ema"
+    shutil.copytree(output_dir / "checkpoint-2", other / "checkpoint-2")
+    result = run_in_process(SCRIPT, [str(other) if f == str(output_dir) else f for f in flags]
+                            + ["--resume_from_checkpoint", "latest", "--ema_decay", "none"], check=False)
+    assert result.returncode == 1
+    assert "error: cannot resume" in result.stdout and "--ema_decay a decay -> none" in result.stdout

@@ -150,6 +150,11 @@ def test_lora_mode_outputs_and_loading(lora_xl_run, tiny_sdxl):
     assert not (out / "unet").exists()
     assert not list((out / "checkpoint-3").rglob("diffusion_pytorch_model*"))
     assert "load_lora_weights" in (out / "README.md").read_text()
+    # the default consistency target: an EMA of the adapter, kept in checkpoints and saved as an adapter folder
+    assert "EMA of the adapter, decay 0.95" in (out / "README.md").read_text()
+    assert (out / "checkpoint-3" / lcm_xl.EMA_ADAPTER_NAME).is_file()
+    ema_pipe = xl_pipeline(tiny_sdxl)
+    ema_pipe.load_lora_weights(str(out / "ema_target"))
     pipe = xl_pipeline(tiny_sdxl)
     pipe.load_lora_weights(str(out))
     image = generate(pipe, guidance_scale=1.0)
@@ -170,10 +175,10 @@ def test_lora_mode_resume_equals_uninterrupted_run(lora_xl_run, tmp_path):
     flags = [str(resumed) if str(f) == str(original) else str(f) for f in lora_xl_run["flags"]]
     result = run_in_process(SCRIPT, flags + ["--resume_from_checkpoint", "latest"])
     assert "resuming from" in result.stdout
-    expected = load_file(original / lcm_xl.LORA_WEIGHT_NAME)
-    got = load_file(resumed / lcm_xl.LORA_WEIGHT_NAME)
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected), "adapter differs after resume"
+    for name in (lcm_xl.LORA_WEIGHT_NAME, f"ema_target/{lcm_xl.LORA_WEIGHT_NAME}"):
+        expected, got = load_file(original / name), load_file(resumed / name)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), f"{name} differs after resume"
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def test_lora_mode_resume_equals_uninterrupted_run(lora_xl_run, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--use_lora", "--ema_decay", "0.9"], "--ema_decay applies only without --use_lora"),
+        (["--ema_decay", "none"], "--ema_decay none applies only with --use_lora"),
         (["--lora_rank", "8"], "--lora_rank applies only with --use_lora"),
         (["--use_lora", "--lora_target_modules", "qkv"], "unknown module kind 'qkv'"),
         (["--use_lora", "--lora_rank", "0"], "--lora_rank: must be >= 1"),
@@ -206,6 +211,8 @@ def test_defaults_per_mode(tiny_sdxl, assets, tmp_path):
     lora_defaults = (lora.learning_rate, lora.lora_rank, lora.lora_alpha, lora.validation_guidance_scale)
     assert lora_defaults == (1e-4, 64, 64.0, 1.0)
     assert lora.lora_target_modules == list(lcm_xl.LORA_TARGET_KINDS) and lora.save_precision == "fp16"
+    assert lora.ema_decay is None  # resolved when the run knows its distributed setup: the tests of the LoRA script
+    assert lcm_xl.parse_args(base + ["--use_lora", "--ema_decay", "0.9"]).ema_decay == 0.9
 
 
 def test_size_filter_rejecting_everything_is_one_clear_error(tiny_sdxl, assets, tmp_path):

@@ -448,7 +448,8 @@ def test_teacher_and_adapter_settings_rules(caplog):
         lcd.check_resume_teacher({"teacher": {**old_style, "UNet weights": "cd"}}, teacher, "ckpt")
 
     def lora_args(rank, alpha=None):
-        return SimpleNamespace(lora_rank=rank, lora_alpha=float(alpha or rank), lora_target_modules=["to_q", "to_v"])
+        return SimpleNamespace(lora_rank=rank, lora_alpha=float(alpha or rank), lora_target_modules=["to_q", "to_v"],
+                               ema_decay=0.95)
 
     settings = lcm_lora.LatentConsistencyLoraDistillation.checkpoint_settings
     saved = lcm_lora.run_record("lcm-lora", {}, settings(lora_args(4)))
