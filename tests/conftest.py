@@ -218,8 +218,8 @@ def rejection_line(module, argv, capsys):
 # the short files fill in at the end: with xdist's own order (most tests first) the few-test, long outcome files
 # came last and ran alone on one worker for five minutes. A file not listed counts as FILE_COST_DEFAULT.
 FILE_COST = {
-    "test_outcome_lcd.py": 360, "test_precision.py": 220, "test_outcome_kd_dreambooth.py": 190,
-    "test_scale_out_and_faults.py": 190, "test_compile.py": 165, "test_fsdp.py": 130, "test_dreambooth_lora.py": 110,
+    "test_outcome_lcd.py": 270, "test_precision.py": 220, "test_compile.py": 195, "test_scale_out_and_faults.py": 190,
+    "test_outcome_kd_dreambooth.py": 185, "test_fsdp.py": 175, "test_dreambooth_lora.py": 110,
     "test_resume_safety.py": 90, "test_dreambooth_sdxl.py": 77, "test_lcm_lora_sd.py": 73, "test_lcm_sdxl.py": 64,
     "test_precompute_latents.py": 63, "test_bk_sdm_sdxl.py": 60, "test_bk_sdm.py": 55, "test_fresh_clone.py": 50,
     "test_lcm_sd_e2e.py": 45, "test_lean_loading.py": 40, "test_stream.py": 35, "test_toy_world.py": 35,

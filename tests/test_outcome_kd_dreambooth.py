@@ -55,7 +55,7 @@ def test_dreambooth_lora_draws_the_subject_and_keeps_the_class(kind, toy, tmp_pa
         "--instance_prompt", toy_world.SUBJECT_PROMPT, "--output_dir", output_dir,
         "--with_prior_preservation", "--class_prompt", toy_world.CLASS_PROMPT,
         "--class_data_dir", tmp_path / "class", "--num_class_images", "16", "--sample_batch_size", "16",
-        "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "150", "--rank", "8",
+        "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "100", "--rank", "8",
         "--learning_rate", "2e-3", "--checkpointing_steps", "100000", "--seed", "0",
     ])
     result = toy_metrics.measure_dreambooth(toy[kind], str(output_dir))
