@@ -43,10 +43,17 @@ def lcd_flags(teacher, shards, output_dir, steps):
 
 @pytest.fixture(scope="module")
 def teacher(toy):
-    pipe = toy_metrics.load_pipeline(toy["sd"])
-    reference = toy_metrics.teacher_reference(pipe, seeds_per_prompt=SEEDS_PER_PROMPT)
-    rows = {steps: toy_metrics.evaluate(pipe, "ddim", steps, toy_metrics.TEACHER_GUIDANCE, reference,
-                                        seeds_per_prompt=SEEDS_PER_PROMPT) for steps in (1, 2, 50)}
+    return teacher_rows(toy_metrics.load_pipeline(toy["sd"]))
+
+
+def teacher_rows(pipe):
+    """The teacher's 50-step samples (the reference every distance is measured against; sampled once, they are
+    also its 50-step row) and its 1- and 2-step DDIM rows."""
+    rows = {50: toy_metrics.evaluate(pipe, "ddim", toy_metrics.TEACHER_STEPS, toy_metrics.TEACHER_GUIDANCE,
+                                     seeds_per_prompt=SEEDS_PER_PROMPT)}
+    reference = rows[50]["images"]
+    rows.update({steps: toy_metrics.evaluate(pipe, "ddim", steps, toy_metrics.TEACHER_GUIDANCE, reference,
+                                             seeds_per_prompt=SEEDS_PER_PROMPT) for steps in (1, 2)})
     return {"pipe": pipe, "reference": reference, "rows": rows}
 
 
@@ -93,11 +100,7 @@ def test_lcd_sdxl_student_samples_in_one_step_what_teacher_samples_in_50(toy, tm
     """The SDXL script on the toy SDXL teacher (two text encoders, text_time micro-conditioning)."""
     output_dir = tmp_path / "lcd_sdxl"
     run_in_process("train_lcm_distill_sdxl_wds.py", lcd_flags(toy["sdxl"], toy["shards"], output_dir, LCD_STEPS))
-    pipe = toy_metrics.load_pipeline(toy["sdxl"])
-    reference = toy_metrics.teacher_reference(pipe, seeds_per_prompt=SEEDS_PER_PROMPT)
-    sdxl_teacher = {"reference": reference, "rows": {
-        steps: toy_metrics.evaluate(pipe, "ddim", steps, toy_metrics.TEACHER_GUIDANCE, reference,
-                                    seeds_per_prompt=SEEDS_PER_PROMPT) for steps in (1, 2, 50)}}
+    sdxl_teacher = teacher_rows(toy_metrics.load_pipeline(toy["sdxl"]))
     student, guidance = toy_metrics.load_student(toy["sdxl"], unet=str(output_dir / "unet_target"))
     assert type(student).__name__ == "StableDiffusionXLPipeline"
     assert_distilled(sdxl_teacher, student_rows(sdxl_teacher, student, guidance), "LCD SDXL")

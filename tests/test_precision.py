@@ -69,7 +69,7 @@ def flags_for(kind, teacher, assets, instance_dir, output_dir):
         "bk": ["--pretrained_teacher_model", teacher, "--num_validation_inference_steps", "2"],
         "dreambooth": ["--pretrained_model_name_or_path", teacher, "--instance_data_dir", str(instance_dir),
                        "--instance_prompt", "a photo of sks circle", "--rank", "4", "--train_text_encoder",
-                       "--validation_prompt", PROMPT],
+                       "--validation_prompt", PROMPT, "--num_validation_images", "1"],
     }[kind.removesuffix("_sdxl")]
     return common + (streamed if not kind.startswith("dreambooth") else []) + flags
 
