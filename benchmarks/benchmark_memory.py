@@ -128,6 +128,14 @@ def floor_terms(run, pipeline, half, assets):
             unet_model.add_adapter(config)
         terms["frozen UNet"] = unet * frozen_bytes
         trained(count(unet_model, trainable_only=True))
+        if hasattr(module, "resolve_ema_decay"):  # LCM-LoRA: the default EMA adapter target, fp32, on one process
+            from types import SimpleNamespace
+
+            from accelerate.utils import DistributedType
+
+            module.resolve_ema_decay(args, SimpleNamespace(distributed_type=DistributedType.NO))
+            if args.ema_decay is not None:
+                terms["EMA adapter"] = count(unet_model, trainable_only=True) * 4
     return terms
 
 
