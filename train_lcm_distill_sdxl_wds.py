@@ -945,14 +945,17 @@ class EmaAdapter:
 
     @contextlib.contextmanager
     def in_place(self):
-        """The block runs the UNet with the EMA adapter; the online weights are back afterwards (copied, so the
-        optimiser's and DDP's references to the parameters stay valid)."""
-        online = [p.detach().clone() for _, p in self.named]
-        torch._foreach_copy_([p.data for _, p in self.named], self.weights)
+        """The block runs the UNet with the EMA adapter; the online weights are back afterwards. The parameters'
+        tensors are swapped, not copied (no transient copy of the adapter), and the Parameter objects stay the
+        same, so the optimiser's and DDP's references to them stay valid."""
+        online = [p.data for _, p in self.named]
+        for (_, p), weight in zip(self.named, self.weights):
+            p.data = weight
         try:
             yield
         finally:
-            torch._foreach_copy_([p.data for _, p in self.named], online)
+            for (_, p), tensor in zip(self.named, online):
+                p.data = tensor
 
     def state_dict(self):
         return {name: weight.detach().cpu().contiguous() for (name, _), weight in zip(self.named, self.weights)}
